@@ -1,0 +1,1 @@
+"""loctune: geometry-aware supervision of location tokens for VLM fine-tuning."""

@@ -1,0 +1,59 @@
+"""Box arithmetic on ``[..., 4]`` tensors/arrays of ``(x1, y1, x2, y2)`` pixels."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _as_tensor(boxes) -> torch.Tensor:
+    t = torch.as_tensor(boxes, dtype=torch.float64)
+    return t.reshape(-1, 4) if t.numel() else t.reshape(0, 4)
+
+
+def area(boxes) -> torch.Tensor:
+    b = _as_tensor(boxes)
+    return (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
+
+
+def clip(boxes, image_size: tuple[int, int]) -> torch.Tensor:
+    """Clip to the image ``(width, height)``."""
+    b = _as_tensor(boxes).clone()
+    w, h = image_size
+    b[:, 0::2] = b[:, 0::2].clamp(0, w)
+    b[:, 1::2] = b[:, 1::2].clamp(0, h)
+    return b
+
+
+def iou_matrix(a, b) -> torch.Tensor:
+    """Pairwise IoU, ``[len(a), len(b)]``; degenerate boxes give 0, never NaN."""
+    a, b = _as_tensor(a), _as_tensor(b)
+    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
+    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area(a)[:, None] + area(b)[None, :] - inter
+    return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))
+
+
+def iou(a, b) -> torch.Tensor:
+    """Element-wise IoU of two equally long box lists."""
+    a, b = _as_tensor(a), _as_tensor(b)
+    lt = torch.maximum(a[:, :2], b[:, :2])
+    rb = torch.minimum(a[:, 2:], b[:, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[:, 0] * wh[:, 1]
+    union = area(a) + area(b) - inter
+    return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))
+
+
+def xywh_to_xyxy(boxes) -> np.ndarray:
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).copy()
+    b[:, 2:] += b[:, :2]
+    return b
+
+
+def xyxy_to_xywh(boxes) -> np.ndarray:
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).copy()
+    b[:, 2:] -= b[:, :2]
+    return b

@@ -1,0 +1,118 @@
+"""The codec interface: the only place that knows a model family's box text.
+
+A codec turns pixel boxes into the text a model family writes
+(``encode``) and back (``decode``), and exposes the geometry of its location
+tokens (:class:`LocationSpace`) so that targets and losses can put distance
+back into supervision without knowing the family.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from loctune.types import Box, DecodeResult
+
+
+@dataclass(frozen=True)
+class LocationSpace:
+    """Geometry of the location tokens of one codec.
+
+    ``kind="bins"``: ``n`` tokens on one axis (token k is bin k); a box uses
+    several tokens, each a coordinate along its own axis.
+    ``kind="grid"``: ``n x n`` cells numbered row-major (cell = row * n + col);
+    distance between tokens is Euclidean on the grid, not |index difference|.
+    """
+
+    kind: str
+    n: int
+
+    def __post_init__(self):
+        if self.kind not in ("bins", "grid"):
+            raise ValueError(f"LocationSpace.kind must be 'bins' or 'grid', got {self.kind!r}")
+        if self.n < 1:
+            raise ValueError(f"LocationSpace.n must be >= 1, got {self.n}")
+
+    @property
+    def size(self) -> int:
+        """Number of location tokens."""
+        return self.n if self.kind == "bins" else self.n * self.n
+
+    @property
+    def dim(self) -> int:
+        """Dimensions of a location: 1 for bins, 2 (row, col) for a grid."""
+        return 1 if self.kind == "bins" else 2
+
+    def coords(self, device=None, dtype=torch.float32) -> torch.Tensor:
+        """``[size, dim]`` coordinates of every token (bin index, or (row, col))."""
+        k = torch.arange(self.size, device=device)
+        if self.kind == "bins":
+            return k.to(dtype)[:, None]
+        return torch.stack([k // self.n, k % self.n], dim=1).to(dtype)
+
+    def distance(self, index: torch.Tensor) -> torch.Tensor:
+        """``[P, size]`` distances from each true token ``index[p]`` to every token."""
+        c = self.coords(device=index.device)
+        return torch.cdist(c[index.long()], c)
+
+
+class Codec(ABC):
+    """Box <-> text for one model family. Subclasses set the class attributes."""
+
+    name: str = ""
+    tokens_per_box: int = 4
+    space: LocationSpace | None = None  # None: coordinates written as plain text
+
+    @property
+    @abstractmethod
+    def location_tokens(self) -> list[str]:
+        """Token strings of the location vocabulary; index k is location k of ``space``."""
+
+    @abstractmethod
+    def encode(self, boxes: Sequence[Box], labels: Sequence[str], image_size: tuple[int, int]) -> str:
+        """Text for these objects (pixel xyxy boxes on an image of (width, height))."""
+
+    @abstractmethod
+    def decode(self, text: str, image_size: tuple[int, int]) -> DecodeResult:
+        """Objects found in ``text``; never raises on malformed model output."""
+
+    @abstractmethod
+    def box_to_locations(self, box: Box, image_size: tuple[int, int]) -> list[int]:
+        """Location indices (into ``location_tokens``) of a box, in text order."""
+
+    @abstractmethod
+    def box_to_continuous(self, box: Box, image_size: tuple[int, int]) -> list[tuple[float, ...]]:
+        """Unquantised positions, in location units, matching ``box_to_locations``.
+
+        Each entry has ``space.dim`` values; rounding/flooring it the codec's way
+        gives the location. Used by targets that split mass between neighbours.
+        """
+
+
+_REGISTRY: dict[str, Callable[..., Codec]] = {}
+
+
+def register_codec(name: str):
+    """Class decorator adding a codec to the registry under ``name``."""
+
+    def wrap(cls):
+        _REGISTRY[name] = cls
+        cls.name = name
+        return cls
+
+    return wrap
+
+
+def get_codec(name: str, **kwargs) -> Codec:
+    """Build a registered codec by name, e.g. ``get_codec("patch", grid=8)``."""
+    try:
+        return _REGISTRY[name](**kwargs)
+    except KeyError:
+        raise KeyError(f"unknown codec {name!r}; available: {sorted(_REGISTRY)}") from None
+
+
+def list_codecs() -> list[str]:
+    return sorted(_REGISTRY)
