@@ -91,6 +91,15 @@ class Codec(ABC):
         gives the location. Used by targets that split mass between neighbours.
         """
 
+    @abstractmethod
+    def locations_to_box(self, values: Sequence[Sequence[float]], image_size: tuple[int, int]) -> Box:
+        """Pixel box from ``tokens_per_box`` locations, each ``space.dim`` values.
+
+        Integer locations give exactly what ``decode`` gives for those tokens;
+        fractional ones (an expected value over the location distribution) are
+        mapped the same way, continuously.
+        """
+
 
 _REGISTRY: dict[str, Callable[..., Codec]] = {}
 
