@@ -1,0 +1,166 @@
+"""Turn per-run results of a comparison into the tables and figures of a paper.
+
+Pure functions over rows ``{"method", "size", "seed", <metric>: float, ...}``:
+nothing here trains or evaluates, so a report can be rebuilt from
+``results.csv`` alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def write_csv(rows: Sequence[dict], path: str | Path) -> None:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def read_csv(path: str | Path) -> list[dict]:
+    """Rows with numbers parsed back (ints for size/seed, floats for metrics)."""
+    out = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            row: dict = {}
+            for k, v in r.items():
+                if k in ("size", "seed"):
+                    row[k] = int(v)
+                else:
+                    try:
+                        row[k] = float(v)
+                    except (TypeError, ValueError):
+                        row[k] = v
+            out.append(row)
+    return out
+
+
+def aggregate(rows: Sequence[dict], metric: str) -> dict[tuple[str, int], tuple[float, float, int]]:
+    """``(method, size) -> (mean, sample std, n seeds)`` of ``metric``."""
+    groups: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for r in rows:
+        v = r.get(metric)
+        if isinstance(v, (int, float)) and not math.isnan(v):
+            groups[(r["method"], int(r["size"]))].append(float(v))
+    return {
+        k: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v))
+        for k, v in groups.items()
+    }
+
+
+def labels_to_reach(sizes: Sequence[int], means: Sequence[float], target: float) -> float | None:
+    """Smallest training-set size at which a method's mean curve reaches ``target``.
+
+    Linear interpolation in log(size) between the measured sizes, the way
+    data-efficiency is usually read off a learning curve. ``None`` when the
+    curve never gets there within the measured range (no extrapolation).
+    """
+    pts = sorted(zip(sizes, means, strict=True))
+    if not pts:
+        return None
+    if pts[0][1] >= target:
+        return float(pts[0][0])
+    for (s0, m0), (s1, m1) in zip(pts, pts[1:], strict=False):
+        if m1 >= target > m0:
+            t = (target - m0) / (m1 - m0)
+            return float(math.exp(math.log(s0) + t * (math.log(s1) - math.log(s0))))
+    return None
+
+
+def markdown_table(rows: Sequence[dict], metric: str, methods: Sequence[str]) -> str:
+    """Methods x sizes, ``mean ± std`` per cell, the best mean per size in bold."""
+    agg = aggregate(rows, metric)
+    sizes = sorted({s for _, s in agg})
+    lines = [
+        "| method | " + " | ".join(f"n={s}" for s in sizes) + " |",
+        "|---|" + "---:|" * len(sizes),
+    ]
+    best = {s: max((agg[(m, s)][0] for m in methods if (m, s) in agg), default=None) for s in sizes}
+    for m in methods:
+        cells = []
+        for s in sizes:
+            if (m, s) not in agg:
+                cells.append("–")
+                continue
+            mean, std, n = agg[(m, s)]
+            cell = f"{mean:.3f} ± {std:.3f}"
+            cells.append(f"**{cell}**" if best[s] is not None and mean == best[s] else cell)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def data_efficiency(rows: Sequence[dict], metric: str, methods: Sequence[str], baseline: str) -> list[dict]:
+    """Per method: labels needed to match the baseline's accuracy at its largest size."""
+    agg = aggregate(rows, metric)
+    base_sizes = sorted(s for m, s in agg if m == baseline)
+    if not base_sizes:
+        return []
+    largest = base_sizes[-1]
+    target = agg[(baseline, largest)][0]
+    out = []
+    for m in methods:
+        sizes = sorted(s for mm, s in agg if mm == m)
+        need = labels_to_reach(sizes, [agg[(m, s)][0] for s in sizes], target)
+        out.append({
+            "method": m,
+            "target": target,
+            "baseline_size": largest,
+            "labels_needed": need,
+            "ratio": None if need is None else need / largest,
+        })
+    return out
+
+
+def plot_accuracy_vs_labels(rows: Sequence[dict], metric: str, methods: Sequence[str], path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agg = aggregate(rows, metric)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for m in methods:
+        sizes = sorted(s for mm, s in agg if mm == m)
+        if not sizes:
+            continue
+        mean = [agg[(m, s)][0] for s in sizes]
+        std = [agg[(m, s)][1] for s in sizes]
+        ax.errorbar(sizes, mean, yerr=std, marker="o", capsize=3, label=m)
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled training examples")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_learning_curves(curves: dict[str, list[tuple[int, float]]], ylabel: str, path: str | Path) -> None:
+    """One line per run label, e.g. ``{"ce n=300 s0": [(step, loss), ...]}``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, pts in curves.items():
+        if pts:
+            x, y = zip(*pts, strict=True)
+            ax.plot(x, y, label=label, alpha=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
