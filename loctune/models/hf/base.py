@@ -1,0 +1,587 @@
+"""Shared machinery of the Hugging Face VLM adapters.
+
+A family module says only what differs between families: which model class
+loads the checkpoint, which codec writes its boxes, the prompt and answer
+text, and how a prompt is turned into processor inputs. Everything else lives
+here, once: loading (dtype, device, attention kernel, 4-bit quantisation),
+LoRA/full fine-tuning, freezing the vision tower, adding location tokens to
+vocabularies that lack them, collating prompt + answer into labels, greedy
+generation with per-token probabilities, and saving.
+
+Sequence layout. A prompt is encoded by the family's processor (which expands
+image placeholders); the answer is tokenised on its own and appended, so a
+prompt never changes how its answer tokenises. Causal models get
+``prompt + answer`` as input and labels ``-100`` on the prompt; an
+encoder-decoder (Florence-2) gets the prompt as encoder input and the answer
+as decoder labels, with decoder inputs the labels shifted right.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoProcessor, PreTrainedModel
+
+from loctune.codecs import Codec, get_codec
+from loctune.models.base import Generation, VLMAdapter
+from loctune.types import Sample
+
+IGNORE_INDEX = -100
+METADATA_FILE = "loctune_adapter.json"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class LoraOptions:
+    """LoRA on the language model's linear layers; ``qlora`` loads the base in 4 bit."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    qlora: bool = False
+
+
+@dataclass
+class LoadOptions:
+    """How to load and prepare a checkpoint for fine-tuning.
+
+    ``codec``/``codec_options`` override the family's default codec (e.g. the
+    plain-text ``qwen2vl`` codec instead of added bin tokens for Qwen2-VL).
+    """
+
+    dtype: str | torch.dtype = "fp32"
+    device: str | None = None
+    device_map: str | dict | None = None
+    attn_implementation: str | None = None
+    codec: str | None = None
+    codec_options: dict[str, Any] | None = None
+    lora: LoraOptions | None = None
+    freeze_vision: bool = False
+    gradient_checkpointing: bool = False
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(
+            f"dtype must be one of {sorted(DTYPES)} or a torch.dtype, got {dtype!r}"
+        ) from None
+
+
+def split_class_names(sample: Sample) -> list[str]:
+    """Class names a detection prompt asks for: the prompt's ``;``/``,`` list, else the labels."""
+    names = [n.strip() for n in re.split(r"[;,]", sample.prompt) if n.strip()]
+    return names or list(dict.fromkeys(sample.labels))
+
+
+def _pad(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    padded = [
+        ([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows
+    ]
+    return torch.tensor(padded, dtype=torch.long)
+
+
+class HFAdapter(VLMAdapter):
+    """A transformers VLM behind :class:`VLMAdapter`; subclasses describe one family."""
+
+    family: ClassVar[str] = ""
+    #: model_type (from config.json) -> transformers model class name
+    model_classes: ClassVar[dict[str, str]] = {}
+    default_codec: ClassVar[str] = ""
+    #: per-token processor outputs that must grow with the answer, and the value answer tokens get
+    token_fields: ClassVar[dict[str, int]] = {}
+    #: regex (full match on module names) of the language model's linear layers, for LoRA
+    lora_target_modules: ClassVar[str] = ""
+    #: attribute path of the vision tower, for freezing
+    vision_tower_path: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        processor: Any,
+        codec: Codec,
+        *,
+        base_model_path: str = "",
+        codec_options: dict[str, Any] | None = None,
+        added_tokens: Sequence[str] = (),
+    ):
+        """Wrap a loaded model; ``from_pretrained`` is the usual way in.
+
+        ``base_model_path``, ``codec_options`` and ``added_tokens`` (tokens
+        this package added to the base vocabulary) are saved with the weights
+        so that a saved LoRA adapter can rebuild its base.
+        """
+        self.model = model
+        self.processor = processor
+        self.codec = codec
+        self.base_model_path = base_model_path
+        self.codec_options = dict(codec_options or {})
+        self.added_tokens = list(added_tokens)
+        self.is_encoder_decoder = bool(getattr(self._unwrapped.config, "is_encoder_decoder", False))
+        self.tokenizer.padding_side = "right"
+        missing = [t for t in codec.location_tokens if t not in self.tokenizer.get_vocab()]
+        if missing:
+            raise ValueError(
+                f"{self.family}: tokenizer lacks {len(missing)} location tokens of codec "
+                f"{codec.name!r} (first: {missing[0]!r}); load through {type(self).__name__}.from_pretrained"
+            )
+        self._loc_ids = self.tokenizer.convert_tokens_to_ids(list(codec.location_tokens))
+
+    # ------------------------------------------------------------------ family hooks
+
+    def prompt_text(self, sample: Sample) -> str:
+        """Text handed to the processor for this sample (image placeholders included)."""
+        raise NotImplementedError
+
+    def answer_text(self, sample: Sample) -> str:
+        """What the model should write: the codec's box text by default."""
+        return self.codec.encode(sample.boxes, sample.labels, sample.image_size)
+
+    def encode_prompts(self, prompts: list[str], images: list) -> dict[str, Any]:
+        """Processor outputs for a batch of prompts, right-padded tensors."""
+        return self.processor(text=prompts, images=images, padding="longest", return_tensors="pt")
+
+    def answer_ids(self, answer: str) -> list[int]:
+        """Token ids of an answer, ending with the token that stops generation."""
+        return self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.answer_end_id]
+
+    @property
+    def answer_end_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    def generated_text(self, sample: Sample, text: str) -> str:
+        """The text a codec decodes from a generation; families whose prompt holds part of
+        the answer markup put it back here."""
+        return text
+
+    @classmethod
+    def prepare_tokenizer(cls, processor: Any, codec: Codec) -> list[str]:
+        """Add the codec's location tokens the tokenizer lacks; returns those added."""
+        tokenizer = processor.tokenizer
+        vocab = tokenizer.get_vocab()
+        new = [t for t in codec.location_tokens if t not in vocab]
+        if new:
+            tokenizer.add_special_tokens(
+                {"extra_special_tokens": new}, replace_extra_special_tokens=False
+            )
+        return new
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def build_codec(cls, name: str | None, options: dict[str, Any] | None) -> Codec:
+        return get_codec(name or cls.default_codec, **(options or {}))
+
+    @classmethod
+    def from_pretrained(cls, path: str, **options: Any) -> HFAdapter:
+        """Load a checkpoint (hub id or local dir), or a directory this class saved.
+
+        ``options`` are :class:`LoadOptions` fields; ``lora`` may be a
+        :class:`LoraOptions`, a dict of its fields, or True for the defaults.
+        A directory holding a PEFT adapter reopens its base model and the
+        adapter weights (trainable again when ``lora`` is given).
+        """
+        opts = _load_options(options)
+        saved = _read_metadata(path)
+        opts.codec = opts.codec or saved.get("codec")
+        opts.codec_options = opts.codec_options or saved.get("codec_options")
+        codec = cls.build_codec(opts.codec, opts.codec_options)
+        processor = AutoProcessor.from_pretrained(path)
+        added = cls.prepare_tokenizer(processor, codec)
+        is_peft_dir = (Path(path) / "adapter_config.json").exists()
+        if is_peft_dir:
+            # The saved tokenizer already holds them; the base model still needs their rows.
+            added = list(saved.get("added_tokens", []))
+        base_path = saved.get("base_model_path") or path if is_peft_dir else path
+        model = cls._load_model(base_path, opts)
+        if added:
+            _add_embedding_rows(model, processor.tokenizer, added)
+        if is_peft_dir:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, path, is_trainable=opts.lora is not None)
+        elif opts.lora is not None:
+            model = cls._add_lora(
+                model, opts.lora, processor.tokenizer.convert_tokens_to_ids(added)
+            )
+        adapter = cls(
+            model,
+            processor,
+            codec,
+            base_model_path=base_path,
+            codec_options=opts.codec_options,
+            added_tokens=added,
+        )
+        if opts.freeze_vision:
+            adapter.freeze_vision_tower()
+        if opts.gradient_checkpointing:
+            adapter.enable_gradient_checkpointing()
+        return adapter
+
+    @classmethod
+    def _model_class(cls, model_type: str) -> type[PreTrainedModel]:
+        import transformers
+
+        try:
+            return getattr(transformers, cls.model_classes[model_type])
+        except KeyError:
+            raise ValueError(
+                f"{cls.family} adapter cannot load model_type {model_type!r}; "
+                f"expected one of {sorted(cls.model_classes)}"
+            ) from None
+
+    @classmethod
+    def _load_model(cls, path: str, opts: LoadOptions) -> PreTrainedModel:
+        config = AutoConfig.from_pretrained(path)
+        kwargs: dict[str, Any] = {"dtype": resolve_dtype(opts.dtype)}
+        if opts.attn_implementation:
+            kwargs["attn_implementation"] = opts.attn_implementation
+        if opts.device_map is not None:
+            kwargs["device_map"] = opts.device_map
+        if opts.lora is not None and opts.lora.qlora:
+            kwargs["quantization_config"] = _four_bit_config(kwargs["dtype"])
+            kwargs.setdefault("device_map", {"": opts.device or "cuda:0"})
+        model = cls._model_class(config.model_type).from_pretrained(path, **kwargs)
+        if opts.device and "device_map" not in kwargs:
+            model = model.to(opts.device)
+        return model
+
+    @classmethod
+    def _add_lora(
+        cls, model: PreTrainedModel, lora: LoraOptions, new_token_ids: list[int]
+    ) -> nn.Module:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if lora.qlora:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=cls.lora_target_modules,
+            # Added location tokens start untrained: train their embedding rows too.
+            trainable_token_indices=new_token_ids or None,
+        )
+        return get_peft_model(model, config)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def _unwrapped(self) -> PreTrainedModel:
+        """The transformers model, under a PEFT wrapper if there is one."""
+        model = self.model
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def loc_token_ids(self) -> list[int]:
+        return list(self._loc_ids)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._unwrapped.dtype
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute activations in backward; with frozen embeddings (LoRA) inputs need grads."""
+        self._unwrapped.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
+        self._unwrapped.enable_input_require_grads()
+
+    def freeze_vision_tower(self) -> None:
+        """Stop gradients into the image encoder (its weights stay as loaded)."""
+        tower: nn.Module = self._unwrapped
+        for part in self.vision_tower_path.split("."):
+            tower = getattr(tower, part)
+        tower.requires_grad_(False)
+
+    # ------------------------------------------------------------------ batches
+
+    def _prompt_rows(
+        self, samples: list[Sample]
+    ) -> tuple[list[list[int]], dict[str, list[list[int]]], dict]:
+        """Unpadded prompt ids and per-token fields per sample, plus the image tensors."""
+        enc = self.encode_prompts(
+            [self.prompt_text(s) for s in samples], [s.load_image() for s in samples]
+        )
+        mask = enc["attention_mask"].bool()
+        ids = [row[m].tolist() for row, m in zip(enc["input_ids"], mask, strict=True)]
+        fields = {
+            k: [row[m].tolist() for row, m in zip(enc[k], mask, strict=True)]
+            for k in self.token_fields
+            if k in enc
+        }
+        # token_type_ids is passed on only by families that list it in token_fields
+        skip = {"input_ids", "attention_mask", "labels", "token_type_ids", *self.token_fields}
+        return ids, fields, {k: v for k, v in enc.items() if k not in skip}
+
+    def collate(self, samples: list[Sample], train: bool = True) -> dict[str, torch.Tensor]:
+        if not samples:
+            raise ValueError("collate needs at least one sample")
+        ids, fields, batch = self._prompt_rows(samples)
+        pad_id = self.tokenizer.pad_token_id
+        if not train:
+            # decoder-only generation continues from the right edge: pad on the left
+            left = not self.is_encoder_decoder
+            batch["input_ids"] = _pad(ids, pad_id, left)
+            batch["attention_mask"] = _pad([[1] * len(r) for r in ids], 0, left)
+            for key, rows in fields.items():
+                batch[key] = _pad(rows, 0, left)
+            return batch
+        answers = [self.answer_ids(self.answer_text(s)) for s in samples]
+        if self.is_encoder_decoder:
+            batch["input_ids"] = _pad(ids, pad_id, left=False)
+            batch["attention_mask"] = _pad([[1] * len(r) for r in ids], 0, left=False)
+            labels = _pad(answers, IGNORE_INDEX, left=False)
+            start = self._unwrapped.config.get_text_config().decoder_start_token_id
+            batch["decoder_input_ids"] = _pad(
+                [[start] + a[:-1] for a in answers], pad_id, left=False
+            )
+            batch["decoder_attention_mask"] = _pad([[1] * len(a) for a in answers], 0, left=False)
+        else:
+            rows = [p + a for p, a in zip(ids, answers, strict=True)]
+            batch["input_ids"] = _pad(rows, pad_id, left=False)
+            batch["attention_mask"] = _pad([[1] * len(r) for r in rows], 0, left=False)
+            labels = _pad(
+                [[IGNORE_INDEX] * len(p) + a for p, a in zip(ids, answers, strict=True)],
+                IGNORE_INDEX,
+                left=False,
+            )
+            for key, rows_k in fields.items():
+                fill = self.token_fields[key]
+                batch[key] = _pad(
+                    [r + [fill] * len(a) for r, a in zip(rows_k, answers, strict=True)],
+                    0,
+                    left=False,
+                )
+        batch["labels"] = labels
+        batch["loc_continuous"] = self._loc_continuous(samples, labels)
+        return batch
+
+    def _loc_continuous(self, samples: list[Sample], labels: torch.Tensor) -> torch.Tensor:
+        """Unquantised coordinates at each location label, NaN elsewhere.
+
+        Location tokens are read back from the labels in groups of
+        ``codec.tokens_per_box`` and matched to the box that encodes to them,
+        so the codec may order objects as its family does.
+        """
+        dim = self.codec.space.dim if self.codec.space is not None else 1
+        out = torch.full((*labels.shape, dim), float("nan"))
+        if not self._loc_ids:
+            return out
+        index_of = {tok: k for k, tok in enumerate(self._loc_ids)}
+        per_box = self.codec.tokens_per_box
+        for b, sample in enumerate(samples):
+            positions = [j for j, t in enumerate(labels[b].tolist()) if t in index_of]
+            unused = list(range(len(sample.boxes)))
+            for g in range(0, len(positions), per_box):
+                group = positions[g : g + per_box]
+                locs = [index_of[int(labels[b, j])] for j in group]
+                match = next(
+                    (
+                        i
+                        for i in unused
+                        if self.codec.box_to_locations(sample.boxes[i], sample.image_size) == locs
+                    ),
+                    None,
+                )
+                if match is None:
+                    raise ValueError(
+                        f"sample {sample.image_id or b}: location tokens {locs} in the encoded answer "
+                        f"match none of its boxes; codec {self.codec.name!r} and tokenizer disagree"
+                    )
+                unused.remove(match)
+                values = self.codec.box_to_continuous(sample.boxes[match], sample.image_size)
+                out[b, group] = torch.tensor(values, dtype=out.dtype)
+        return out
+
+    def model_inputs(
+        self, batch: dict[str, torch.Tensor], with_labels: bool = False
+    ) -> dict[str, Any]:
+        """Keyword arguments for the transformers model, on its device and dtype."""
+        skip = {"loc_continuous"} | (set() if with_labels else {"labels"})
+        out = {}
+        for key, value in batch.items():
+            if key in skip:
+                continue
+            if torch.is_tensor(value):
+                value = value.to(self.device, self.dtype if value.is_floating_point() else None)
+            out[key] = value
+        return out
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(**self.model_inputs(batch), use_cache=False).logits
+
+    # ------------------------------------------------------------------ generation
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return sorted({self.tokenizer.eos_token_id, self.answer_end_id})
+
+    def _hidden_token_ids(self) -> set[int]:
+        """Ids removed from generated text: padding, sequence and turn markers."""
+        tok = self.tokenizer
+        ids = {tok.pad_token_id, tok.bos_token_id, *self.stop_token_ids}
+        return {i for i in ids if i is not None}
+
+    @torch.no_grad()
+    def generate(self, samples: list[Sample], max_new_tokens: int = 32) -> list[Generation]:
+        """Greedy answers; probabilities are the full-vocabulary softmax of the raw logits."""
+        if not samples:
+            return []
+        inputs = self.model_inputs(self.collate(samples, train=False))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = self.model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                output_logits=True,
+                return_dict_in_generate=True,
+                eos_token_id=self.stop_token_ids,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        finally:
+            self.model.train(was_training)
+        steps = len(out.logits)
+        new_tokens = out.sequences[:, -steps:].cpu()
+        logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1).cpu()  # [B, steps, V]
+        stops = set(self.stop_token_ids)
+        hidden = self._hidden_token_ids()
+        loc_ids = torch.tensor(self._loc_ids, dtype=torch.long)
+        results = []
+        for b, sample in enumerate(samples):
+            ids = new_tokens[b].tolist()
+            end = next((i + 1 for i, t in enumerate(ids) if t in stops), len(ids))
+            ids = ids[:end]
+            rows = logprobs[b, :end]
+            token_lp = rows.gather(1, torch.tensor(ids, dtype=torch.long)[:, None])[:, 0].tolist()
+            loc_probs = rows[:, loc_ids].exp() if len(loc_ids) else None
+            text = self.tokenizer.decode(
+                [t for t in ids if t not in hidden],
+                skip_special_tokens=False,
+                clean_up_tokenization_spaces=False,
+            )
+            results.append(
+                Generation(self.generated_text(sample, text.strip()), ids, token_lp, loc_probs)
+            )
+        return results
+
+    # ------------------------------------------------------------------ saving
+
+    def save_pretrained(self, path: str) -> None:
+        """Weights (full model, or the PEFT adapter), processor and loctune metadata.
+
+        ``load_adapter(path)`` reopens it; so does the family's transformers
+        class for a full model, or ``PeftModel.from_pretrained`` on the base
+        model for an adapter.
+        """
+        Path(path).mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        self.processor.save_pretrained(path)
+        meta = {
+            "family": self.family,
+            "model_type": self._unwrapped.config.model_type,
+            "codec": self.codec.name,
+            "codec_options": self.codec_options,
+            "base_model_path": self.base_model_path,
+            "added_tokens": self.added_tokens,
+        }
+        (Path(path) / METADATA_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def _load_options(options: dict[str, Any]) -> LoadOptions:
+    known = set(LoadOptions.__dataclass_fields__)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"unknown adapter options {unknown}; expected some of {sorted(known)}")
+    opts = LoadOptions(**options)
+    if opts.lora is True:
+        opts.lora = LoraOptions()
+    elif isinstance(opts.lora, dict):
+        opts.lora = LoraOptions(**opts.lora)
+    elif opts.lora is False:
+        opts.lora = None
+    return opts
+
+
+def _read_metadata(path: str) -> dict[str, Any]:
+    file = Path(path) / METADATA_FILE
+    if not file.exists():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: not valid JSON ({err})") from None
+
+
+def _four_bit_config(compute_dtype: torch.dtype):
+    """bitsandbytes NF4 config; only CUDA builds of bitsandbytes run it."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "QLoRA (4-bit base weights) needs a CUDA GPU; use lora without qlora on CPU"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise RuntimeError("QLoRA needs bitsandbytes: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def _add_embedding_rows(model: PreTrainedModel, tokenizer, added: Sequence[str]) -> None:
+    """Make room for added tokens and start each one near its meaning.
+
+    A location token ``<loc_bin_512>`` begins as the mean embedding of the
+    tokens of its number (``"512"``), in the input embeddings and, when untied,
+    the output embeddings: new bins then start ordered and distinct rather than
+    all equal or random. A token without a number gets the mean of the original
+    rows. The rule is deterministic, so a base model reopened under a saved LoRA
+    adapter gets the same rows back.
+    """
+    old = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > old:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    rows = tokenizer.convert_tokens_to_ids(list(added))
+    original = min([old, *rows])  # rows from here on are new or unused
+    matrices = [model.get_input_embeddings().weight]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight.data_ptr() != matrices[0].data_ptr():
+        matrices.append(output.weight)
+    with torch.no_grad():
+        for weight in matrices:
+            mean = weight[:original].float().mean(0)
+            for token, row in zip(added, rows, strict=True):
+                number = re.findall(r"\d+", token)
+                pieces = (
+                    tokenizer(number[-1], add_special_tokens=False)["input_ids"] if number else []
+                )
+                pieces = [p for p in pieces if p < original]
+                init = weight[pieces].float().mean(0) if pieces else mean
+                weight[row] = init.to(weight.dtype)
