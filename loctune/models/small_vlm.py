@@ -1,0 +1,559 @@
+"""A small vision-language model that trains from scratch on a CPU.
+
+Image -> vision encoder (conv stem or patchify, fixed 2-D sin-cos or learned
+positions, pre-norm transformer blocks) -> projector (optional pixel shuffle,
+linear or MLP) -> causal decoder LM. The token stream carries one ``<image>``
+placeholder per image feature; the decoder swaps the placeholders for the
+projected features, so several images can be interleaved with text later
+without a new model.
+
+The defaults follow the calibration in DESIGN.md: a plain ViT with learned
+positions initialised at zero does not learn in a CPU budget; a conv stem to an
+8x8 grid with sin-cos positions at lr 1e-3 does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+PARTS: tuple[str, ...] = ("vision", "projector", "text")
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class SmallVLMConfig:
+    """Every size and switch of the model in one flat record (saved as config.json)."""
+
+    # vision encoder
+    image_size: int = 64
+    patch_size: int = 8  # image pixels per side of one vision token
+    vision_stem: str = "conv"  # "conv": log2(patch_size) stride-2 3x3 convs; "patch": one conv
+    vision_positions: str = "sincos"  # "sincos" (fixed, 2-D) | "learned"
+    vision_width: int = 128
+    vision_depth: int = 3
+    vision_heads: int = 4
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    # projector
+    pixel_shuffle: int = 1  # merge s x s neighbouring vision tokens into one (s*s fewer tokens)
+    projector: str = "mlp"  # "mlp" | "linear"
+    # decoder
+    vocab_size: int = 0  # set from the tokenizer
+    image_token_id: int = 5  # id of the <image> placeholder in the tokenizer
+    text_width: int = 128
+    text_depth: int = 3
+    text_heads: int = 4
+    max_positions: int = 192  # image tokens + text tokens
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        self.image_mean = tuple(self.image_mean)
+        self.image_std = tuple(self.image_std)
+        choices = {
+            "vision_stem": ("conv", "patch"),
+            "vision_positions": ("sincos", "learned"),
+            "projector": ("mlp", "linear"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"SmallVLMConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}"
+                )
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"SmallVLMConfig.image_size ({self.image_size}) must be a multiple of patch_size "
+                f"({self.patch_size})"
+            )
+        if self.vision_stem == "conv" and (
+            self.patch_size < 2 or self.patch_size & (self.patch_size - 1)
+        ):
+            raise ValueError(
+                f"SmallVLMConfig.patch_size must be a power of 2 >= 2 for the conv stem, "
+                f"got {self.patch_size}"
+            )
+        if self.grid_size % self.pixel_shuffle:
+            raise ValueError(
+                f"SmallVLMConfig.pixel_shuffle ({self.pixel_shuffle}) must divide the "
+                f"vision grid ({self.grid_size})"
+            )
+        for width, heads in (("vision_width", "vision_heads"), ("text_width", "text_heads")):
+            if getattr(self, width) % getattr(self, heads):
+                raise ValueError(f"SmallVLMConfig.{width} must be divisible by {heads}")
+        if self.vision_positions == "sincos" and self.vision_width % 4:
+            raise ValueError(
+                "SmallVLMConfig.vision_width must be divisible by 4 for sin-cos positions"
+            )
+        if self.max_positions <= self.n_image_tokens:
+            raise ValueError(
+                f"SmallVLMConfig.max_positions ({self.max_positions}) leaves no room for "
+                f"text after {self.n_image_tokens} image tokens"
+            )
+
+    @property
+    def grid_size(self) -> int:
+        """Vision tokens per side before pixel shuffle."""
+        return self.image_size // self.patch_size
+
+    @property
+    def n_image_tokens(self) -> int:
+        """Decoder positions one image takes."""
+        return (self.grid_size // self.pixel_shuffle) ** 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> SmallVLMConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown SmallVLMConfig fields {unknown}")
+        return cls(**data)
+
+
+# Named sizes. "small" is the calibrated default (about 1.4 M parameters at a ~100-token vocabulary).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        image_size=32,
+        patch_size=8,
+        vision_width=64,
+        vision_depth=2,
+        vision_heads=2,
+        text_width=64,
+        text_depth=2,
+        text_heads=2,
+        max_positions=64,
+    ),
+    "small": {},
+    "base": dict(
+        image_size=128,
+        patch_size=16,
+        vision_width=256,
+        vision_depth=6,
+        vision_heads=8,
+        text_width=256,
+        text_depth=6,
+        text_heads=8,
+        max_positions=256,
+    ),
+}
+
+
+def small_vlm_config(preset: str = "small", **overrides: Any) -> SmallVLMConfig:
+    """Config of a named preset (``tiny``, ``small``, ``base``) with fields overridden."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown SmallVLM preset {preset!r}; available: {sorted(PRESETS)}")
+    return replace(SmallVLMConfig(**PRESETS[preset]), **overrides)
+
+
+# ---------------------------------------------------------------------------
+# Building blocks
+
+
+class Attention(nn.Module):
+    """Multi-head attention on ``scaled_dot_product_attention``, with an optional KV cache."""
+
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        b, t, w = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal and mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.out(y.transpose(1, 2).reshape(b, t, w)), (k, v)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads, dropout)
+        self.norm2 = nn.LayerNorm(width)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width), nn.Dropout(dropout)
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        h, kv = self.attn(self.norm1(x), mask, is_causal, past)
+        x = x + h
+        return x + self.mlp(self.norm2(x)), kv
+
+
+def sincos_positions_2d(grid: int, width: int) -> torch.Tensor:
+    """``[grid*grid, width]`` fixed embeddings: half the channels encode the row, half the column."""
+    quarter = width // 4
+    freqs = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    coords = torch.arange(grid, dtype=torch.float32)
+    angles = coords[:, None] * freqs[None, :]  # [grid, quarter]
+    axis = torch.cat([angles.sin(), angles.cos()], dim=1)  # [grid, width/2]
+    rows = axis[:, None, :].expand(grid, grid, -1)
+    cols = axis[None, :, :].expand(grid, grid, -1)
+    return torch.cat([rows, cols], dim=-1).reshape(grid * grid, width)
+
+
+class VisionEncoder(nn.Module):
+    """Image ``[N, 3, H, W]`` -> tokens ``[N, grid*grid, vision_width]`` (row-major)."""
+
+    def __init__(self, cfg: SmallVLMConfig):
+        super().__init__()
+        w = cfg.vision_width
+        if cfg.vision_stem == "conv":
+            n = int(math.log2(cfg.patch_size))
+            channels = [3] + [w // 2 ** (n - 1 - i) for i in range(n)]
+            layers: list[nn.Module] = []
+            for i in range(n):
+                layers.append(nn.Conv2d(channels[i], channels[i + 1], 3, stride=2, padding=1))
+                if i < n - 1:
+                    layers.append(nn.GELU())
+            self.stem = nn.Sequential(*layers)
+        else:
+            self.stem = nn.Conv2d(3, w, cfg.patch_size, stride=cfg.patch_size)
+        n_tokens = cfg.grid_size**2
+        if cfg.vision_positions == "sincos":
+            self.register_buffer(
+                "positions", sincos_positions_2d(cfg.grid_size, w), persistent=False
+            )
+        else:
+            self.positions = nn.Parameter(torch.randn(n_tokens, w) * cfg.init_std)
+        self.blocks = nn.ModuleList(
+            Block(w, cfg.vision_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.vision_depth)
+        )
+        self.norm = nn.LayerNorm(w)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.stem(pixel_values).flatten(2).transpose(1, 2) + self.positions
+        for block in self.blocks:
+            x, _ = block(x)
+        return self.norm(x)
+
+
+class Projector(nn.Module):
+    """Vision tokens -> decoder width, after merging ``s x s`` neighbours (pixel shuffle)."""
+
+    def __init__(self, cfg: SmallVLMConfig):
+        super().__init__()
+        self.grid = cfg.grid_size
+        self.shuffle = cfg.pixel_shuffle
+        d_in = cfg.vision_width * cfg.pixel_shuffle**2
+        if cfg.projector == "mlp":
+            self.proj = nn.Sequential(
+                nn.Linear(d_in, cfg.text_width),
+                nn.GELU(),
+                nn.Linear(cfg.text_width, cfg.text_width),
+            )
+        else:
+            self.proj = nn.Linear(d_in, cfg.text_width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.shuffle
+        if s > 1:
+            n, _, c = x.shape
+            g = self.grid
+            x = (
+                x.view(n, g // s, s, g // s, s, c)
+                .permute(0, 1, 3, 2, 4, 5)
+                .reshape(n, (g // s) ** 2, s * s * c)
+            )
+        return self.proj(x)
+
+
+@dataclass
+class SmallVLMOutput:
+    logits: torch.Tensor  # [B, T, V]
+    past_key_values: KVCache | None = None
+
+
+@dataclass
+class GenerateOutput:
+    sequences: torch.Tensor  # [B, n] generated ids, pad after a row's eos
+    logprobs: torch.Tensor  # [B, n, V] full-vocabulary log-softmax at each step
+    lengths: torch.Tensor  # [B] generated tokens per row, eos included
+
+
+# ---------------------------------------------------------------------------
+# The model
+
+
+class SmallVLM(nn.Module):
+    """Vision encoder + projector + causal decoder reading image features in place of ``<image>``."""
+
+    def __init__(self, config: SmallVLMConfig):
+        super().__init__()
+        if config.vocab_size <= config.image_token_id:
+            raise ValueError(
+                f"SmallVLMConfig.vocab_size ({config.vocab_size}) must exceed image_token_id "
+                f"({config.image_token_id}); set it from the tokenizer"
+            )
+        self.config = config
+        self.vision = VisionEncoder(config)
+        self.projector = Projector(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.text_width)
+        self.embed_positions = nn.Embedding(config.max_positions, config.text_width)
+        self.blocks = nn.ModuleList(
+            Block(config.text_width, config.text_heads, config.mlp_ratio, config.dropout)
+            for _ in range(config.text_depth)
+        )
+        self.norm = nn.LayerNorm(config.text_width)
+        self.lm_head = nn.Linear(config.text_width, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.init_std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    # -- parts, for staged training ------------------------------------------------
+
+    def part_modules(self, part: str) -> list[nn.Module]:
+        """Modules of one part: ``vision``, ``projector`` or ``text`` (decoder incl. embeddings)."""
+        parts = {
+            "vision": [self.vision],
+            "projector": [self.projector],
+            "text": [self.embed_tokens, self.embed_positions, self.blocks, self.norm, self.lm_head],
+        }
+        if part not in parts:
+            raise ValueError(f"unknown model part {part!r}; parts are {PARTS}")
+        return parts[part]
+
+    def freeze(self, parts: tuple[str, ...] | list[str] = PARTS) -> None:
+        """Stop gradients into ``parts`` (e.g. ``("vision", "text")`` to align the projector only)."""
+        self._set_requires_grad(parts, False)
+
+    def unfreeze(self, parts: tuple[str, ...] | list[str] = PARTS) -> None:
+        self._set_requires_grad(parts, True)
+
+    def trainable_parts(self) -> list[str]:
+        """Parts with at least one parameter that receives gradients."""
+        return [
+            p
+            for p in PARTS
+            if any(q.requires_grad for m in self.part_modules(p) for q in m.parameters())
+        ]
+
+    def _set_requires_grad(self, parts, flag: bool) -> None:
+        if isinstance(parts, str):
+            parts = (parts,)
+        for part in parts:
+            for module in self.part_modules(part):
+                module.requires_grad_(flag)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # -- forward ------------------------------------------------------------------------
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with the image placeholders replaced by projected image features."""
+        x = self.embed_tokens(input_ids)
+        is_image = input_ids == self.config.image_token_id
+        n_slots = int(is_image.sum())
+        if pixel_values is None:
+            if n_slots:
+                raise ValueError(
+                    f"input_ids hold {n_slots} <image> tokens but no pixel_values were given"
+                )
+            return x
+        features = self.projector(self.vision(pixel_values)).to(x.dtype)
+        if features.shape[0] * features.shape[1] != n_slots:
+            raise ValueError(
+                f"{pixel_values.shape[0]} images give {features.shape[0] * features.shape[1]} features, "
+                f"but input_ids hold {n_slots} <image> tokens ({self.config.n_image_tokens} per image)"
+            )
+        return x.masked_scatter(is_image[..., None], features.reshape(-1, x.shape[-1]))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+    ) -> SmallVLMOutput:
+        """Logits for ``input_ids`` ``[B, T]``.
+
+        ``attention_mask`` (``[B, past + T]``, 1 = real token) covers the cached
+        prefix too; padding may sit on either side. Positions default to the
+        count of real tokens before each one, so left padding does not shift them.
+        """
+        b, t = input_ids.shape
+        past_len = past_key_values[0][0].shape[2] if past_key_values else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(b, past_len + t, dtype=torch.long, device=input_ids.device)
+        if attention_mask.shape != (b, past_len + t):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
+                f"{(b, past_len + t)} (cached + new tokens)"
+            )
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:]
+        if int(position_ids.max()) >= self.config.max_positions:
+            raise ValueError(
+                f"sequence needs position {int(position_ids.max())} but the model has "
+                f"max_positions={self.config.max_positions}"
+            )
+        x = self.embed(input_ids, pixel_values) + self.embed_positions(position_ids)
+        mask = self._attention_mask(attention_mask.bool(), t, past_len)
+        new_cache: KVCache = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block(
+                x, mask, is_causal=True, past=past_key_values[i] if past_key_values else None
+            )
+            new_cache.append(kv)
+        logits = self.lm_head(self.norm(x))
+        return SmallVLMOutput(logits=logits, past_key_values=new_cache if use_cache else None)
+
+    @staticmethod
+    def _attention_mask(keys: torch.Tensor, t: int, past_len: int) -> torch.Tensor | None:
+        """``[B, 1, T, past+T]`` boolean mask, or None when plain causal masking is exact.
+
+        Every query may see itself, so rows of padding queries never become all
+        masked (which would give NaN); their outputs are ignored anyway.
+        """
+        if past_len == 0 and bool(keys.all()):
+            return None
+        q_pos = torch.arange(t, device=keys.device)[:, None] + past_len
+        k_pos = torch.arange(past_len + t, device=keys.device)[None, :]
+        causal = k_pos <= q_pos
+        return ((causal[None] & keys[:, None, :]) | (k_pos == q_pos)[None])[:, None]
+
+    # -- generation ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        eos_token_id: int,
+        pad_token_id: int,
+        max_new_tokens: int = 32,
+        use_cache: bool = True,
+    ) -> GenerateOutput:
+        """Greedy decoding; prompts may be padded on either side.
+
+        Rows are first re-packed to left padding so every row's next token sits
+        at the last column. ``use_cache=False`` recomputes the whole sequence at
+        each step (a reference for the cached path).
+        """
+        b = input_ids.shape[0]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        order = torch.argsort(
+            attention_mask.long(), dim=1, stable=True
+        )  # padding first, order kept
+        ids = input_ids.gather(1, order)
+        mask = attention_mask.long().gather(1, order)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        steps: list[torch.Tensor] = []
+        logprobs: list[torch.Tensor] = []
+        done = torch.zeros(b, dtype=torch.bool, device=ids.device)
+        lengths = torch.zeros(b, dtype=torch.long, device=ids.device)
+        out = self(ids, pixel_values, mask, positions, use_cache=use_cache)
+        for _ in range(max_new_tokens):
+            step_logprobs = out.logits[:, -1].float().log_softmax(-1)
+            token = step_logprobs.argmax(-1)
+            token = torch.where(done, torch.full_like(token, pad_token_id), token)
+            lengths += (~done).long()
+            steps.append(token)
+            logprobs.append(step_logprobs)
+            done |= token == eos_token_id
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            next_position = positions[:, -1:] + 1
+            positions = torch.cat([positions, next_position], dim=1)
+            if use_cache:
+                out = self(
+                    token[:, None], None, mask, next_position, out.past_key_values, use_cache=True
+                )
+            else:
+                ids = torch.cat([ids, token[:, None]], dim=1)
+                out = self(ids, pixel_values, mask, positions)
+        vocab = self.config.vocab_size
+        return GenerateOutput(
+            sequences=torch.stack(steps, 1) if steps else ids.new_zeros(b, 0),
+            logprobs=torch.stack(logprobs, 1) if logprobs else torch.zeros(b, 0, vocab),
+            lengths=lengths,
+        )
+
+    # -- persistence --------------------------------------------------------------------
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """``config.json`` + ``model.safetensors`` (tied weights stored once)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        with open(path / CONFIG_FILE, "w") as f:
+            json.dump(self.config.to_dict(), f, indent=1)
+        save_model(self, str(path / WEIGHTS_FILE))
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, map_location: str | torch.device = "cpu"
+    ) -> SmallVLM:
+        path = Path(path)
+        config_file = path / CONFIG_FILE
+        try:
+            with open(config_file) as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read SmallVLM config {config_file}: {e}") from e
+        model = cls(SmallVLMConfig.from_dict(data, source=str(config_file)))
+        weights = path / WEIGHTS_FILE
+        if not weights.is_file():
+            raise ValueError(f"missing weights file {weights}")
+        missing, unexpected = load_model(
+            model, str(weights), strict=False, device=str(map_location)
+        )
+        if missing or unexpected:
+            raise ValueError(
+                f"{weights} does not match {config_file}: missing {sorted(missing)}, "
+                f"unexpected {sorted(unexpected)}"
+            )
+        return model
