@@ -98,15 +98,26 @@ def training_subset(pool: Sequence[Sample], size: int, seed: int) -> list[Sample
     return [pool[i] for i in order[:size]]
 
 
-def _make_adapter(cfg: CompareConfig, seed: int):
+def _make_adapter(cfg: CompareConfig, seed: int, pool: Sequence[Sample]):
+    """A fresh small VLM (initialised from ``seed``) whose vocabulary covers the task's words."""
     import torch
 
-    from loctune.codecs import get_codec
-    from loctune.models.small_vlm import SmallVLMAdapter
+    from loctune.models.small_vlm_adapter import SmallVLMAdapter
 
+    texts: list[str] = []
+    if cfg.data == "synthetic":
+        from loctune.data.synthetic import synthetic_vocabulary
+
+        texts = [" ".join(synthetic_vocabulary())]
     torch.manual_seed(seed)
-    codec = get_codec(cfg.codec, grid=cfg.grid)
-    return SmallVLMAdapter.create(cfg.model_preset, codec=codec, image_size=cfg.image_size)
+    return SmallVLMAdapter.build(
+        cfg.codec,
+        texts=texts,
+        samples=pool,
+        config=cfg.model_preset,
+        codec_kwargs={"grid": cfg.grid},
+        image_size=cfg.image_size,
+    )
 
 
 def run_cell(cfg: CompareConfig, method: str, size: int, seed: int, pool, val, test, progress: bool = True) -> dict:
@@ -118,7 +129,7 @@ def run_cell(cfg: CompareConfig, method: str, size: int, seed: int, pool, val, t
     done = cell_dir / "result.json"
     if done.exists():
         return json.loads(done.read_text())
-    adapter = _make_adapter(cfg, seed)
+    adapter = _make_adapter(cfg, seed, pool)
     tcfg = TrainConfig(
         run_dir=str(cell_dir),
         steps=cfg.steps,

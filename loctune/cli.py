@@ -1,0 +1,250 @@
+"""`loctune train | eval | predict | compare | demo`: a thin layer over the Python API.
+
+Every subcommand accepts trailing ``key=value`` overrides of its config
+dataclass (``lr=3e-4``, ``loss.targets.power=3``), in the spirit of
+big_vision/nanoGPT configs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+
+def increment_run_dir(project: str, name: str) -> Path:
+    """``project/name``, or ``name2``, ``name3``... if taken (Ultralytics' ``runs/train/exp``)."""
+    base = Path(project) / name
+    path, i = base, 2
+    while path.exists():
+        path = base.with_name(f"{name}{i}")
+        i += 1
+    return path
+
+
+def load_samples(spec: str, split: str, n: int | None = None, image_size: int = 64) -> list:
+    """Samples of a dataset spec: ``synthetic``, ``synthetic-detection``, ``raccoon`` or a path."""
+    if spec in ("synthetic", "synthetic-detection"):
+        from loctune.data.synthetic import make_split
+
+        task = "detection" if spec.endswith("detection") else "grounding"
+        default = {"train": 1000, "val": 200, "test": 500}.get(split, 200)
+        return make_split(task, split, n or default, image_size=image_size)
+    if spec == "raccoon":
+        from loctune.data import raccoon
+
+        samples = raccoon(split)
+    else:
+        from loctune.data import load_dataset
+
+        samples = load_dataset(spec, split=split)
+    return samples[:n] if n else samples
+
+
+def _loss_from_args(args, loss):
+    from loctune.compare import method_config
+    from loctune.targets import TargetSpec
+
+    if args.method:
+        loss = method_config(args.method)
+    if args.loss:
+        loss = replace(loss, name=args.loss)
+    if args.targets:
+        loss = replace(loss, targets=TargetSpec(kind=args.targets))
+    return loss
+
+
+def cmd_train(args) -> int:
+    from loctune.config import apply_overrides, load_config, save_config
+    from loctune.evaluate import evaluate
+    from loctune.train import TrainConfig, train
+
+    cfg = load_config(TrainConfig, args.config) if args.config else TrainConfig()
+    cfg = replace(
+        cfg,
+        run_dir=str(increment_run_dir(args.project, args.name)),
+        loss=_loss_from_args(args, cfg.loss),
+        **{k: v for k, v in dict(steps=args.steps, epochs=args.epochs, batch_size=args.batch,
+                                 lr=args.lr, mixed_precision=args.mixed_precision).items() if v is not None},
+    )
+    cfg = apply_overrides(cfg, args.overrides)
+    train_samples = load_samples(args.data, "train", args.n_train)
+    val_samples = load_samples(args.data, "val", args.n_val)
+    adapter = _open_model(args, train_samples)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "train_config.yaml")
+    print(f"training {args.model} on {args.data}: {len(train_samples)} train / {len(val_samples)} val -> {run_dir}")
+    result = train(
+        adapter,
+        train_samples,
+        cfg,
+        eval_fn=(lambda a: evaluate(a, val_samples, progress=False).metrics) if val_samples else None,
+        resume=args.resume,
+    )
+    adapter.save_pretrained(str(run_dir / "model"))
+    print(json.dumps({k: round(v, 4) for k, v in result.metrics.items()}, indent=1))
+    print(f"results saved to {run_dir} (model: {run_dir / 'model'})")
+    return 0
+
+
+def _open_model(args, train_samples):
+    """``small`` builds a fresh small VLM; anything else is a checkpoint or hub id."""
+    if args.model.startswith("small"):
+        from loctune.models.small_vlm_adapter import SmallVLMAdapter
+
+        preset = args.model.partition(":")[2] or "small"
+        return SmallVLMAdapter.build(args.codec or "rowcol", samples=train_samples, config=preset,
+                                     codec_kwargs={"grid": args.grid})
+    from loctune.models import load_model
+
+    options = {}
+    if args.lora:
+        options["lora"] = {"r": args.lora}
+    if args.freeze_vision:
+        options["freeze_vision"] = True
+    if args.dtype:
+        options["dtype"] = args.dtype
+    if args.codec:
+        options["codec"] = args.codec
+    return load_model(args.model, **options)
+
+
+def cmd_eval(args) -> int:
+    from loctune.evaluate import evaluate
+    from loctune.models import load_model
+
+    adapter = load_model(args.model)
+    samples = load_samples(args.data, args.split, args.n)
+    result = evaluate(adapter, samples, batch_size=args.batch, max_new_tokens=args.max_new_tokens)
+    out = increment_run_dir(args.project, args.name)
+    result.save(out)
+    print(json.dumps({k: round(v, 4) for k, v in result.metrics.items()}, indent=1))
+    print(f"predictions and metrics saved to {out}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from loctune.evaluate import evaluate
+    from loctune.models import load_model
+    from loctune.types import Sample
+    from loctune.visualize import draw_detections
+
+    adapter = load_model(args.model)
+    samples = [Sample(image=str(p), prompt=args.prompt, boxes=[], labels=[], task=args.task,
+                      image_id=Path(p).stem) for p in args.images]
+    result = evaluate(adapter, samples, batch_size=args.batch, max_new_tokens=args.max_new_tokens,
+                      score=False)
+    out = increment_run_dir(args.project, args.name)
+    out.mkdir(parents=True)
+    records = []
+    for sample, pred in zip(samples, result.predictions, strict=True):
+        draw_detections(sample.load_image(), pred["detections"], out / f"{sample.image_id}.png")
+        records.append({"image": str(sample.image), "prompt": args.prompt, **pred})
+    (out / "predictions.json").write_text(json.dumps(records, indent=1))
+    for r in records:
+        dets = ", ".join(f"{d['label']} {[round(c) for c in d['box']]} ({d['score']:.2f})" for d in r["detections"])
+        print(f"{r['image']}: {dets or 'nothing found'}")
+    print(f"drawn boxes and predictions.json saved to {out}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from loctune.compare import CompareConfig
+    from loctune.config import apply_overrides, load_config
+
+    cfg = load_config(CompareConfig, args.config) if args.config else CompareConfig()
+    if args.out:
+        cfg = replace(cfg, out_dir=args.out)
+    cfg = apply_overrides(cfg, args.overrides)
+    return _run_and_show(cfg)
+
+
+def cmd_demo(args) -> int:
+    from loctune.compare import demo_config
+    from loctune.config import apply_overrides
+
+    return _run_and_show(apply_overrides(demo_config(args.out), args.overrides))
+
+
+def _run_and_show(cfg) -> int:
+    from loctune.compare import run_compare
+
+    t0 = time.time()
+    path = run_compare(cfg)
+    print(path.read_text().split("![")[0])
+    print(f"finished in {(time.time() - t0) / 60:.1f} min; report: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="loctune", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common_model(sp, needs_data=True):
+        sp.add_argument("--model", required=True, help="hub id, checkpoint dir, or 'small[:preset]'")
+        if needs_data:
+            sp.add_argument("--data", required=True,
+                            help="data.yaml, COCO json, VOC dir, CSV, JSONL, 'synthetic', 'raccoon'")
+        sp.add_argument("--project", default=f"runs/{sp.prog.split()[-1]}")
+        sp.add_argument("--name", default="exp")
+        sp.add_argument("--batch", type=int, default=None if sp.prog.endswith("train") else 8)
+        sp.add_argument("--max-new-tokens", type=int, default=64)
+
+    t = sub.add_parser("train", help="fine-tune a model with loctune's supervision")
+    common_model(t)
+    t.add_argument("--config", help="YAML/JSON TrainConfig")
+    t.add_argument("--method", help="named method, e.g. ce, distance_inverse, gem_distance_inverse")
+    t.add_argument("--loss", choices=["ce", "soft_ce", "gem"])
+    t.add_argument("--targets", help="one_hot, distance_inverse, gaussian, label_smoothing, two_bin")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--epochs", type=float)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"])
+    t.add_argument("--lora", type=int, metavar="RANK", help="train a LoRA adapter of this rank")
+    t.add_argument("--freeze-vision", action="store_true")
+    t.add_argument("--dtype", help="bfloat16, float16, float32")
+    t.add_argument("--codec", help="override the family's codec (small VLM: rowcol or patch)")
+    t.add_argument("--grid", type=int, default=32, help="small VLM: location grid size")
+    t.add_argument("--n-train", type=int)
+    t.add_argument("--n-val", type=int)
+    t.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    t.add_argument("overrides", nargs="*", help="key=value TrainConfig overrides")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="generate, decode and score on a split")
+    common_model(e)
+    e.add_argument("--split", default="test")
+    e.add_argument("--n", type=int)
+    e.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser("predict", help="draw predicted boxes on images and write JSON")
+    common_model(pr, needs_data=False)
+    pr.add_argument("images", nargs="+")
+    pr.add_argument("--prompt", required=True, help="referring expression or 'detect a ; b'")
+    pr.add_argument("--task", default="grounding", choices=["grounding", "detection"])
+    pr.set_defaults(func=cmd_predict)
+
+    c = sub.add_parser("compare", help="methods x labelled sizes x seeds, with a report")
+    c.add_argument("--config", help="YAML/JSON CompareConfig")
+    c.add_argument("--out", help="report directory (default runs/compare)")
+    c.add_argument("overrides", nargs="*", help="key=value CompareConfig overrides")
+    c.set_defaults(func=cmd_compare)
+
+    d = sub.add_parser("demo", help="a reduced compare on built-in data (<= 10 min on 2 CPU cores)")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("overrides", nargs="*", help="key=value CompareConfig overrides")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
