@@ -2,7 +2,7 @@
 
 Text splits into ``<...>`` special/location tokens, lower-cased words, numbers
 and single punctuation marks. Words outside the vocabulary become ``<unk>``.
-Decoding writes location tokens back to back and spaces between words, the
+Decoding writes ``<...>`` tokens back to back and spaces between words, the
 way codecs write them, so ``codec.decode(tokenizer.decode(ids))`` reads the
 boxes back.
 """
@@ -92,7 +92,7 @@ class WordTokenizer:
             token = self.vocab[i] if 0 <= i < len(self.vocab) else UNK
             if skip_special_tokens and token in SPECIAL_TOKENS and token != UNK:
                 continue
-            bracketed = token.startswith("<")
+            bracketed = token.startswith("<") and token != UNK
             if out and not (bracketed and previous_bracketed):
                 out.append(" ")
             out.append(token)
