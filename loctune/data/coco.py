@@ -1,0 +1,211 @@
+"""COCO instances JSON (``images`` / ``annotations`` / ``categories``).
+
+Boxes are ``[x, y, width, height]`` in pixels, converted to ``(x1, y1, x2, y2)``.
+Image paths are ``file_name`` relative to ``image_root`` (default: the JSON's
+folder). ``iscrowd=1`` annotations mark a *region* of many objects, not one
+object: they are skipped by default (counted as ``crowd`` in the report), or
+kept with ``include_crowd=True`` and flagged in ``meta["iscrowd"]``. Images
+without annotations are kept as samples with no boxes (negatives for detection)
+unless ``keep_empty=False``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loctune.data.common import (
+    PromptFn,
+    SampleSet,
+    detection_prompt,
+    is_number,
+    load_json,
+    positive_number,
+    read_image_size,
+    resolve,
+)
+from loctune.data.validate import DataError, OnError, Validator
+from loctune.types import Box, Sample
+
+
+@dataclass
+class CocoImage:
+    image_id: Any
+    path: Path
+    size: tuple[int, int]
+
+
+class CocoIndex:
+    """A validated view of a COCO instances file, shared by the COCO and RefCOCO readers."""
+
+    def __init__(self, path: Path, image_root: Path, validator: Validator, check_images: bool):
+        self.path = path
+        self.image_root = image_root
+        self.v = validator
+        self.check_images = check_images
+        data = load_json(path)
+        if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= data.keys():
+            raise DataError(
+                f"{path}: expected a COCO instances object with 'images', 'annotations' "
+                f"and 'categories' keys"
+            )
+        self.categories: dict[Any, str] = {}
+        for i, cat in enumerate(data["categories"]):
+            if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
+                raise DataError(f"{path}: categories[{i}]: expected {{'id', 'name'}}, got {cat!r}")
+            self.categories[cat["id"]] = str(cat["name"])
+        self.classes = [self.categories[k] for k in sorted(self.categories, key=_sort_key)]
+        self._raw_images = {}
+        for i, img in enumerate(data["images"]):
+            where = f"{path}: images[{i}]"
+            if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
+                self.v.fail(
+                    "malformed", where, "expected an object with 'id' and 'file_name'", "record"
+                )
+                continue
+            self._raw_images[img["id"]] = (where, img)
+        self._images: dict[Any, CocoImage | None] = {}
+        self.annotations: dict[Any, tuple[int, dict]] = {}
+        for i, ann in enumerate(data["annotations"]):
+            if not isinstance(ann, dict) or "image_id" not in ann or "bbox" not in ann:
+                self.v.fail(
+                    "malformed",
+                    f"{path}: annotations[{i}]",
+                    "expected an object with 'image_id' and 'bbox'",
+                    "record",
+                )
+                continue
+            self.annotations[ann.get("id", i)] = (i, ann)
+
+    @property
+    def image_ids(self) -> list[Any]:
+        return list(self._raw_images)
+
+    def image(self, image_id: Any) -> CocoImage | None:
+        """The image record, checked once (file present, size known); None if unusable."""
+        if image_id not in self._images:
+            self._images[image_id] = self._check_image(image_id)
+        return self._images[image_id]
+
+    def _check_image(self, image_id: Any) -> CocoImage | None:
+        where, img = self._raw_images[image_id]
+        path = resolve(self.image_root, str(img["file_name"]))
+        if self.check_images and not self.v.image_file(
+            path, where, f" (image_root={self.image_root}; pass image_root= to change it)"
+        ):
+            return None
+        width, height = img.get("width"), img.get("height")
+        if positive_number(width) and positive_number(height):
+            return CocoImage(image_id, path, (int(width), int(height)))
+        size = read_image_size(path, f"{where} (no width/height)", self.v)
+        return None if size is None else CocoImage(image_id, path, size)
+
+    def box(self, position: int, ann: dict, image: CocoImage) -> Box | None:
+        """The annotation's bbox as a validated pixel xyxy box, or None (recorded)."""
+        where = f"{self.path}: annotations[{position}] (id={ann.get('id')}) bbox"
+        bbox = ann["bbox"]
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(is_number, bbox))):
+            self.v.fail("malformed", where, f"expected [x, y, width, height] numbers, got {bbox!r}")
+            return None
+        x, y, w, h = (float(b) for b in bbox)
+        return self.v.box((x, y, x + w, y + h), image.size, where)
+
+    def category(self, position: int, ann: dict) -> str | None:
+        name = self.categories.get(ann.get("category_id"))
+        if name is None:
+            self.v.fail(
+                "unknown_class",
+                f"{self.path}: annotations[{position}] (id={ann.get('id')}) category_id",
+                f"{ann.get('category_id')!r} is not in categories "
+                f"(ids {sorted(self.categories, key=_sort_key)})",
+            )
+        return name
+
+    def known_image(self, position: int, ann: dict) -> bool:
+        if ann["image_id"] in self._raw_images:
+            return True
+        self.v.fail(
+            "malformed",
+            f"{self.path}: annotations[{position}] (id={ann.get('id')}) image_id",
+            f"{ann['image_id']!r} is not in images",
+        )
+        return False
+
+
+def read_coco(
+    path: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    *,
+    include_crowd: bool = False,
+    keep_empty: bool = True,
+    check_images: bool = True,
+    prompt_fn: PromptFn = detection_prompt,
+    on_error: OnError = "drop",
+    min_inside: float = 0.5,
+) -> SampleSet:
+    """One detection :class:`Sample` per image of a COCO instances file."""
+    path = Path(path)
+    validator = Validator(str(path), on_error, min_inside)
+    index = CocoIndex(
+        path, Path(image_root) if image_root else path.parent, validator, check_images
+    )
+    objects: dict[Any, list[tuple[Box, str, Any, bool]]] = {i: [] for i in index.image_ids}
+    invalid: Counter[Any] = Counter()
+    for ann_id, (position, ann) in index.annotations.items():
+        if not index.known_image(position, ann):
+            continue
+        image = index.image(ann["image_id"])
+        if image is None:
+            continue  # already reported once for the image
+        crowd = bool(ann.get("iscrowd", 0))
+        if crowd and not include_crowd:
+            validator.skip(
+                "crowd",
+                f"{path}: annotations[{position}] (id={ann_id}) iscrowd",
+                "crowd region skipped (include_crowd=True keeps it)",
+            )
+            continue
+        name = index.category(position, ann)
+        box = index.box(position, ann, image) if name is not None else None
+        if box is None:
+            invalid[ann["image_id"]] += 1
+        else:
+            objects[ann["image_id"]].append((box, name, ann_id, crowd))
+
+    prompt = prompt_fn(index.classes)
+    samples = []
+    for image_id, found in objects.items():
+        image = index.image(image_id)
+        if image is None:
+            continue
+        where = f"{path}: images (id={image_id})"
+        if not validator.keeps_image(where, len(found), invalid[image_id]):
+            continue
+        if not found and not keep_empty:
+            continue
+        meta = {
+            "image_size": image.size,
+            "ann_ids": [a for _, _, a, _ in found],
+            "iscrowd": [c for _, _, _, c in found],
+            "n_invalid_boxes": invalid[image_id],
+        }
+        samples.append(
+            Sample(
+                image=str(image.path),
+                prompt=prompt,
+                boxes=[b for b, _, _, _ in found],
+                labels=[n for _, n, _, _ in found],
+                task="detection",
+                image_id=str(image_id),
+                meta=meta,
+            )
+        )
+    return SampleSet(samples, index.classes, validator.finish(samples))
+
+
+def _sort_key(key: Any) -> tuple[str, Any]:
+    """Sort ids that may mix ints and strings without a TypeError."""
+    return (type(key).__name__, key)

@@ -1,0 +1,95 @@
+"""Pieces shared by all readers: the prompt builder, the result container, image headers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from loctune.data.validate import DataError, ValidationReport, Validator
+from loctune.types import Sample
+
+PromptFn = Callable[[Sequence[str]], str]
+
+
+def detection_prompt(classes: Sequence[str]) -> str:
+    """``"detect a ; b"`` for a detection sample over the given class names.
+
+    Readers call this with the dataset's full class list, so the prompt does not
+    leak which classes an image contains. Model adapters build their own
+    family-specific prompts from ``Sample.labels``; pass ``prompt_fn=`` to a
+    reader to change this one.
+    """
+    return "detect " + " ; ".join(classes)
+
+
+@dataclass
+class SampleSet(Sequence[Sample]):
+    """What a reader returns: the samples, the class list and the validation report."""
+
+    samples: list[Sample]
+    classes: list[str]
+    report: ValidationReport
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self.samples[index]
+
+    def __iter__(self) -> Iterator[Sample]:
+        return iter(self.samples)
+
+    @property
+    def n_boxes(self) -> int:
+        return sum(len(s.boxes) for s in self.samples)
+
+    def split_names(self) -> list[str]:
+        """The dataset's own split names (``meta["split"]``), in first-seen order."""
+        return list(dict.fromkeys(s.meta["split"] for s in self.samples if "split" in s.meta))
+
+
+def read_image_size(
+    path: str | os.PathLike, where: str, validator: Validator
+) -> tuple[int, int] | None:
+    """(width, height) from the image header without decoding pixels; None if unreadable.
+
+    EXIF orientation is not applied: sizes and boxes refer to the image as
+    stored, like :meth:`Sample.load_image`.
+    """
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, UnidentifiedImageError) as err:
+        validator.fail("malformed", where, f"cannot read image header of {path}: {err}", "sample")
+        return None
+
+
+def resolve(root: str | os.PathLike, name: str) -> Path:
+    """``name`` relative to ``root`` unless it is already absolute."""
+    path = Path(name)
+    return path if path.is_absolute() else Path(root) / path
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    """Parsed JSON; a syntax error becomes a :class:`DataError` naming file and line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from err
+
+
+def is_number(value: Any) -> bool:
+    """An int or float, not a bool (JSON ``true`` is not a coordinate)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def positive_number(value: Any) -> bool:
+    return is_number(value) and math.isfinite(value) and value > 0

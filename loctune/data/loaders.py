@@ -1,0 +1,176 @@
+"""One entry point for every reader, and the raccoon dataset used by the study.
+
+:func:`load_dataset` picks the reader from the path:
+
+================================  =================================
+path                              format
+================================  =================================
+``*.yaml`` / ``*.yml``            ``yolo`` (Ultralytics data.yaml)
+``*.json`` holding an object      ``coco`` (instances)
+``*.json`` holding a list         ``refcoco`` (refs; needs ``instances=``)
+``*.jsonl``                       ``referring_jsonl``
+``*.csv``                         ``csv``
+folder with ``data.yaml``         ``yolo``
+folder of ``*.xml`` (or with an   ``voc``
+``annotations/`` folder of them)
+folder saved by ``datasets``      ``hf`` (``load_from_disk``)
+``datasets.Dataset(Dict)``        ``hf``
+================================  =================================
+
+A mapping ``{split: path}`` reads each file with the same reader and records
+the split in ``meta["split"]`` (e.g. raccoon's ``train_labels.csv`` and
+``test_labels.csv``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from loctune.data.coco import read_coco
+from loctune.data.common import SampleSet, detection_prompt
+from loctune.data.csv_boxes import read_csv_boxes
+from loctune.data.refcoco import read_refcoco, read_referring_jsonl
+from loctune.data.validate import DataError, ValidationReport
+from loctune.data.voc import read_voc
+from loctune.data.yolo import read_yolo
+
+FORMATS = ("coco", "refcoco", "referring_jsonl", "yolo", "voc", "csv", "hf")
+_HF_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """The reader for a path (see the module table); a clear error when none fits."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        return "yolo"
+    if suffix == ".jsonl":
+        return "referring_jsonl"
+    if suffix == ".csv":
+        return "csv"
+    if suffix == ".json":
+        return "refcoco" if _first_char(path) == "[" else "coco"
+    if suffix in (".p", ".pkl", ".pickle"):
+        return "refcoco"  # read_refcoco refuses it with the conversion recipe
+    if path.is_dir():
+        if (path / "data.yaml").is_file():
+            return "yolo"
+        if any(path.glob("*.xml")) or any((path / "annotations").glob("*.xml")):
+            return "voc"
+        if any((path / marker).is_file() for marker in _HF_MARKERS):
+            return "hf"
+    raise DataError(
+        f"{path}: cannot tell the annotation format (expected data.yaml, .json, .jsonl, .csv, "
+        f"a folder of VOC .xml or a saved datasets folder); pass format= one of {FORMATS}"
+    )
+
+
+def load_dataset(path_or_spec: Any, format: str | None = None, **options: Any) -> SampleSet:
+    """Read annotations in any supported format; ``options`` go to the reader.
+
+    ``path_or_spec`` is a path, a mapping ``{split: path}``, or a Hugging Face
+    ``Dataset``/``DatasetDict``. ``datasets`` is imported only when needed: it
+    takes about a second.
+
+    E.g. ``load_dataset("coco/instances_val.json", image_root="coco/val2017")``,
+    ``load_dataset("refs.json", instances="instances.json", image_root=...)``,
+    ``load_dataset({"train": "train.csv", "test": "test.csv"}, image_root="images")``.
+    """
+    if _is_hf_dataset(path_or_spec):
+        from loctune.data.hf import read_hf
+
+        return read_hf(path_or_spec, **options)
+    if isinstance(path_or_spec, Mapping):
+        return _load_splits(path_or_spec, format, options)
+    path = Path(path_or_spec)
+    if format is None:
+        format = detect_format(path)
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; expected one of {FORMATS}")
+    if format == "yolo":
+        return read_yolo(path / "data.yaml" if path.is_dir() else path, **options)
+    if format == "voc":
+        nested = path / "annotations"
+        return read_voc(
+            nested if not any(path.glob("*.xml")) and nested.is_dir() else path, **options
+        )
+    if format == "hf":
+        import datasets
+
+        from loctune.data.hf import read_hf
+
+        options.setdefault("source", str(path))
+        return read_hf(datasets.load_from_disk(str(path)), **options)
+    if format == "refcoco":
+        if "instances" not in options:
+            raise DataError(f"{path}: RefCOCO refs need the COCO instances file: pass instances=")
+        return read_refcoco(path, options.pop("instances"), **options)
+    reader = {"coco": read_coco, "referring_jsonl": read_referring_jsonl, "csv": read_csv_boxes}
+    return reader[format](path, **options)
+
+
+def shared_data_dir() -> Path:
+    """``shared/data`` beside the repository checkout (absent outside the dev setup)."""
+    return Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def raccoon(split: str = "all", root: str | os.PathLike | None = None, **options: Any) -> SampleSet:
+    """The raccoon dataset (200 images, 217 boxes, one class) with its original 160/40 split.
+
+    ``split`` is ``"train"``, ``"test"`` or ``"all"`` (both, split in
+    ``meta["split"]``). ``root`` is the ``raccoon`` folder, by default
+    ``shared/data/raccoon`` beside the checkout.
+    """
+    files = {"train": "train_labels.csv", "test": "test_labels.csv"}
+    if split not in (*files, "all"):
+        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    root = Path(root) if root else shared_data_dir() / "raccoon"
+    if not (root / "data").is_dir():
+        raise FileNotFoundError(
+            f"raccoon dataset not found at {root} (expected data/*.csv and images/); pass root="
+        )
+    wanted = files if split == "all" else {split: files[split]}
+    spec = {name: root / "data" / file for name, file in wanted.items()}
+    return load_dataset(spec, "csv", image_root=root / "images", classes=["raccoon"], **options)
+
+
+def _load_splits(
+    spec: Mapping[str, str | os.PathLike], format: str | None, options: dict
+) -> SampleSet:
+    """Read one file per split and merge, tagging each sample with its split."""
+    parts = {name: load_dataset(path, format, **options) for name, path in spec.items()}
+    samples, classes = [], []
+    report = ValidationReport(", ".join(f"{n}={p}" for n, p in spec.items()))
+    report.on_error = options.get("on_error", "drop")
+    for name, part in parts.items():
+        for sample in part:
+            sample.meta["split"] = name
+        samples.extend(part.samples)
+        classes.extend(c for c in part.classes if c not in classes)
+        report.merge(part.report)
+    if any(part.classes != classes for part in parts.values()):
+        # Class lists discovered per file differ: give every detection prompt the union.
+        classes = sorted(classes)
+        prompt = options.get("prompt_fn", detection_prompt)(classes)
+        for sample in samples:
+            if sample.task == "detection":
+                sample.prompt = prompt
+    return SampleSet(samples, classes, report)
+
+
+def _is_hf_dataset(obj: Any) -> bool:
+    # A datasets object can only exist if the module is already imported.
+    hf = sys.modules.get("datasets")
+    return hf is not None and isinstance(obj, (hf.Dataset, hf.DatasetDict))
+
+
+def _first_char(path: Path) -> str:
+    with open(path, encoding="utf-8") as f:
+        while chunk := f.read(256):
+            if stripped := chunk.lstrip():
+                return stripped[0]
+    return ""

@@ -1,0 +1,257 @@
+"""Validation of annotations as they are read, with an auditable report.
+
+Every reader funnels its boxes and image files through a :class:`Validator`.
+Nothing is dropped silently: each dropped, skipped or clipped item is counted
+by reason in a :class:`ValidationReport`, with the first few examples naming
+the file and line (or the field path for JSON/XML), so that a result can be
+traced back to the data it was trained on.
+
+Reasons (``Issue.reason``):
+
+==================  ========  ================================================
+reason              kind      meaning
+==================  ========  ================================================
+``clipped``         clipped   box partly outside the image, clipped to it
+``not_finite``      dropped   a coordinate is NaN or infinite
+``empty_box``       dropped   zero or negative width or height
+``outside_image``   dropped   box entirely (or mostly) outside the image
+``unknown_class``   dropped   class id/name not in the dataset's class list
+``missing_image``   dropped   image file not found: the whole sample is dropped
+``malformed``       dropped   a line/record/field that cannot be parsed
+``no_valid_boxes``  dropped   every box of an image was invalid: image dropped
+``crowd``           skipped   COCO ``iscrowd=1`` region (by policy, see coco.py)
+``difficult``       skipped   VOC ``difficult=1`` object when asked to skip them
+==================  ========  ================================================
+
+With ``on_error="raise"`` the first *dropped* item raises :class:`DataError`
+instead; clipping and policy skips never raise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from loctune.types import Box, Sample
+
+log = logging.getLogger(__name__)
+
+OnError = Literal["drop", "raise"]
+Kind = Literal["dropped", "skipped", "clipped"]
+
+# Coordinates this close beyond an edge are float noise (e.g. YOLO's normalised
+# centre/size round trip), not annotation errors: snap them without counting.
+_SNAP_PX = 1e-6
+
+
+class DataError(ValueError):
+    """Bad annotation data; the message starts with ``file[:line]: field:``."""
+
+
+@dataclass
+class Issue:
+    """One problem found while reading: where it is and what was wrong."""
+
+    reason: str
+    kind: Kind
+    where: str  # "path:line" or "path: field.path"
+    message: str
+    unit: str = "box"  # what was dropped/skipped/clipped: "box" | "sample" | "record"
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+@dataclass
+class ValidationReport:
+    """Counts by reason and the first ``max_examples`` issues of each reason."""
+
+    source: str
+    on_error: str = "drop"
+    max_examples: int = 5
+    n_samples: int = 0
+    n_boxes: int = 0
+    counts: Counter = field(default_factory=Counter)
+    kinds: dict[str, str] = field(default_factory=dict)
+    examples: dict[str, list[Issue]] = field(default_factory=dict)
+
+    def add(self, issue: Issue) -> None:
+        self.counts[issue.reason] += 1
+        self.kinds[issue.reason] = issue.kind
+        shown = self.examples.setdefault(issue.reason, [])
+        if len(shown) < self.max_examples:
+            shown.append(issue)
+
+    def count(self, kind: Kind) -> int:
+        """Total number of issues of one kind (``dropped``, ``skipped``, ``clipped``)."""
+        return sum(n for reason, n in self.counts.items() if self.kinds[reason] == kind)
+
+    @property
+    def n_dropped(self) -> int:
+        return self.count("dropped")
+
+    @property
+    def n_clipped(self) -> int:
+        return self.count("clipped")
+
+    @property
+    def n_skipped(self) -> int:
+        return self.count("skipped")
+
+    def merge(self, other: ValidationReport) -> None:
+        """Fold another report (e.g. of another split file) into this one."""
+        self.n_samples += other.n_samples
+        self.n_boxes += other.n_boxes
+        for reason, issues in other.examples.items():
+            self.kinds[reason] = other.kinds[reason]
+            shown = self.examples.setdefault(reason, [])
+            shown.extend(issues[: max(0, self.max_examples - len(shown))])
+        self.counts.update(other.counts)
+
+    def summary(self) -> str:
+        lines = [
+            f"{self.source}: kept {self.n_samples} samples, {self.n_boxes} boxes; "
+            f"dropped {self.n_dropped}, skipped {self.n_skipped}, clipped {self.n_clipped}"
+        ]
+        for reason, n in self.counts.most_common():
+            lines.append(f"  {self.kinds[reason]} {reason}: {n}")
+            lines.extend(f"    {issue}" for issue in self.examples[reason])
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "on_error": self.on_error,
+            "kept": {"samples": self.n_samples, "boxes": self.n_boxes},
+            "totals": {k: self.count(k) for k in ("dropped", "skipped", "clipped")},
+            "reasons": {
+                reason: {
+                    "kind": self.kinds[reason],
+                    "count": n,
+                    "examples": [
+                        {"where": i.where, "message": i.message, "unit": i.unit}
+                        for i in self.examples[reason]
+                    ],
+                }
+                for reason, n in self.counts.most_common()
+            },
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the report as JSON (creating parent folders); returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+
+class Validator:
+    """Checks boxes and image files for one reader run and fills a report.
+
+    ``min_inside`` is the fraction of a box's area that must lie inside the
+    image for the box to be clipped rather than dropped: a box hanging a few
+    pixels over an edge is an annotation habit, one mostly outside the image is
+    an error (wrong image size, swapped axes).
+    """
+
+    def __init__(
+        self,
+        source: str,
+        on_error: OnError = "drop",
+        min_inside: float = 0.5,
+        max_examples: int = 5,
+    ) -> None:
+        if on_error not in ("drop", "raise"):
+            raise ValueError(f"on_error must be 'drop' or 'raise', got {on_error!r}")
+        if not 0.0 < min_inside <= 1.0:
+            raise ValueError(f"min_inside must be in (0, 1], got {min_inside!r}")
+        self.on_error = on_error
+        self.min_inside = min_inside
+        self.report = ValidationReport(source, on_error=on_error, max_examples=max_examples)
+
+    def fail(self, reason: str, where: str, message: str, unit: str = "box") -> None:
+        """A dropped item: raise under ``on_error="raise"``, else record it."""
+        issue = Issue(reason, "dropped", where, message, unit)
+        if self.on_error == "raise":
+            raise DataError(str(issue))
+        self.report.add(issue)
+
+    def skip(self, reason: str, where: str, message: str, unit: str = "box") -> None:
+        """An item left out by policy (not an error): recorded, never raised."""
+        self.report.add(Issue(reason, "skipped", where, message, unit))
+
+    def box(self, box: Sequence[float], image_size: tuple[int, int], where: str) -> Box | None:
+        """The box clipped to the image, or None (recorded) when it is unusable."""
+        x1, y1, x2, y2 = (float(v) for v in box)
+        shown = f"[{x1:g}, {y1:g}, {x2:g}, {y2:g}]"
+        if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+            self.fail("not_finite", where, f"box {shown} has a non-finite coordinate")
+            return None
+        if x2 <= x1 or y2 <= y1:
+            self.fail("empty_box", where, f"box {shown} (x1 y1 x2 y2) has zero or negative area")
+            return None
+        w, h = image_size
+        x1, x2 = (_snap(v, w) for v in (x1, x2))
+        y1, y2 = (_snap(v, h) for v in (y1, y2))
+        cx1, cy1, cx2, cy2 = max(x1, 0.0), max(y1, 0.0), min(x2, float(w)), min(y2, float(h))
+        inside = max(cx2 - cx1, 0.0) * max(cy2 - cy1, 0.0) / ((x2 - x1) * (y2 - y1))
+        if inside < self.min_inside:
+            where_ = "entirely" if inside == 0 else f"{1 - inside:.0%}"
+            self.fail(
+                "outside_image",
+                where,
+                f"box {shown} is {where_} outside the {w}x{h} image",
+            )
+            return None
+        if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
+            self.report.add(
+                Issue("clipped", "clipped", where, f"box {shown} clipped to the {w}x{h} image")
+            )
+        return (cx1, cy1, cx2, cy2)
+
+    def keeps_image(self, where: str, n_valid: int, n_invalid: int) -> bool:
+        """False (recorded) when every annotated box of an image was invalid.
+
+        Such an image would otherwise become a negative example that teaches
+        "nothing here" where objects are. Images with some valid boxes are kept;
+        readers note ``meta["n_invalid_boxes"]`` so they can be filtered.
+        """
+        if n_invalid and not n_valid:
+            self.fail(
+                "no_valid_boxes",
+                where,
+                f"all {n_invalid} annotated boxes are invalid; image dropped, not kept as a negative",
+                unit="sample",
+            )
+            return False
+        return True
+
+    def image_file(self, path: str | os.PathLike, where: str, hint: str = "") -> bool:
+        """True if the image exists; otherwise the sample is dropped (recorded)."""
+        if os.path.isfile(path):
+            return True
+        self.fail("missing_image", where, f"image file not found: {path}{hint}", unit="sample")
+        return False
+
+    def finish(self, samples: Sequence[Sample]) -> ValidationReport:
+        """Count what was kept and log the summary (a warning if anything was lost)."""
+        self.report.n_samples = len(samples)
+        self.report.n_boxes = sum(len(s.boxes) for s in samples)
+        level = logging.WARNING if self.report.n_dropped else logging.INFO
+        log.log(level, "%s", self.report.summary())
+        return self.report
+
+
+def _snap(value: float, limit: float) -> float:
+    if -_SNAP_PX < value < 0:
+        return 0.0
+    if limit < value < limit + _SNAP_PX:
+        return float(limit)
+    return value

@@ -1,0 +1,182 @@
+"""Pascal VOC XML: one ``<annotation>`` file per image.
+
+Each file gives ``filename``, ``size/width|height`` and ``object``s with
+``name``, ``bndbox/xmin|ymin|xmax|ymax`` and optional ``difficult`` /
+``truncated`` flags. Coordinates are taken as written (no 1-based shift), so
+boxes match CSV exports of the same annotations. ``difficult`` objects are
+kept by default with ``meta["difficult"]`` (one flag per box), since VOC
+evaluation ignores rather than penalises them; ``skip_difficult=True`` leaves
+them out (counted in the report). Errors name the file and the field path,
+e.g. ``raccoon-1.xml: object[2]/bndbox/xmax``.
+"""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from pathlib import Path
+
+from loctune.data.common import (
+    PromptFn,
+    SampleSet,
+    detection_prompt,
+    read_image_size,
+)
+from loctune.data.validate import OnError, Validator
+from loctune.types import Box, Sample
+
+_COORDS = ("xmin", "ymin", "xmax", "ymax")
+
+
+def read_voc(
+    annotations: str | os.PathLike | Sequence[str | os.PathLike],
+    image_root: str | os.PathLike | None = None,
+    *,
+    classes: Sequence[str] | None = None,
+    skip_difficult: bool = False,
+    keep_empty: bool = True,
+    check_images: bool = True,
+    prompt_fn: PromptFn = detection_prompt,
+    on_error: OnError = "drop",
+    min_inside: float = 0.5,
+) -> SampleSet:
+    """Detection samples from a folder of ``.xml`` files (or a list of them).
+
+    ``image_root`` defaults to a sibling ``JPEGImages/`` or ``images/`` folder
+    of the annotation folder, else the annotation folder itself. With
+    ``classes`` given, other names are errors (``unknown_class``); otherwise the
+    class list is every name seen, sorted.
+    """
+    files, folder = _xml_files(annotations)
+    root = Path(image_root) if image_root else _default_image_root(folder)
+    validator = Validator(str(folder), on_error, min_inside)
+    known = set(classes) if classes is not None else None
+    parsed = []
+    for xml_file in files:
+        record = _read_file(xml_file, root, known, skip_difficult, check_images, validator)
+        if record is not None and (record[1] or keep_empty):
+            parsed.append(record)
+    class_list = list(classes) if classes is not None else sorted({n for r in parsed for n in r[2]})
+    prompt = prompt_fn(class_list)
+    samples = [
+        Sample(str(path), prompt, boxes, labels, "detection", path.name, meta)
+        for path, boxes, labels, meta in parsed
+    ]
+    return SampleSet(samples, class_list, validator.finish(samples))
+
+
+def _xml_files(annotations) -> tuple[list[Path], Path]:
+    if isinstance(annotations, (str, os.PathLike)):
+        folder = Path(annotations)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: not a folder of VOC .xml files")
+        files = sorted(folder.glob("*.xml"))
+        if not files:
+            raise FileNotFoundError(f"{folder}: no .xml files")
+        return files, folder
+    files = sorted(Path(f) for f in annotations)
+    if not files:
+        raise ValueError("read_voc: empty list of annotation files")
+    return files, files[0].parent
+
+
+def _default_image_root(folder: Path) -> Path:
+    for name in ("JPEGImages", "images"):
+        if (folder.parent / name).is_dir():
+            return folder.parent / name
+    return folder
+
+
+def _read_file(
+    xml_file: Path,
+    root: Path,
+    known: set[str] | None,
+    skip_difficult: bool,
+    check_images: bool,
+    validator: Validator,
+) -> tuple[Path, list[Box], list[str], dict] | None:
+    try:
+        tree = ET.parse(xml_file).getroot()
+    except ET.ParseError as err:
+        line, column = err.position
+        validator.fail(
+            "malformed", f"{xml_file}:{line}", f"invalid XML (column {column}): {err}", "sample"
+        )
+        return None
+    filename = (tree.findtext("filename") or "").strip()
+    if not filename:
+        validator.fail(
+            "malformed", f"{xml_file}: filename", "missing or empty <filename>", "sample"
+        )
+        return None
+    image_path = root / filename
+    if check_images and not validator.image_file(image_path, f"{xml_file}: filename"):
+        return None
+    size = _size(tree, xml_file, image_path, validator)
+    if size is None:
+        return None
+    boxes: list[Box] = []
+    labels: list[str] = []
+    difficult: list[bool] = []
+    truncated: list[bool] = []
+    dropped_before = validator.report.n_dropped
+    for i, obj in enumerate(tree.findall("object"), 1):
+        where = f"{xml_file}: object[{i}]"
+        name = (obj.findtext("name") or "").strip()
+        if not name:
+            validator.fail("malformed", f"{where}/name", "missing or empty <name>")
+            continue
+        if known is not None and name not in known:
+            validator.fail("unknown_class", f"{where}/name", f"{name!r} is not in {sorted(known)}")
+            continue
+        is_difficult = _flag(obj, "difficult")
+        if is_difficult and skip_difficult:
+            validator.skip("difficult", f"{where}/difficult", "difficult object skipped")
+            continue
+        corners = _corners(obj, where, validator)
+        box = None if corners is None else validator.box(corners, size, f"{where}/bndbox")
+        if box is not None:
+            boxes.append(box)
+            labels.append(name)
+            difficult.append(is_difficult)
+            truncated.append(_flag(obj, "truncated"))
+    n_invalid = validator.report.n_dropped - dropped_before
+    if not validator.keeps_image(str(xml_file), len(boxes), n_invalid):
+        return None
+    meta = {
+        "image_size": size,
+        "annotation_file": str(xml_file),
+        "difficult": difficult,
+        "truncated": truncated,
+        "n_invalid_boxes": n_invalid,
+    }
+    return image_path, boxes, labels, meta
+
+
+def _size(tree: ET.Element, xml_file: Path, image_path: Path, validator: Validator):
+    """``<size>`` when it holds positive numbers (some tools write 0), else the image header."""
+    try:
+        width = int(float(tree.findtext("size/width") or 0))
+        height = int(float(tree.findtext("size/height") or 0))
+    except ValueError:
+        width = height = 0
+    if width > 0 and height > 0:
+        return width, height
+    return read_image_size(image_path, f"{xml_file}: size (absent or not positive)", validator)
+
+
+def _corners(obj: ET.Element, where: str, validator: Validator) -> tuple[float, ...] | None:
+    values = []
+    for key in _COORDS:
+        text = obj.findtext(f"bndbox/{key}")
+        try:
+            values.append(float(text))  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            validator.fail("malformed", f"{where}/bndbox/{key}", f"expected a number, got {text!r}")
+            return None
+    return tuple(values)
+
+
+def _flag(obj: ET.Element, key: str) -> bool:
+    return (obj.findtext(key) or "0").strip() not in ("0", "", "false", "False")
