@@ -1,0 +1,255 @@
+"""Dataclass configs from YAML/JSON files and ``key=value`` command-line overrides.
+
+Configs are plain (possibly nested) dataclasses. A file gives any subset of the
+fields; overrides such as ``lr=3e-4`` or ``loss.name=gem`` are applied on top and
+typed by the dataclass field they name, so ``run_dir=123`` stays a string and
+``freeze=[vision.*]`` becomes a list. Every error names the file or override and
+the dotted field it concerns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+C = TypeVar("C")
+
+__all__ = [
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "parse_overrides",
+    "save_config",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Override:
+    """An override value still in its command-line text, parsed once its field type is known."""
+
+    text: str
+    source: str
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: Iterable[str] = ()) -> C:
+    """Build ``cls`` from an optional YAML/JSON file, then apply ``key=value`` overrides."""
+    data = _read_file(Path(path)) if path is not None else {}
+    source = str(path) if path is not None else "config"
+    return config_from_dict(cls, _merge(data, parse_overrides(overrides)), source=source)
+
+
+def apply_overrides(config: C, overrides: Iterable[str]) -> C:
+    """A copy of ``config`` with ``key=value`` overrides applied."""
+    return config_from_dict(
+        type(config), _merge(config_to_dict(config), parse_overrides(overrides))
+    )
+
+
+def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
+    """Nested dict from ``a.b=value`` strings; values stay text until their field's type is known."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ValueError(f"override {item!r} must look like 'key=value' or 'section.key=value'")
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(
+                    f"override {item!r} sets a field inside {part!r}, which is also set whole"
+                )
+            node = child
+        node[leaf] = _Override(text.strip(), source=f"override {item!r}")
+    return out
+
+
+def config_from_dict(cls: type[C], data: Mapping[str, Any], source: str = "config") -> C:
+    """Build dataclass ``cls`` from a mapping, checking names and types field by field."""
+    return _build(cls, data, source, prefix="")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Plain dict (lists, not tuples) suitable for YAML/JSON."""
+    return _plain(dataclasses.asdict(config))
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    """Write ``config`` as JSON (``.json``) or YAML (anything else), field order kept."""
+    path = Path(path)
+    data = config_to_dict(config)
+    if path.suffix == ".json":
+        path.write_text(json.dumps(data, indent=2) + "\n")
+    else:
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ValueError(
+            f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}"
+        ) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path}: expected a mapping of field names at the top level, got {type(data).__name__}"
+        )
+    return data
+
+
+def _merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive dict update; a nested override mapping merges into the base's section."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _build(cls: type, data: Mapping[str, Any], source: str, prefix: str):
+    if not isinstance(data, Mapping):
+        raise ValueError(
+            f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}"
+        )
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = (
+                f"; did you mean {close[0]!r}?" if close else f"; valid fields: {', '.join(fields)}"
+            )
+            where = value.source if isinstance(value, _Override) else source
+            raise ValueError(f"{where}: unknown field {prefix + key!r} for {cls.__name__}{hint}")
+        kwargs[key] = _coerce(value, hints[key], source, prefix + key)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"{source}: invalid {cls.__name__}{' at ' + prefix.rstrip('.') if prefix else ''}: {err}"
+        ) from None
+
+
+def _coerce(value: Any, tp: Any, source: str, key: str) -> Any:
+    """``value`` converted to field type ``tp``, or a ValueError naming ``key`` and the type."""
+    if isinstance(value, _Override):
+        source = value.source
+        value = _override_value(value, tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+
+    def fail() -> ValueError:
+        return ValueError(f"{source}: field {key!r} expects {_type_name(tp)}, got {value!r}")
+
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, source, key)
+            except ValueError:
+                continue
+        raise fail()
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ValueError(f"{source}: field {key!r} must be one of {list(args)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, Mapping):
+            return _build(tp, value, source, prefix=key + ".")
+        raise fail()
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise fail()
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(args) != len(value):
+                raise fail()
+            pairs = enumerate(zip(value, args, strict=True))
+            return tuple(_coerce(v, a, source, f"{key}[{i}]") for i, (v, a) in pairs)
+        item = args[0] if args else Any
+        items = [_coerce(v, item, source, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise fail()
+        vt = args[1] if args else Any
+        return {k: _coerce(v, vt, source, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise fail()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise fail()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise fail()
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise fail()
+
+
+_NULL_TEXTS = ("", "~", "null", "none", "None")
+
+
+def _override_value(value: _Override, tp: Any) -> Any:
+    """An override's text as a value for ``tp``: itself for string fields, else parsed as YAML."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType) and type(None) in args:
+        if value.text in _NULL_TEXTS:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return _override_value(value, rest[0])
+    if tp is str or (origin is Literal and all(isinstance(a, str) for a in args)):
+        return value.text
+    try:
+        return yaml.safe_load(value.text) if value.text else None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{value.source}: value is not valid YAML: {err}") from None
+
+
+def _type_name(tp: Any) -> str:
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

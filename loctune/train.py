@@ -1,0 +1,626 @@
+"""One training loop for every model behind a :class:`~loctune.models.base.VLMAdapter`.
+
+The loop runs on Accelerate, so the same code trains on a CPU, one GPU, or many
+processes under ``accelerate launch`` (DDP, FSDP, DeepSpeed). Three properties
+are worth knowing because experiments depend on them:
+
+* **Data order is a pure function of (seed, global batch, step).** Micro-batches
+  are cut from an endless stream of seeded per-epoch permutations, so a run
+  resumed at step k sees exactly the batches an uninterrupted run would, and N
+  processes with batch B see the same global batches as one process with batch
+  N*B (or with B and N-step accumulation).
+* **The loss is normalised by the number of supervised tokens in the whole
+  optimizer step** (all accumulated micro-batches on all processes), so gradient
+  accumulation and multi-process training give the gradient of the same mean.
+* **Checkpoints resume exactly.** ``last/`` holds safetensors weights plus
+  optimizer, scheduler and RNG states (read back with ``weights_only=True``) and
+  the step; killing a run and resuming it ends in the same weights.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from loctune.config import save_config
+from loctune.losses import LossConfig
+from loctune.models.base import VLMAdapter
+from loctune.types import Sample
+
+__all__ = ["SampleDataset", "TrainConfig", "TrainResult", "load_weights", "train"]
+
+logger = logging.getLogger(__name__)
+
+EvalFn = Callable[[VLMAdapter], Mapping[str, float]]
+LossFn = Callable[..., torch.Tensor]
+
+_STATE_FILE = "trainer_state.json"
+_WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    """Everything the loop needs; flat so that ``key=value`` overrides stay short.
+
+    Length: ``steps`` optimizer steps when > 0, else ``epochs`` passes over the
+    data (rounded up to whole steps). ``batch_size`` is per process and per
+    micro-batch; one optimizer step sees ``batch_size * grad_accum * processes``
+    samples. ``trainable``/``freeze`` are glob patterns over
+    ``adapter.model.named_parameters()`` names (``trainable`` empty: all that
+    the adapter leaves trainable), applied for this call only, so staged
+    training is two calls, e.g. ``trainable=["projector.*"]`` then none.
+    ``best_metric`` names a key of ``eval_fn``'s result; when set, ``best/``
+    keeps the weights of the best evaluation.
+    """
+
+    run_dir: str = "runs/train"
+    steps: int = 0
+    epochs: float = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    log_every: int = 10
+    eval_every: int = 0
+    save_every: int = 0
+    best_metric: str = ""
+    best_mode: Literal["max", "min"] = "max"
+    seed: int = 0
+    num_workers: int = 0
+    trainable: list[str] = field(default_factory=list)
+    freeze: list[str] = field(default_factory=list)
+    progress: bool = True
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def __post_init__(self):
+        for name in ("batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("steps", "warmup_steps", "eval_every", "save_every", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.steps == 0 and not self.epochs > 0:
+            raise ValueError(
+                f"TrainConfig needs steps > 0 or epochs > 0, got steps=0, epochs={self.epochs}"
+            )
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"TrainConfig.min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ValueError(
+                "TrainConfig.weight_decay and max_grad_norm must be >= 0 (0 disables clipping)"
+            )
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(
+                f"TrainConfig.mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}"
+            )
+        if self.best_mode not in ("max", "min"):
+            raise ValueError(
+                f"TrainConfig.best_mode must be 'max' or 'min', got {self.best_mode!r}"
+            )
+
+    def total_steps(self, n_samples: int, global_batch: int) -> int:
+        """Optimizer steps of the whole run for a dataset of ``n_samples``."""
+        return (
+            self.steps
+            if self.steps > 0
+            else max(1, math.ceil(self.epochs * n_samples / global_batch))
+        )
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train`: last logged and evaluated metrics and where the weights are."""
+
+    metrics: dict[str, float]
+    run_dir: Path
+    step: int
+    last_checkpoint: Path
+    best_checkpoint: Path | None = None
+
+
+class SampleDataset(Dataset):
+    """A list of :class:`Sample` as a torch dataset; batches are made by ``adapter.collate``."""
+
+    def __init__(self, samples: Sequence[Sample]):
+        self.samples = list(samples)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Sample:
+        return self.samples[index]
+
+    def loader(
+        self, adapter: VLMAdapter, batch_sampler: Sampler[list[int]], num_workers: int = 0
+    ) -> DataLoader:
+        """DataLoader whose batches are ``adapter.collate(samples, train=True)``.
+
+        Its own generator keeps worker seeding from consuming the global torch RNG,
+        which would shift dropout between a resumed and an uninterrupted run.
+        """
+        return DataLoader(
+            self,
+            batch_sampler=batch_sampler,
+            collate_fn=partial(adapter.collate, train=True),
+            num_workers=num_workers,
+            generator=torch.Generator(),
+        )
+
+
+class _StreamBatchSampler(Sampler[list[int]]):
+    """Micro-batches ``start..stop-1`` of an endless stream of seeded per-epoch permutations.
+
+    Batch ``i`` always holds the same indices for a given (dataset size, batch
+    size, seed); a batch may straddle two epochs, so nothing is dropped and a
+    dataset smaller than one batch still trains.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.start, self.stop = start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, offset = divmod(self.start * self.batch_size, self.n)
+        order = self._permutation(epoch)
+        for _ in range(self.start, self.stop):
+            batch: list[int] = []
+            while len(batch) < self.batch_size:
+                take = min(self.batch_size - len(batch), self.n - offset)
+                batch.extend(order[offset : offset + take])
+                offset += take
+                if offset == self.n:
+                    epoch, offset = epoch + 1, 0
+                    order = self._permutation(epoch)
+            yield batch
+
+    def _permutation(self, epoch: int) -> list[int]:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n).tolist()
+
+
+class _AdapterModule(nn.Module):
+    """``adapter.forward`` as a module, so Accelerate can wrap it (DDP, FSDP, autocast).
+
+    Its only submodule is ``adapter.model``; the adapter keeps using the same
+    object, so the weights it generates with are the ones being trained.
+    """
+
+    def __init__(self, adapter: VLMAdapter):
+        super().__init__()
+        self.model = adapter.model
+        self._adapter_forward = adapter.forward
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._adapter_forward(batch)
+
+
+def train(
+    adapter: VLMAdapter,
+    train_samples: Sequence[Sample],
+    config: TrainConfig,
+    eval_fn: EvalFn | None = None,
+    resume: bool = False,
+    loss_fn: LossFn | None = None,
+) -> TrainResult:
+    """Train ``adapter.model`` on ``train_samples``; returns metrics and checkpoint paths.
+
+    ``eval_fn(adapter) -> {metric: value}`` runs every ``config.eval_every`` steps
+    and at the end, on every process (it must give the same answer on each; the
+    main process's is used). ``resume=True`` continues from ``run_dir/last`` when
+    it exists and starts fresh otherwise. ``loss_fn`` defaults to
+    :class:`loctune.losses.LocationLoss` built from ``config.loss`` and is called
+    as ``loss_fn(logits, labels, continuous=..., shift=..., num_items_in_batch=...)``.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import GradientAccumulationPlugin, set_seed
+
+    if not train_samples:
+        raise ValueError("train() needs at least one training sample")
+    run_dir = Path(config.run_dir)
+    set_seed(config.seed)
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        # Each step's micro-batches are fetched up front (to count its tokens), so the
+        # loader reaches its end before the last step's backward passes: sync on count only.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=config.grad_accum, sync_with_dataloader=False
+        ),
+        step_scheduler_with_optimizer=False,  # one scheduler step per optimizer step, any process count
+    )
+    restore_flags = _apply_freeze(adapter.model, config.trainable, config.freeze)
+    try:
+        return _run(accelerator, adapter, train_samples, config, run_dir, eval_fn, resume, loss_fn)
+    finally:
+        restore_flags()
+        accelerator.free_memory()
+        # Accelerate's state is a process-wide singleton; a later train() call may
+        # ask for other mixed-precision or accumulation settings.
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+
+
+def load_weights(adapter: VLMAdapter, checkpoint: str | Path) -> None:
+    """Load the weights of a ``last/`` or ``best/`` checkpoint directory into ``adapter.model``."""
+    from accelerate.utils import load_checkpoint_in_model
+
+    path = Path(checkpoint)
+    file = path / _WEIGHTS_FILE if path.is_dir() else path
+    if path.is_dir() and not file.exists():
+        index = path / f"{_WEIGHTS_FILE}.index.json"
+        if not index.exists():
+            raise FileNotFoundError(f"{path} holds neither {_WEIGHTS_FILE} nor a sharded index")
+        file = index
+    load_checkpoint_in_model(_AdapterModule(adapter), str(file), strict=False)
+
+
+def _run(accelerator, adapter, samples, config, run_dir, eval_fn, resume, loss_fn) -> TrainResult:
+    is_main = accelerator.is_main_process
+    world = accelerator.num_processes
+    global_batch = config.batch_size * config.grad_accum * world
+    total = config.total_steps(len(samples), global_batch)
+    last_dir, best_dir = run_dir / "last", run_dir / "best"
+    metrics_file = run_dir / "metrics.jsonl"
+
+    module = _AdapterModule(adapter)
+    optimizer = torch.optim.AdamW(_param_groups(adapter.model, config.weight_decay), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        partial(
+            _lr_factor, warmup=config.warmup_steps, total=total, floor=config.min_lr / config.lr
+        ),
+    )
+    if loss_fn is None:
+        loss_fn = _default_loss(config, adapter)
+    if isinstance(loss_fn, nn.Module):
+        loss_fn = loss_fn.to(accelerator.device)
+
+    checkpoint = _find_checkpoint(last_dir) if resume else None
+    state = (
+        _read_state(checkpoint) if checkpoint else {"step": 0, "best_value": None, "metrics": {}}
+    )
+    if checkpoint:
+        _check_same_data(state, checkpoint, len(samples), global_batch, config.seed)
+    start = state["step"]
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if checkpoint:
+            _truncate_metrics(metrics_file, start)
+        else:
+            if resume:
+                logger.info("no checkpoint in %s; starting from step 0", last_dir)
+            for stale in (metrics_file, run_dir / "metrics.csv", last_dir, best_dir):
+                _remove(stale)
+        save_config(config, run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+
+    micro_per_step = config.grad_accum * world
+    sampler = _StreamBatchSampler(
+        len(samples), config.batch_size, config.seed, start * micro_per_step, total * micro_per_step
+    )
+    loader = SampleDataset(samples).loader(adapter, sampler, config.num_workers)
+    module, optimizer, loader, scheduler = accelerator.prepare(module, optimizer, loader, scheduler)
+    if checkpoint:
+        accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
+        logger.info("resumed from %s at step %d", checkpoint, start)
+
+    shift = not adapter.is_encoder_decoder
+    # accelerator.backward divides by grad_accum and DDP averages over processes;
+    # the loss is already a mean over the whole step's tokens, so undo both.
+    scale = config.grad_accum * world
+    best_value, metrics = state["best_value"], dict(state["metrics"])
+    progress = _progress_bar(total, start, enabled=config.progress and is_main)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    steps_since_log, clock = 0, time.perf_counter()
+    grad_norm: float | None = None
+    batches = iter(loader)
+    module.train()
+    for step in range(start + 1, total + 1):
+        micro = [next(batches) for _ in range(config.grad_accum)]
+        local_items = sum(_supervised_tokens(b["labels"], shift) for b in micro)
+        n_items = accelerator.reduce(local_items, reduction="sum").clamp_min(1)
+        for batch in micro:
+            with accelerator.accumulate(module):
+                logits = module(batch)
+                loss = loss_fn(
+                    logits,
+                    batch["labels"],
+                    continuous=batch.get("loc_continuous"),
+                    shift=shift,
+                    num_items_in_batch=n_items,
+                )
+                accelerator.backward(loss * scale)
+                loss_sum += loss.detach()
+                if accelerator.sync_gradients:
+                    if config.max_grad_norm > 0:
+                        norm = accelerator.clip_grad_norm_(
+                            module.parameters(), config.max_grad_norm
+                        )
+                        grad_norm = None if norm is None else float(norm)
+                    lr = scheduler.get_last_lr()[0]
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+        steps_since_log += 1
+        progress.update(1)
+
+        events = []
+        if step % config.log_every == 0 or step == total:
+            elapsed = time.perf_counter() - clock
+            record = {
+                "step": step,
+                "epoch": step * global_batch / len(samples),
+                "loss": float(accelerator.reduce(loss_sum, reduction="sum")) / steps_since_log,
+                "lr": lr,
+                "samples_per_s": steps_since_log * global_batch / max(elapsed, 1e-9),
+            }
+            if grad_norm is not None:
+                record["grad_norm"] = grad_norm
+            events.append(record)
+            progress.set_postfix(
+                loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}"
+            )
+            loss_sum.zero_()
+            steps_since_log, clock = 0, time.perf_counter()
+        evaluating = eval_fn is not None and (
+            (config.eval_every and step % config.eval_every == 0) or step == total
+        )
+        improved = False
+        if evaluating:
+            values = _evaluate(accelerator, module, adapter, eval_fn)
+            events.append({"step": step, **{f"eval/{k}": v for k, v in values.items()}})
+            improved, best_value = _improves(values, config, best_value)
+        for record in events:
+            metrics.update({k: v for k, v in record.items() if k != "step"})
+            if is_main:
+                with metrics_file.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+        if improved:
+            _publish(accelerator, best_dir, lambda d: accelerator.save_model(module, d))
+        if (config.save_every and step % config.save_every == 0) or step == total:
+            state = {
+                "step": step,
+                "total_steps": total,
+                "global_batch": global_batch,
+                "n_samples": len(samples),
+                "seed": config.seed,
+                "best_value": best_value,
+                "metrics": metrics,
+            }
+            _publish(accelerator, last_dir, partial(_save_full_state, accelerator, state))
+        # Events fire after the step's clock was read; keep them out of the next throughput window.
+        if events:
+            clock = time.perf_counter()
+    progress.close()
+    if is_main:
+        _write_csv(metrics_file, run_dir / "metrics.csv")
+    accelerator.wait_for_everyone()
+    return TrainResult(
+        metrics=metrics,
+        run_dir=run_dir,
+        step=total,
+        last_checkpoint=last_dir,
+        best_checkpoint=best_dir
+        if (best_dir / _WEIGHTS_FILE).exists() or any(best_dir.glob("*.index.json"))
+        else None,
+    )
+
+
+def _apply_freeze(
+    model: nn.Module, trainable: Sequence[str], freeze: Sequence[str]
+) -> Callable[[], None]:
+    """Turn off ``requires_grad`` per the patterns; return a function restoring the adapter's flags."""
+    params = dict(model.named_parameters())
+    for pattern in [*trainable, *freeze]:
+        if not any(fnmatch(name, pattern) for name in params):
+            raise ValueError(
+                f"trainable/freeze pattern {pattern!r} matches no parameter of {type(model).__name__}"
+            )
+    original = {name: p.requires_grad for name, p in params.items()}
+    for name, p in params.items():
+        kept = (not trainable or any(fnmatch(name, t) for t in trainable)) and not any(
+            fnmatch(name, f) for f in freeze
+        )
+        if not kept:
+            p.requires_grad_(False)
+    if not any(p.requires_grad for p in params.values()):
+        raise ValueError(
+            "no trainable parameters left: the adapter froze them or trainable/freeze excluded all"
+        )
+
+    def restore() -> None:
+        for name, p in params.items():
+            p.requires_grad_(original[name])
+
+    return restore
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay matrices; spare biases, norm weights and embeddings (table or learned positions)."""
+    embedding_params = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, nn.Embedding)
+        for p in m.parameters(recurse=False)
+    }
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        exempt = p.ndim < 2 or id(p) in embedding_params or "embed" in name.rsplit(".", 1)[-1]
+        (no_decay if exempt else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
+    """Multiplier of the peak lr at 0-based ``step``: linear warmup, then cosine to ``floor`` at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup - 1))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _default_loss(config: TrainConfig, adapter: VLMAdapter) -> LossFn:
+    from loctune.losses import LocationLoss
+
+    return LocationLoss(config.loss, adapter.loc_token_ids, adapter.codec.space)
+
+
+def _supervised_tokens(labels: torch.Tensor, shift: bool) -> torch.Tensor:
+    """Label positions the loss counts (causal models predict token t+1 at t, so the first never is)."""
+    return ((labels[:, 1:] if shift else labels) != -100).sum()
+
+
+def _evaluate(
+    accelerator, module: nn.Module, adapter: VLMAdapter, eval_fn: EvalFn
+) -> dict[str, float]:
+    from accelerate.utils import broadcast_object_list
+
+    module.eval()
+    with torch.no_grad():
+        values = {k: float(v) for k, v in eval_fn(adapter).items()}
+    module.train()
+    if accelerator.num_processes > 1:
+        values = broadcast_object_list([values], from_process=0)[0]
+    return values
+
+
+def _improves(
+    values: Mapping[str, float], config: TrainConfig, best: float | None
+) -> tuple[bool, float | None]:
+    """Whether ``values`` beat ``best`` on ``config.best_metric``; the new best."""
+    if not config.best_metric:
+        return False, best
+    if config.best_metric not in values:
+        raise KeyError(
+            f"TrainConfig.best_metric {config.best_metric!r} is not among eval_fn's metrics {sorted(values)}"
+        )
+    value = values[config.best_metric]
+    better = best is None or (value > best if config.best_mode == "max" else value < best)
+    return better, value if better else best
+
+
+def _save_full_state(accelerator, state: dict[str, Any], directory: Path) -> None:
+    accelerator.save_state(str(directory))
+    if accelerator.is_main_process:
+        (directory / _STATE_FILE).write_text(json.dumps(state, indent=2))
+
+
+def _publish(accelerator, final: Path, write: Callable[[Path], None]) -> None:
+    """Write a checkpoint next to ``final`` and swap it in, so a kill never leaves a torn one.
+
+    The previous checkpoint survives as ``<name>.old`` until the new one is in place;
+    :func:`_find_checkpoint` falls back to it.
+    """
+    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+    if accelerator.is_main_process:
+        _remove(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    write(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _remove(old)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        _remove(old)
+    accelerator.wait_for_everyone()
+
+
+def _find_checkpoint(last_dir: Path) -> Path | None:
+    for candidate in (last_dir, last_dir.with_name(last_dir.name + ".old")):
+        if (candidate / _STATE_FILE).exists():
+            return candidate
+    return None
+
+
+def _read_state(checkpoint: Path) -> dict[str, Any]:
+    try:
+        return json.loads((checkpoint / _STATE_FILE).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{checkpoint / _STATE_FILE}: corrupt trainer state ({err})") from None
+
+
+def _check_same_data(
+    state: Mapping[str, Any], checkpoint: Path, n_samples: int, global_batch: int, seed: int
+) -> None:
+    """Resuming is only exact on the same data stream; refuse a silently different one."""
+    now = {"n_samples": n_samples, "global_batch": global_batch, "seed": seed}
+    changed = {k: (state[k], v) for k, v in now.items() if state.get(k) != v}
+    if changed:
+        detail = ", ".join(f"{k}: {old} then, {new} now" for k, (old, new) in changed.items())
+        raise ValueError(
+            f"cannot resume from {checkpoint}: the data stream differs ({detail}); global batch is "
+            "batch_size x grad_accum x processes. Use a new run_dir or resume=False."
+        )
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records an interrupted run wrote after its last checkpoint."""
+    if path.exists():
+        kept = [
+            line
+            for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step
+        ]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def _write_csv(jsonl: Path, out: Path) -> None:
+    rows = (
+        [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+        if jsonl.exists()
+        else []
+    )
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def _progress_bar(total: int, start: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        initial=start,
+        disable=not enabled,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+    )

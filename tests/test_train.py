@@ -1,0 +1,508 @@
+"""The training loop: learning, exact resume after SIGKILL, accumulation and multi-process equivalence.
+
+A tiny adapter defined here (a few hundred parameters, variable-length answers,
+tied embeddings, optional dropout) keeps every run to a second or so. The file
+is also a script: ``python tests/test_train.py RUN_DIR key=value ...`` trains
+the same setup, which is how the subprocess tests (SIGKILL, ``accelerate
+launch`` with two processes) run it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
+from torch import nn
+
+from loctune.codecs.base import Codec, LocationSpace
+from loctune.config import apply_overrides, load_config, parse_overrides, save_config
+from loctune.models.base import Generation, VLMAdapter
+from loctune.train import TrainConfig, load_weights, train
+from loctune.types import DecodeResult, Sample
+
+N_LOC = 8
+WORDS = ["red", "green", "blue"]
+BOS, EOS = N_LOC, N_LOC + 1
+VOCAB = N_LOC + 2 + len(WORDS)
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+
+
+class TinyCodec(Codec):
+    """Four bin tokens per box, no text around them: just enough codec for the loop."""
+
+    space = LocationSpace("bins", N_LOC)
+
+    @property
+    def location_tokens(self) -> list[str]:
+        return [f"<l{k}>" for k in range(N_LOC)]
+
+    def encode(self, boxes, labels, image_size):
+        return "".join(
+            self.location_tokens[k] for b in boxes for k in self.box_to_locations(b, image_size)
+        )
+
+    def decode(self, text, image_size):
+        return DecodeResult([])
+
+    def box_to_continuous(self, box, image_size):
+        w, h = image_size
+        return [
+            (box[0] / w * (N_LOC - 1),),
+            (box[1] / h * (N_LOC - 1),),
+            (box[2] / w * (N_LOC - 1),),
+            (box[3] / h * (N_LOC - 1),),
+        ]
+
+    def box_to_locations(self, box, image_size):
+        return [round(v[0]) for v in self.box_to_continuous(box, image_size)]
+
+    def locations_to_box(self, values, image_size):
+        w, h = image_size
+        return (
+            values[0][0] * w / (N_LOC - 1),
+            values[1][0] * h / (N_LOC - 1),
+            values[2][0] * w / (N_LOC - 1),
+            values[3][0] * h / (N_LOC - 1),
+        )
+
+
+class TinyModel(nn.Module):
+    """Mean image colour + token embedding + running mean of the past: causal, tiny, tied head."""
+
+    def __init__(self, dim: int = 16, dropout: float = 0.0):
+        super().__init__()
+        self.vision = nn.Linear(3, dim)
+        self.projector = nn.Linear(dim, dim)
+        self.embed = nn.Embedding(VOCAB, dim)
+        self.mix = nn.Linear(2 * dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(dim, VOCAB, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        image = self.projector(torch.tanh(self.vision(pixels)))[:, None]
+        tokens = self.embed(input_ids) + image
+        counts = torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)[None, :, None]
+        past = tokens.cumsum(1) / counts
+        hidden = self.norm(torch.tanh(self.mix(torch.cat([tokens, past], -1))))
+        return self.head(self.dropout(hidden))
+
+
+class TinyAdapter(VLMAdapter):
+    codec = TinyCodec()
+
+    def __init__(self, dropout: float = 0.0):
+        self.model = TinyModel(dropout=dropout)
+
+    @property
+    def loc_token_ids(self) -> list[int]:
+        return list(range(N_LOC))
+
+    def collate(self, samples, train=True):
+        rows = []
+        for s in samples:
+            answer = [k for b in s.boxes for k in self.codec.box_to_locations(b, s.image_size)]
+            rows.append(([BOS, N_LOC + 2 + WORDS.index(s.prompt)], answer + [EOS]))
+        length = max(len(p) + len(a) for p, a in rows)
+        ids = torch.full((len(rows), length), EOS)
+        labels = torch.full((len(rows), length), -100)
+        for i, (prompt, answer) in enumerate(rows):
+            ids[i, : len(prompt) + len(answer)] = torch.tensor(prompt + answer)
+            labels[i, len(prompt) : len(prompt) + len(answer)] = torch.tensor(answer)
+        pixels = torch.tensor([[c / 255 for c in s.load_image().getpixel((0, 0))] for s in samples])
+        return {"pixels": pixels, "input_ids": ids, "labels": labels}
+
+    def forward(self, batch):
+        return self.model(batch["pixels"], batch["input_ids"])
+
+    def generate(self, samples, max_new_tokens=32):
+        return [Generation(text="", token_ids=[], token_logprobs=[]) for _ in samples]
+
+    def save_pretrained(self, path):
+        raise NotImplementedError
+
+
+def ce_loss(logits, labels, continuous=None, shift=True, num_items_in_batch=None):
+    """Stand-in with LocationLoss's call signature: token-summed CE over the step's supervised tokens."""
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="sum"
+    )
+    return total / (
+        num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum()
+    )
+
+
+def make_samples(n: int = 24) -> list[Sample]:
+    """Colour decides where the box is; every third scene has a second box (longer answer)."""
+    samples = []
+    for i in range(n):
+        word = WORDS[i % 3]
+        x = 2 + 8 * (i % 3)
+        boxes = [(x, 4.0, x + 10.0, 20.0)] + (
+            [(x + 4.0, 10.0, x + 12.0, 28.0)] if i % 4 == 0 else []
+        )
+        samples.append(
+            Sample(Image.new("RGB", (32, 32), COLOURS[word]), word, boxes, [word] * len(boxes))
+        )
+    return samples
+
+
+def make_adapter(dropout: float = 0.0) -> TinyAdapter:
+    torch.manual_seed(1234)
+    return TinyAdapter(dropout=dropout)
+
+
+def base_config(run_dir: Path, **changes) -> TrainConfig:
+    defaults = dict(
+        run_dir=str(run_dir),
+        steps=8,
+        batch_size=4,
+        lr=3e-2,
+        warmup_steps=2,
+        min_lr=3e-3,
+        log_every=1,
+        progress=False,
+    )
+    return TrainConfig(**{**defaults, **changes})
+
+
+def weights(adapter: VLMAdapter) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in adapter.model.state_dict().items()}
+
+
+def assert_same_weights(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-6
+) -> None:
+    shared = a.keys() & b.keys()
+    assert shared, "no parameters to compare"
+    for k in sorted(shared):
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return {
+        k.removeprefix("model."): v for k, v in load_file(checkpoint / "model.safetensors").items()
+    }
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_few_steps_lower_the_loss_and_log_every_step(tmp_path):
+    adapter = make_adapter()
+    result = train(adapter, make_samples(), base_config(tmp_path, steps=20), loss_fn=ce_loss)
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == list(range(1, 21))
+    assert {"loss", "lr", "samples_per_s", "epoch", "grad_norm"} <= records[0].keys()
+    assert records[-1]["loss"] < 0.5 * records[0]["loss"]
+    assert result.metrics["loss"] == records[-1]["loss"]
+    assert result.step == 20 and result.best_checkpoint is None
+    assert (tmp_path / "metrics.csv").read_text().splitlines()[0].startswith("step,")
+    assert (result.last_checkpoint / "model.safetensors").exists()
+
+
+def test_schedule_warms_up_then_decays_to_min_lr(tmp_path):
+    train(
+        make_adapter(),
+        make_samples(),
+        base_config(tmp_path, steps=10, warmup_steps=4, lr=1e-2, min_lr=1e-3),
+        loss_fn=ce_loss,
+    )
+    lrs = [r["lr"] for r in read_metrics(tmp_path)]  # the lr each step used
+    assert lrs[:5] == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2])
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:], strict=False))
+    assert lrs[-1] == pytest.approx(1e-3)
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+    """Answers differ in length, so only per-step token normalisation makes these agree."""
+    full, accumulated = make_adapter(), make_adapter()
+    train(full, make_samples(), base_config(tmp_path / "full", batch_size=4), loss_fn=ce_loss)
+    train(
+        accumulated,
+        make_samples(),
+        base_config(tmp_path / "acc", batch_size=2, grad_accum=2),
+        loss_fn=ce_loss,
+    )
+    assert_same_weights(weights(full), weights(accumulated))
+    losses = [[r["loss"] for r in read_metrics(tmp_path / d)] for d in ("full", "acc")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
+    """The child stalls in its 2nd evaluation (step 6; checkpoint at step 4), gets SIGKILL, then resumes."""
+    overrides = ["steps=10", "save_every=4", "eval_every=3", "dropout=0.2"]
+    reference = make_adapter(dropout=0.2)
+    train(
+        reference,
+        make_samples(),
+        script_config(tmp_path / "ref", overrides),
+        eval_fn=eval_counter,
+        loss_fn=ce_loss,
+    )
+
+    run_dir = tmp_path / "killed"
+    stall = tmp_path / "stalled"
+    env = {**os.environ, "STALL_AT_EVAL": "2", "STALL_MARKER": str(stall)}
+    child = subprocess.Popen([sys.executable, __file__, str(run_dir), *overrides], env=env)
+    try:
+        deadline = time.time() + 120
+        while not stall.exists():
+            assert child.poll() is None, "child exited before reaching the stall point"
+            assert time.time() < deadline, "child never reached the stall point"
+            time.sleep(0.1)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert json.loads((run_dir / "last" / "trainer_state.json").read_text())["step"] == 4
+    assert (
+        max(r["step"] for r in read_metrics(run_dir)) == 5
+    )  # past the checkpoint: dropped on resume
+
+    resumed = make_adapter(dropout=0.2)  # fresh init; the checkpoint must overwrite all of it
+    result = train(
+        resumed,
+        make_samples(),
+        script_config(run_dir, overrides),
+        eval_fn=eval_counter,
+        resume=True,
+        loss_fn=ce_loss,
+    )
+    assert result.step == 10
+    assert_same_weights(weights(reference), weights(resumed))
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]  # noqa: E731
+    ref_rows, resumed_rows = strip(read_metrics(tmp_path / "ref")), strip(read_metrics(run_dir))
+    assert [r["step"] for r in resumed_rows] == [r["step"] for r in ref_rows]
+    for a, b in zip(ref_rows, resumed_rows, strict=True):
+        assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_resume_of_a_finished_run_restores_its_weights_and_metrics(tmp_path):
+    done = make_adapter()
+    first = train(done, make_samples(), base_config(tmp_path), loss_fn=ce_loss)
+    again = make_adapter()
+    second = train(again, make_samples(), base_config(tmp_path), resume=True, loss_fn=ce_loss)
+    assert second.metrics == first.metrics
+    assert_same_weights(weights(done), weights(again), atol=0)
+    with pytest.raises(ValueError, match="global_batch: 4 then, 2 now"):
+        train(
+            make_adapter(),
+            make_samples(),
+            base_config(tmp_path, batch_size=2),
+            resume=True,
+            loss_fn=ce_loss,
+        )
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    one = make_adapter()
+    train(
+        one,
+        make_samples(),
+        script_config(tmp_path / "one", ["batch_size=4"]),
+        eval_fn=eval_counter,
+        loss_fn=ce_loss,
+    )
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+    ]
+    launch += [
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [*launch, __file__, str(tmp_path / "two"), "batch_size=2"], check=True, env=env, timeout=300
+    )
+    assert_same_weights(weights(one), checkpoint_weights(tmp_path / "two" / "last"), atol=1e-5)
+    losses = [
+        [r["loss"] for r in read_metrics(tmp_path / d) if "loss" in r] for d in ("one", "two")
+    ]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_best_checkpoint_keeps_the_weights_of_the_best_evaluation(tmp_path):
+    scores, snapshots = iter([0.1, 0.7, 0.3, 0.2]), []
+
+    def eval_fn(adapter):
+        snapshots.append(weights(adapter))
+        return {"score": next(scores)}
+
+    config = base_config(tmp_path, eval_every=2, best_metric="score")
+    result = train(make_adapter(), make_samples(), config, eval_fn=eval_fn, loss_fn=ce_loss)
+    assert len(snapshots) == 4 and result.metrics["eval/score"] == 0.2
+    restored = make_adapter()
+    load_weights(restored, result.best_checkpoint)
+    assert_same_weights(snapshots[1], weights(restored), atol=0)
+    assert [r["eval/score"] for r in read_metrics(tmp_path) if "eval/score" in r] == [
+        0.1,
+        0.7,
+        0.3,
+        0.2,
+    ]
+
+
+def test_staged_training_updates_only_the_unfrozen_parts(tmp_path):
+    adapter = make_adapter()
+    before = weights(adapter)
+    train(
+        adapter,
+        make_samples(),
+        base_config(tmp_path / "stage1", trainable=["projector.*"]),
+        loss_fn=ce_loss,
+    )
+    after = weights(adapter)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"projector.weight", "projector.bias"}
+    assert all(p.requires_grad for p in adapter.model.parameters()), (
+        "freeze must not outlive the stage"
+    )
+
+    train(
+        adapter,
+        make_samples(),
+        base_config(tmp_path / "stage2", freeze=["vision.*"]),
+        loss_fn=ce_loss,
+    )
+    final = weights(adapter)
+    assert torch.equal(final["vision.weight"], after["vision.weight"])
+    assert not torch.equal(final["mix.weight"], after["mix.weight"])
+    with pytest.raises(ValueError, match="'visoin.*' matches no parameter"):
+        train(
+            adapter,
+            make_samples(),
+            base_config(tmp_path / "typo", freeze=["visoin.*"]),
+            loss_fn=ce_loss,
+        )
+
+
+def test_config_file_and_overrides_are_typed_and_saved(tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text(
+        f"run_dir: {tmp_path / 'run'}\nlr: 1e-3\nsteps: 3\nbatch_size: 4\nprogress: false\n"
+    )
+    config = load_config(
+        TrainConfig,
+        path,
+        [
+            "grad_accum=2",
+            "freeze=[vision.*]",
+            "run_dir=" + str(tmp_path / "7"),
+            "mixed_precision=no",
+        ],
+    )
+    assert config.lr == 1e-3 and isinstance(config.lr, float)  # YAML 1.1 reads 1e-3 as a string
+    assert (config.grad_accum, config.freeze, config.run_dir) == (
+        2,
+        ["vision.*"],
+        str(tmp_path / "7"),
+    )
+
+    train(make_adapter(), make_samples(), config, loss_fn=ce_loss)
+    assert load_config(TrainConfig, tmp_path / "7" / "config.yaml") == config
+    save_config(config, tmp_path / "c.json")
+    assert load_config(TrainConfig, tmp_path / "c.json") == config
+    assert apply_overrides(config, ["loss.name=gem"]).loss.name == "gem"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["lrr=1"], r"override 'lrr=1': unknown field 'lrr' for TrainConfig; did you mean 'lr'\?"),
+        (["steps=many"], r"override 'steps=many': field 'steps' expects int, got 'many'"),
+        (
+            ["mixed_precision=fp8"],
+            r"field 'mixed_precision' must be one of \['no', 'bf16', 'fp16'\]",
+        ),
+        (["batch_size=0"], r"batch_size must be >= 1"),
+        (["loss.nope=1"], r"unknown field 'loss.nope' for LossConfig"),
+        (["lr"], r"override 'lr' must look like 'key=value'"),
+    ],
+)
+def test_bad_overrides_name_the_field(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(TrainConfig, None, overrides)
+
+
+def test_bad_config_file_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("steps: 3\nwarmup_steps: [1]\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: field 'warmup_steps' expects int, got \[1\]"):
+        load_config(TrainConfig, path)
+    path.write_text("- a list\n")
+    with pytest.raises(ValueError, match="bad.yaml: expected a mapping"):
+        load_config(TrainConfig, path)
+    assert parse_overrides(["a.b=1", "a.c=x"])["a"].keys() == {"b", "c"}
+
+
+# --- the script side: the same setup as a separate (killable, launchable) process ---
+
+
+def script_config(run_dir: Path, overrides: list[str]) -> TrainConfig:
+    """``base_config`` plus overrides; ``dropout=`` is the model's, not the loop's."""
+    loop = [o for o in overrides if not o.startswith("dropout=")]
+    return apply_overrides(base_config(run_dir, steps=6), loop)
+
+
+def eval_counter(adapter: VLMAdapter) -> dict[str, float]:
+    """A cheap deterministic 'metric' (weight norm) that can stall on request, to be killed there."""
+    norm = float(sum(p.detach().pow(2).sum() for p in adapter.model.parameters()))
+    eval_counter.calls += 1
+    if str(eval_counter.calls) == os.environ.get("STALL_AT_EVAL"):
+        Path(os.environ["STALL_MARKER"]).write_text("stalled")
+        time.sleep(600)
+    return {"weight_norm": norm}
+
+
+eval_counter.calls = 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str]) -> None:
+    run_dir, overrides = Path(argv[0]), argv[1:]
+    dropout = float(next((o.split("=", 1)[1] for o in overrides if o.startswith("dropout=")), 0.0))
+    train(
+        make_adapter(dropout),
+        make_samples(),
+        script_config(run_dir, overrides),
+        eval_fn=eval_counter,
+        loss_fn=ce_loss,
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
