@@ -44,7 +44,7 @@ class CocoIndex:
     def __init__(self, path: Path, image_root: Path, validator: Validator, check_images: bool):
         self.path = path
         self.image_root = image_root
-        self.v = validator
+        self.validator = validator
         self.check_images = check_images
         data = load_json(path)
         if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= data.keys():
@@ -62,7 +62,7 @@ class CocoIndex:
         for i, img in enumerate(data["images"]):
             where = f"{path}: images[{i}]"
             if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
-                self.v.fail(
+                self.validator.fail(
                     "malformed", where, "expected an object with 'id' and 'file_name'", "record"
                 )
                 continue
@@ -71,7 +71,7 @@ class CocoIndex:
         self.annotations: dict[Any, tuple[int, dict]] = {}
         for i, ann in enumerate(data["annotations"]):
             if not isinstance(ann, dict) or "image_id" not in ann or "bbox" not in ann:
-                self.v.fail(
+                self.validator.fail(
                     "malformed",
                     f"{path}: annotations[{i}]",
                     "expected an object with 'image_id' and 'bbox'",
@@ -93,14 +93,14 @@ class CocoIndex:
     def _check_image(self, image_id: Any) -> CocoImage | None:
         where, img = self._raw_images[image_id]
         path = resolve(self.image_root, str(img["file_name"]))
-        if self.check_images and not self.v.image_file(
+        if self.check_images and not self.validator.image_file(
             path, where, f" (image_root={self.image_root}; pass image_root= to change it)"
         ):
             return None
         width, height = img.get("width"), img.get("height")
         if positive_number(width) and positive_number(height):
             return CocoImage(image_id, path, (int(width), int(height)))
-        size = read_image_size(path, f"{where} (no width/height)", self.v)
+        size = read_image_size(path, f"{where} (no width/height)", self.validator)
         return None if size is None else CocoImage(image_id, path, size)
 
     def box(self, position: int, ann: dict, image: CocoImage) -> Box | None:
@@ -108,15 +108,17 @@ class CocoIndex:
         where = f"{self.path}: annotations[{position}] (id={ann.get('id')}) bbox"
         bbox = ann["bbox"]
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(map(is_number, bbox))):
-            self.v.fail("malformed", where, f"expected [x, y, width, height] numbers, got {bbox!r}")
+            self.validator.fail(
+                "malformed", where, f"expected [x, y, width, height] numbers, got {bbox!r}"
+            )
             return None
         x, y, w, h = (float(b) for b in bbox)
-        return self.v.box((x, y, x + w, y + h), image.size, where)
+        return self.validator.box((x, y, x + w, y + h), image.size, where)
 
     def category(self, position: int, ann: dict) -> str | None:
         name = self.categories.get(ann.get("category_id"))
         if name is None:
-            self.v.fail(
+            self.validator.fail(
                 "unknown_class",
                 f"{self.path}: annotations[{position}] (id={ann.get('id')}) category_id",
                 f"{ann.get('category_id')!r} is not in categories "
@@ -127,7 +129,7 @@ class CocoIndex:
     def known_image(self, position: int, ann: dict) -> bool:
         if ann["image_id"] in self._raw_images:
             return True
-        self.v.fail(
+        self.validator.fail(
             "malformed",
             f"{self.path}: annotations[{position}] (id={ann.get('id')}) image_id",
             f"{ann['image_id']!r} is not in images",

@@ -203,11 +203,11 @@ class Validator:
         cx1, cy1, cx2, cy2 = max(x1, 0.0), max(y1, 0.0), min(x2, float(w)), min(y2, float(h))
         inside = max(cx2 - cx1, 0.0) * max(cy2 - cy1, 0.0) / ((x2 - x1) * (y2 - y1))
         if inside < self.min_inside:
-            where_ = "entirely" if inside == 0 else f"{1 - inside:.0%}"
+            share = "entirely" if inside == 0 else f"{1 - inside:.0%}"
             self.fail(
                 "outside_image",
                 where,
-                f"box {shown} is {where_} outside the {w}x{h} image",
+                f"box {shown} is {share} outside the {w}x{h} image",
             )
             return None
         if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
