@@ -9,6 +9,7 @@ with the family's special tokens added the way the real checkpoints have them.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -25,6 +26,18 @@ CORPUS = [
     "User: Assistant: user assistant system 0 1 2 3 4 5 6 7 8 9 10 100 512 999",
     "An image of a snowman warming himself by a fire.",
 ]
+
+
+#: packages a family's processor cannot be built without (transformers 5.x)
+REQUIREMENTS: dict[str, list[str]] = {
+    "qwen2_vl": ["torchvision"],  # its processor insists on a video processor
+    "qwen2_5_vl": ["torchvision"],
+}
+
+
+def missing_requirements(model_type: str) -> list[str]:
+    """Packages ``TINY_BUILDERS[model_type]`` needs that are not installed."""
+    return [m for m in REQUIREMENTS.get(model_type, []) if importlib.util.find_spec(m) is None]
 
 
 def tiny_image(width: int = 40, height: int = 30, seed: int = 0) -> Image.Image:
@@ -227,6 +240,163 @@ def tiny_kosmos2(directory: str | Path) -> str:
     return _save(Kosmos2ForConditionalGeneration(config), processor, directory)
 
 
+IDEFICS3_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% elif part['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% elif part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _llama_text_config(tokenizer, vocab: int) -> dict:
+    return {
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+
+def tiny_idefics3(directory: str | Path) -> str:
+    """Idefics3 (SmolVLM 1) with a 64 px, 2-layer SigLIP, pixel shuffle to 4 image tokens."""
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+    )
+
+    tokenizer = bpe_tokenizer(
+        ["<|im_start|>"], bos="<|im_start|>", eos="<|endoftext|>", pad="<|endoftext|>"
+    )
+    image_processor = Idefics3ImageProcessorPil(
+        do_image_splitting=False,
+        size={"longest_edge": 64},
+        max_image_size={"longest_edge": 64},
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_len=4,
+        chat_template=IDEFICS3_CHAT_TEMPLATE,
+    )
+    tokenizer = processor.tokenizer
+    config = Idefics3Config(
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 64,
+            "patch_size": 16,
+        },
+        text_config=_llama_text_config(tokenizer, _vocab_size(len(tokenizer))),
+        scale_factor=2,
+        image_token_id=processor.image_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return _save(Idefics3ForConditionalGeneration(config), processor, directory)
+
+
+def _tiny_qwen_vl(directory: str | Path, model_type: str) -> str:
+    import transformers
+
+    specials = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"]
+    tokenizer = bpe_tokenizer(
+        [*specials, "<|image_pad|>", "<|video_pad|>"],
+        bos="<|im_start|>",
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+        image_token="<|image_pad|>",
+        video_token="<|video_pad|>",
+        vision_bos_token="<|vision_start|>",
+        vision_eos_token="<|vision_end|>",
+    )
+    image_processor = transformers.Qwen2VLImageProcessorPil(
+        patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16, max_pixels=32 * 32
+    )
+    video_processor = transformers.Qwen2VLVideoProcessor(
+        patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16, max_pixels=32 * 32
+    )
+    processor_class = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
+    processor = getattr(transformers, processor_class[model_type])(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=QWEN2_VL_CHAT_TEMPLATE,
+    )
+    ids = tokenizer.convert_tokens_to_ids
+    vision = {
+        "depth": 2,
+        "hidden_size": 32,
+        "num_heads": 4,
+        "patch_size": 4,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "in_channels": 3,
+    }
+    if model_type == "qwen2_vl":
+        vision |= {"embed_dim": 32, "mlp_ratio": 2}
+        config_class, model_class = "Qwen2VLConfig", "Qwen2VLForConditionalGeneration"
+    else:
+        vision |= {"intermediate_size": 64, "out_hidden_size": 32, "window_size": 16}
+        vision |= {"fullatt_block_indexes": [1]}
+        config_class, model_class = "Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"
+    config = getattr(transformers, config_class)(
+        text_config={
+            "vocab_size": _vocab_size(len(tokenizer)),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 512,
+            "rope_parameters": {
+                "rope_type": "default",
+                "mrope_section": [1, 1, 2],
+                "rope_theta": 1e4,
+            },
+            "tie_word_embeddings": True,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        },
+        vision_config=vision,
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+    return _save(getattr(transformers, model_class)(config), processor, directory)
+
+
+def tiny_qwen2_vl(directory: str | Path) -> str:
+    """Qwen2-VL with a 2-layer ViT (4 px patches, 2x2 merge) and a 2-layer decoder."""
+    return _tiny_qwen_vl(directory, "qwen2_vl")
+
+
+def tiny_qwen2_5_vl(directory: str | Path) -> str:
+    """Qwen2.5-VL, same sizes as :func:`tiny_qwen2_vl`."""
+    return _tiny_qwen_vl(directory, "qwen2_5_vl")
+
+
 def _save(model, processor, directory: str | Path) -> str:
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.save_pretrained(directory)
@@ -238,4 +408,7 @@ TINY_BUILDERS: dict[str, Callable[[str | Path], str]] = {
     "paligemma": tiny_paligemma,
     "florence2": tiny_florence2,
     "kosmos2": tiny_kosmos2,
+    "idefics3": tiny_idefics3,
+    "qwen2_vl": tiny_qwen2_vl,
+    "qwen2_5_vl": tiny_qwen2_5_vl,
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 
@@ -9,20 +10,23 @@ import pytest
 import torch
 
 from loctune.codecs.base import list_codecs
-from loctune.models.hf import ADAPTERS, detect_family, load_adapter
+from loctune.models.hf import adapter_class, detect_family, load_adapter
 from loctune.types import Sample
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 hf_tiny = pytest.importorskip("hf_tiny")
 
-FAMILIES = list(hf_tiny.TINY_BUILDERS)
+FAMILIES = list(hf_tiny.TINY_BUILDERS)  # model types, one tiny checkpoint each
 
 
-def _require_codec(family: str) -> None:
-    name = ADAPTERS[family].default_codec
+def _require(model_type: str) -> None:
+    name = adapter_class(model_type).default_codec
     if name not in list_codecs():
         pytest.skip(f"codec {name!r} not available yet")
+    missing = hf_tiny.missing_requirements(model_type)
+    if missing:
+        pytest.skip(f"{model_type} processors need {', '.join(missing)} in this transformers")
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +36,7 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
 
     class Lazy(dict):
         def __missing__(self, family: str) -> str:
-            _require_codec(family)
+            _require(family)
             built[family] = hf_tiny.TINY_BUILDERS[family](tmp_path_factory.mktemp(family))
             self[family] = built[family]
             return built[family]
@@ -71,7 +75,7 @@ def _ce(adapter, batch) -> torch.Tensor:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_labels_mask_prompt_and_mark_location_tokens(family, checkpoints):
     adapter = load_adapter(checkpoints[family])
-    assert type(adapter).family == family
+    assert type(adapter) is adapter_class(family)
     samples = _samples()
     batch = adapter.collate(samples)
     labels, loc_cont = batch["labels"], batch["loc_continuous"]
@@ -191,7 +195,7 @@ def test_save_and_reload_full_model(family, checkpoints, tmp_path):
             p.add_(0.01 * torch.randn_like(p))
         before = adapter.forward(batch)
     adapter.save_pretrained(str(tmp_path))
-    assert detect_family(str(tmp_path)) == family
+    assert detect_family(str(tmp_path)) == adapter_class(family).family
     reloaded = load_adapter(str(tmp_path))
     with torch.no_grad():
         after = reloaded.forward(reloaded.collate(_samples()))
@@ -236,7 +240,8 @@ def test_freeze_vision_and_gradient_checkpointing(checkpoints):
     )
     frozen = [p.requires_grad for n, p in adapter.model.named_parameters() if "vision_tower" in n]
     assert frozen and not any(frozen)
-    assert adapter.model.is_activation_checkpointing
+    model = adapter.model
+    assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
     adapter.model.train()
     _ce(adapter, adapter.collate(_samples())).backward()
     assert adapter.model.lm_head.weight.grad is not None
@@ -260,11 +265,19 @@ def test_paligemma_collate_agrees_with_processor_suffix(checkpoints):
     assert torch.equal(ours["labels"], theirs_labels)
 
 
-def test_qlora_needs_cuda(checkpoints):
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present: QLoRA is constructible here")
-    with pytest.raises(RuntimeError, match="CUDA"):
-        load_adapter(checkpoints["paligemma"], lora={"qlora": True})
+def test_qlora_is_gated_on_cuda_and_bitsandbytes(checkpoints):
+    path = checkpoints["paligemma"]
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            load_adapter(path, lora={"qlora": True})
+        return
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(RuntimeError, match="bitsandbytes"):
+            load_adapter(path, lora={"qlora": True})
+        return
+    adapter = load_adapter(path, lora={"qlora": True}, dtype="bf16")
+    assert any(type(m).__name__ == "Linear4bit" for m in adapter.model.modules())
+    _ce(adapter, adapter.collate(_samples())).backward()
 
 
 def test_bad_options_and_unknown_families_are_named(checkpoints):
@@ -274,3 +287,14 @@ def test_bad_options_and_unknown_families_are_named(checkpoints):
         load_adapter("llama", checkpoints["paligemma"])
     with pytest.raises(ValueError, match="dtype"):
         load_adapter(checkpoints["paligemma"], dtype="fp8")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", ["paligemma", "florence2"])
+def test_bf16_on_cuda_trains_and_generates(family, checkpoints):
+    adapter = load_adapter(checkpoints[family], dtype="bf16", device="cuda", lora=True)
+    assert adapter.device.type == "cuda" and adapter.dtype == torch.bfloat16
+    batch = adapter.collate(_samples())
+    _ce(adapter, batch).backward()
+    gens = adapter.generate(_samples(), max_new_tokens=3)
+    assert all(len(g.token_ids) == len(g.token_logprobs) for g in gens)

@@ -12,12 +12,20 @@ from pathlib import Path
 from typing import Any
 
 from loctune.models.hf.base import HFAdapter, LoadOptions, LoraOptions
+from loctune.models.hf.chat import ChatAdapter, Idefics3Adapter, Qwen2VLAdapter
 from loctune.models.hf.florence2 import Florence2Adapter
 from loctune.models.hf.kosmos2 import Kosmos2Adapter
 from loctune.models.hf.paligemma import PaliGemmaAdapter
 
 ADAPTERS: dict[str, type[HFAdapter]] = {
-    cls.family: cls for cls in (PaliGemmaAdapter, Florence2Adapter, Kosmos2Adapter)
+    cls.family: cls
+    for cls in (
+        PaliGemmaAdapter,
+        Florence2Adapter,
+        Kosmos2Adapter,
+        Idefics3Adapter,
+        Qwen2VLAdapter,
+    )
 }
 
 
@@ -67,12 +75,15 @@ def load_adapter(family_or_model_id: str, path: str | None = None, **options: An
 
 __all__ = [
     "ADAPTERS",
+    "ChatAdapter",
     "Florence2Adapter",
+    "Idefics3Adapter",
     "HFAdapter",
     "Kosmos2Adapter",
     "LoadOptions",
     "LoraOptions",
     "PaliGemmaAdapter",
+    "Qwen2VLAdapter",
     "adapter_class",
     "detect_family",
     "load_adapter",

@@ -301,10 +301,13 @@ class HFAdapter(VLMAdapter):
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute activations in backward; with frozen embeddings (LoRA) inputs need grads."""
-        self._unwrapped.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False}
-        )
-        self._unwrapped.enable_input_require_grads()
+        model = self._unwrapped
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.enable_input_require_grads()
 
     def freeze_vision_tower(self) -> None:
         """Stop gradients into the image encoder (its weights stay as loaded)."""
