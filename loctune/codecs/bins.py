@@ -1,0 +1,144 @@
+"""Codecs that write one token per coordinate: PaliGemma, Florence-2, OFA/Pix2Seq bins, row/column.
+
+They differ only in token spelling, number of bins, coordinate order,
+quantisation and where the label goes, so one class covers them all and each
+family is a registered preset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from loctune.codecs.base import Codec, LocationSpace, register_codec
+from loctune.codecs.parsing import continuous, dequantize, quantize, token_pattern, token_runs
+from loctune.types import Box, DecodeResult, Detection
+
+_AXES = {"x1": (0, 0), "y1": (1, 1), "x2": (2, 0), "y2": (3, 1)}  # box index, size index
+
+
+@register_codec("bins")
+class BinCodec(Codec):
+    """One token per coordinate, ``n_bins`` tokens shared by both axes.
+
+    ``order``: ``"xyxy"`` or ``"yxyx"``. ``quantization``: ``"round"``
+    (``round(v/size*(n-1))``, decoded ``k/(n-1)*size``) or ``"floor"`` (floor
+    to a bin of width ``size/n``, decoded at the bin centre). A decoded box is
+    kept when ``x2 > x1`` and ``y2 > y1`` (``strict``) or ``>=`` (not strict,
+    for coarse grids where both corners may share a bin); otherwise it is
+    counted as malformed, never swapped: reversed corners are a model error
+    worth seeing in the unparseable rate.
+    """
+
+    tokens_per_box = 4
+
+    def __init__(
+        self,
+        n_bins: int = 1000,
+        token_format: str = "<bin_{}>",
+        order: str = "xyxy",
+        quantization: str = "round",
+        label_first: bool = False,
+        separator: str = " ",
+        strict: bool = True,
+    ):
+        if order not in ("xyxy", "yxyx"):
+            raise ValueError(f"order must be 'xyxy' or 'yxyx', got {order!r}")
+        if quantization not in ("round", "floor"):
+            raise ValueError(f"quantization must be 'round' or 'floor', got {quantization!r}")
+        if n_bins < 2:
+            raise ValueError(f"n_bins must be >= 2, got {n_bins}")
+        self.n_bins = n_bins
+        self.token_format = token_format
+        self.order = ["x1", "y1", "x2", "y2"] if order == "xyxy" else ["y1", "x1", "y2", "x2"]
+        self.quantization = quantization
+        self.label_first = label_first
+        self.separator = separator
+        self.strict = strict
+        self.space = LocationSpace("bins", n_bins)
+        self._pattern = token_pattern(token_format)
+        self._tokens = [token_format.format(k) for k in range(n_bins)]
+
+    @property
+    def location_tokens(self) -> list[str]:
+        return self._tokens
+
+    def box_to_locations(self, box: Box, image_size: tuple[int, int]) -> list[int]:
+        return [
+            quantize(box[_AXES[a][0]], image_size[_AXES[a][1]], self.n_bins, self.quantization)
+            for a in self.order
+        ]
+
+    def box_to_continuous(self, box: Box, image_size: tuple[int, int]) -> list[tuple[float, ...]]:
+        return [
+            (continuous(box[_AXES[a][0]], image_size[_AXES[a][1]], self.n_bins, self.quantization),)
+            for a in self.order
+        ]
+
+    def locations_to_box(self, values: Sequence[Sequence[float]], image_size: tuple[int, int]) -> Box:
+        coords = [0.0] * 4
+        for a, v in zip(self.order, values, strict=True):
+            k = v[0] if isinstance(v, Sequence) else v
+            coords[_AXES[a][0]] = dequantize(float(k), image_size[_AXES[a][1]], self.n_bins, self.quantization)
+        return tuple(coords)
+
+    def encode(self, boxes: Sequence[Box], labels: Sequence[str], image_size: tuple[int, int]) -> str:
+        if len(boxes) != len(labels):
+            raise ValueError(f"encode got {len(boxes)} boxes but {len(labels)} labels")
+        parts = []
+        for box, label in zip(boxes, labels, strict=True):
+            locs = "".join(self._tokens[k] for k in self.box_to_locations(box, image_size))
+            parts.append(f"{label}{locs}" if self.label_first and not self.separator.strip()
+                         else f"{label} {locs}" if self.label_first else f"{locs} {label}")
+        return self.separator.join(parts)
+
+    def decode(self, text: str, image_size: tuple[int, int]) -> DecodeResult:
+        detections, bad = [], 0
+        for label, values in token_runs(text, self._pattern, self.label_first, self.separator):
+            n_full = len(values) // 4
+            bad += int(len(values) % 4 != 0)
+            for i in range(n_full):
+                group = values[4 * i : 4 * i + 4]
+                if any(k >= self.n_bins for k in group):
+                    bad += 1
+                    continue
+                box = self.locations_to_box([(k,) for k in group], image_size)
+                ok = (box[2] > box[0] and box[3] > box[1]) if self.strict else (box[2] >= box[0] and box[3] >= box[1])
+                if ok:
+                    detections.append(Detection(label, box))
+                else:
+                    bad += 1
+        return DecodeResult(detections, bad)
+
+
+@register_codec("paligemma")
+class PaliGemmaCodec(BinCodec):
+    """``<loc0000>``..``<loc1023>``, ymin xmin ymax xmax then the label, objects joined by `` ; ``."""
+
+    def __init__(self):
+        super().__init__(1024, "<loc{:04d}>", "yxyx", "round", label_first=False, separator=" ; ")
+
+
+@register_codec("florence2")
+class Florence2Codec(BinCodec):
+    """``<loc_0>``..``<loc_999>``, label then x1 y1 x2 y2, floor bins decoded at their centre.
+
+    Exactly transformers' ``Florence2PostProcessor`` quantize/dequantize; a
+    label may be followed by several boxes (``<OD>`` output lists each object,
+    phrase grounding may give one phrase several boxes).
+    """
+
+    def __init__(self):
+        super().__init__(1000, "<loc_{}>", "xyxy", "floor", label_first=True, separator="")
+
+
+@register_codec("rowcol")
+class RowColCodec(BinCodec):
+    """loctune's small-VLM form: ``label <rc_top><rc_left><rc_bottom><rc_right>`` on an N grid.
+
+    Row and column index of the upper-left and lower-right corners, floor
+    quantisation, bin-centre decoding; both corners may share a row/column.
+    """
+
+    def __init__(self, grid: int = 32):
+        super().__init__(grid, "<rc_{}>", "yxyx", "floor", label_first=True, separator=" ; ", strict=False)
+        self.grid = grid
