@@ -87,8 +87,10 @@ class Codec(ABC):
     def box_to_continuous(self, box: Box, image_size: tuple[int, int]) -> list[tuple[float, ...]]:
         """Unquantised positions, in location units, matching ``box_to_locations``.
 
-        Each entry has ``space.dim`` values; rounding/flooring it the codec's way
-        gives the location. Used by targets that split mass between neighbours.
+        Each entry has ``space.dim`` values on the scale where location k sits at
+        k (a bin's or cell's centre), so ``round`` gives the location, up to ties
+        at bin edges, whatever the codec's own quantisation. Used by targets that
+        split mass between the neighbouring locations (``two_bin``).
         """
 
     @abstractmethod

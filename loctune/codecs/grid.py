@@ -49,14 +49,19 @@ class PatchCodec(Codec):
     def box_to_continuous(self, box: Box, image_size: tuple[int, int]) -> list[tuple[float, ...]]:
         w, h = image_size
         n = self.grid
-        top = 1e-6  # keeps the far edge inside the last cell
-        return [
-            (min(max(box[1] / h * n, 0.0), n - top), min(max(box[0] / w * n, 0.0), n - top)),
-            (min(max(box[3] / h * n, 0.0), n - top), min(max(box[2] / w * n, 0.0), n - top)),
-        ]
+
+        def pos(v: float, size: float) -> float:  # cell k is centred at k
+            return min(max(v / size * n - 0.5, 0.0), n - 1.0)
+
+        return [(pos(box[1], h), pos(box[0], w)), (pos(box[3], h), pos(box[2], w))]
 
     def box_to_locations(self, box: Box, image_size: tuple[int, int]) -> list[int]:
-        return [_cell(r, c, self.grid) for r, c in self.box_to_continuous(box, image_size)]
+        w, h = image_size
+        n = self.grid
+        return [
+            _cell(math.floor(box[1] / h * n), math.floor(box[0] / w * n), n),
+            _cell(math.floor(box[3] / h * n), math.floor(box[2] / w * n), n),
+        ]
 
     def locations_to_box(self, values: Sequence[Sequence[float]], image_size: tuple[int, int]) -> Box:
         w, h = image_size
@@ -113,16 +118,13 @@ class Kosmos2Codec(PatchCodec):
     def __init__(self, grid: int = 32):
         super().__init__(grid, "<patch_index_{:04d}>", separator="")
 
-    def box_to_continuous(self, box: Box, image_size: tuple[int, int]) -> list[tuple[float, ...]]:
+    def box_to_locations(self, box: Box, image_size: tuple[int, int]) -> list[int]:
         w, h = image_size
         n = self.grid
-        return [(box[1] / h * n, box[0] / w * n), (box[3] / h * n - 1, box[2] / w * n - 1)]
-
-    def box_to_locations(self, box: Box, image_size: tuple[int, int]) -> list[int]:
-        (ry, rx), (ly, lx) = self.box_to_continuous(box, image_size)
+        x1, y1, x2, y2 = box[0] / w, box[1] / h, box[2] / w, box[3] / h
         return [
-            _cell(math.floor(ry), math.floor(rx), self.grid),
-            _cell(math.ceil(ly), math.ceil(lx), self.grid),
+            _cell(math.floor(y1 * n), math.floor(x1 * n), n),
+            _cell(math.ceil(y2 * n - 1), math.ceil(x2 * n - 1), n),
         ]
 
     def locations_to_box(self, values: Sequence[Sequence[float]], image_size: tuple[int, int]) -> Box:

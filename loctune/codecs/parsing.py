@@ -29,9 +29,9 @@ def quantize(v: float, size: float, n: int, mode: str) -> int:
 
 
 def continuous(v: float, size: float, n: int, mode: str) -> float:
-    """Unquantised position in bin units: ``round``/``floor`` of it gives :func:`quantize`."""
-    x = v / size * (n - 1) if mode == "round" else v / (size / n)
-    return min(max(x, 0.0), float(n - 1) if mode == "round" else n - 1e-6)
+    """Unquantised position in bin units, bin k centred at k: ``round`` of it gives :func:`quantize`."""
+    x = v / size * (n - 1) if mode == "round" else v / (size / n) - 0.5
+    return min(max(x, 0.0), float(n - 1))
 
 
 def dequantize(k: float, size: float, n: int, mode: str) -> float:
