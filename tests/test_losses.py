@@ -1,0 +1,204 @@
+"""Each loss against a dense, obviously-correct reference (values and gradients, float64)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loctune.codecs import LocationSpace
+from loctune.losses import LocationLoss, LossConfig, build_loss, fused_linear_loss
+from loctune.targets import TargetSpec, make_targets
+
+V, N_LOC, LOC0 = 40, 16, 20  # vocabulary, location tokens at ids 20..35
+LOC_IDS = list(range(LOC0, LOC0 + N_LOC))
+SPACE = LocationSpace("bins", N_LOC)
+
+
+def batch(seed=0, b=3, s=7):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, s, V, generator=g, dtype=torch.float64) * 2
+    labels = torch.randint(0, LOC0, (b, s), generator=g)
+    loc = torch.rand(b, s, generator=g) < 0.5
+    labels[loc] = torch.randint(LOC0, LOC0 + N_LOC, (int(loc.sum()),), generator=g)
+    labels[:, 0] = -100
+    labels[0, -2:] = -100
+    return logits.requires_grad_(), labels
+
+
+def dense_targets(labels, spec, cfg=None):
+    """[N, V] target rows: one-hot for text, spec over the location slice at location rows."""
+    t = torch.zeros(labels.numel(), V, dtype=torch.float64)
+    for i, y in enumerate(labels.tolist()):
+        if y == -100:
+            continue
+        if y >= LOC0 and spec is not None:
+            row = make_targets(spec, torch.tensor([y - LOC0]), SPACE)[0].double()
+            if cfg is not None:
+                row = row * cfg.soft_weight + cfg.hard_weight * F.one_hot(torch.tensor(y - LOC0), N_LOC)
+                if cfg.name == "gem":
+                    row = row / row.sum()
+            t[i, LOC0 : LOC0 + N_LOC] = row
+        else:
+            t[i, y] = 1.0
+    return t
+
+
+def ref_soft_ce(logits, labels, spec, cfg=None):
+    z, lab = logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1)
+    t = dense_targets(lab, spec, cfg)
+    valid = lab != -100
+    per = t.sum(1) * torch.logsumexp(z, 1) - (t * z).sum(1)
+    return per[valid].sum() / valid.sum()
+
+
+def ref_gem(logits, labels, spec, beta, h, scope="location"):
+    """The official gem_loss, with the soft target entering through z_bar = sum t z."""
+    z, lab = logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1)
+    valid = lab != -100
+    t = dense_targets(lab, spec)
+    is_loc = lab >= LOC0
+    zbar = (t * z).sum(1, keepdim=True)
+    with torch.no_grad():
+        w = torch.ones_like(z) if h == "linear" else torch.sigmoid(0.01 * (z - zbar))
+        q = torch.softmax(z / beta, -1)
+    logp = torch.log_softmax(z, -1)
+    logp_y = (t * logp).sum(1, keepdim=True)
+    gem = -(q * w * (logp_y - logp)).sum(1)
+    ce = -(t * logp).sum(1)
+    use_gem = is_loc | torch.tensor(scope == "all")
+    per = torch.where(use_gem, gem, ce)
+    return per[valid].sum() / valid.sum()
+
+
+def grads(fn, logits):
+    logits.grad = None
+    loss = fn()
+    loss.backward()
+    return loss.detach(), logits.grad.clone()
+
+
+@pytest.mark.parametrize("spec", [TargetSpec("one_hot"), TargetSpec("distance_inverse", power=2),
+                                  TargetSpec("gaussian", sigma=1.5), TargetSpec("label_smoothing")])
+def test_soft_ce_matches_dense_reference(spec):
+    logits, labels = batch()
+    ours = LocationLoss(LossConfig("soft_ce", targets=spec, chunk_size=4), LOC_IDS, SPACE)
+    l1, g1 = grads(lambda: ours(logits, labels), logits)
+    l2, g2 = grads(lambda: ref_soft_ce(logits, labels, spec), logits)
+    torch.testing.assert_close(l1.double(), l2)
+    torch.testing.assert_close(g1, g2)
+
+
+def test_dist2_mixture_is_ce_plus_weighted_soft_ce():
+    logits, labels = batch(1)
+    cfg = LossConfig("soft_ce", targets=TargetSpec("gaussian", sigma=1.0), hard_weight=1.0, soft_weight=0.1)
+    ours = LocationLoss(cfg, LOC_IDS, SPACE)
+    l1, g1 = grads(lambda: ours(logits, labels), logits)
+    l2, g2 = grads(lambda: ref_soft_ce(logits, labels, cfg.targets, cfg), logits)
+    torch.testing.assert_close(l1.double(), l2)
+    torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.parametrize("h", ["linear", "logsigmoid"])
+@pytest.mark.parametrize("spec", [TargetSpec("one_hot"), TargetSpec("distance_inverse")])
+@pytest.mark.parametrize("scope", ["location", "all"])
+def test_gem_matches_official_formula(h, spec, scope):
+    logits, labels = batch(2)
+    ours = LocationLoss(LossConfig("gem", targets=spec, beta=0.7, h=h, gem_scope=scope, chunk_size=5), LOC_IDS, SPACE)
+    l1, g1 = grads(lambda: ours(logits, labels), logits)
+    l2, g2 = grads(lambda: ref_gem(logits, labels, spec, 0.7, h, scope), logits)
+    torch.testing.assert_close(l1.double(), l2)
+    torch.testing.assert_close(g1, g2)
+
+
+def test_gem_linear_gradient_is_q_minus_t():
+    logits, labels = batch(3)
+    spec = TargetSpec("distance_inverse")
+    ours = LocationLoss(LossConfig("gem", targets=spec, beta=0.5, h="linear", gem_scope="all"), LOC_IDS, SPACE)
+    _, g = grads(lambda: ours(logits, labels), logits)
+    z, lab = logits.detach()[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1)
+    valid = lab != -100
+    expected = (torch.softmax(z / 0.5, -1) - dense_targets(lab, spec)) * valid[:, None] / valid.sum()
+    torch.testing.assert_close(g[:, :-1].reshape(-1, V), expected)
+
+
+def test_one_hot_soft_ce_equals_ce_and_torch():
+    logits, labels = batch(4)
+    ce = LocationLoss(LossConfig("ce"), LOC_IDS, SPACE)(logits, labels)
+    soft = LocationLoss(LossConfig("soft_ce", targets=TargetSpec("one_hot")), LOC_IDS, SPACE)(logits, labels)
+    torch_ce = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(ce, soft)
+    torch.testing.assert_close(ce.double(), torch_ce)
+
+
+def test_gem_beta_one_linear_has_ce_gradient():
+    logits, labels = batch(5)
+    _, g_gem = grads(lambda: build_loss("gem", LOC_IDS, SPACE, beta=1.0, h="linear", gem_scope="all")(logits, labels), logits)
+    _, g_ce = grads(lambda: build_loss("ce", LOC_IDS, SPACE)(logits, labels), logits)
+    torch.testing.assert_close(g_gem, g_ce)
+
+
+def test_no_shift_and_num_items_in_batch():
+    logits, labels = batch(6)
+    loss = LocationLoss(LossConfig("ce"), LOC_IDS, SPACE)
+    unshifted = loss(logits, labels, shift=False)
+    ref = F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1))
+    torch.testing.assert_close(unshifted.double(), ref)
+    total = F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1), reduction="sum")
+    torch.testing.assert_close(loss(logits, labels, shift=False, num_items_in_batch=100).double(), total / 100)
+
+
+def test_trainer_compute_loss_func_signature():
+    logits, labels = batch(7)
+
+    class Out:
+        pass
+
+    out = Out()
+    out.logits = logits
+    fn = LocationLoss(LossConfig("ce"), LOC_IDS, SPACE).compute_loss_func(shift=True)
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), reduction="sum") / 9
+    torch.testing.assert_close(fn(out, labels, num_items_in_batch=9).double(), ref)
+
+
+def test_bf16_logits_give_fp32_loss_and_bf16_grad():
+    logits, labels = batch(8)
+    lb = logits.detach().to(torch.bfloat16).requires_grad_()
+    loss = LocationLoss(LossConfig("gem", targets=TargetSpec("distance_inverse")), LOC_IDS, SPACE)(lb, labels)
+    loss.backward()
+    assert loss.dtype == torch.float32 and lb.grad.dtype == torch.bfloat16
+    ref = LocationLoss(LossConfig("gem", targets=TargetSpec("distance_inverse")), LOC_IDS, SPACE)(
+        lb.detach().double(), labels)
+    assert abs(loss.item() - ref.item()) < 1e-3
+
+
+def test_two_bin_uses_continuous_coordinates():
+    logits, labels = batch(9)
+    cont = torch.full((*labels.shape, 1), float("nan"), dtype=torch.float64)
+    is_loc = labels >= LOC0
+    cont[is_loc, 0] = (labels[is_loc] - LOC0).double() + 0.25
+    cont[is_loc, 0] = cont[is_loc, 0].clamp(max=N_LOC - 1)
+    loss = LocationLoss(LossConfig("soft_ce", targets=TargetSpec("two_bin")), LOC_IDS, SPACE)
+    value = loss(logits, labels, continuous=cont)
+    assert torch.isfinite(value)
+    with pytest.raises(ValueError, match="continuous"):
+        loss(logits, labels)
+
+
+def test_fused_linear_equals_unfused():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(50, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, V, (50,), generator=g)
+    labels[:5] = -100
+    loss = LocationLoss(LossConfig("gem", targets=TargetSpec("distance_inverse")), LOC_IDS, SPACE)
+    a = fused_linear_loss(loss, hidden, weight, labels, chunk_size=16)
+    ga = torch.autograd.grad(a, [hidden, weight])
+    b = loss(hidden @ weight.T, labels, shift=False)
+    gb = torch.autograd.grad(b, [hidden, weight])
+    torch.testing.assert_close(a.double(), b.double())
+    for x, y in zip(ga, gb, strict=True):
+        torch.testing.assert_close(x, y)
+
+
+def test_needs_location_tokens_for_soft_losses():
+    with pytest.raises(ValueError, match="location tokens"):
+        LocationLoss(LossConfig("soft_ce"), [], None)
