@@ -212,6 +212,8 @@ class _AdapterModule(nn.Module):
         super().__init__()
         self.model = adapter.model
         self._adapter_forward = adapter.forward
+        # FSDP's transformer auto-wrap reads the layer classes from the root module.
+        self._no_split_modules = getattr(adapter.model, "_no_split_modules", None)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self._adapter_forward(batch)
@@ -323,6 +325,12 @@ def _run(accelerator, adapter, samples, config, run_dir, eval_fn, resume, loss_f
     )
     loader = SampleDataset(samples).loader(adapter, sampler, config.num_workers)
     module, optimizer, loader, scheduler = accelerator.prepare(module, optimizer, loader, scheduler)
+    if accelerator.gradient_accumulation_steps != config.grad_accum:
+        raise ValueError(
+            f"the launcher's DeepSpeed config sets gradient_accumulation_steps="
+            f"{accelerator.gradient_accumulation_steps} but TrainConfig.grad_accum={config.grad_accum}; "
+            'set it to "auto" in the DeepSpeed config'
+        )
     if checkpoint:
         accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
         logger.info("resumed from %s at step %d", checkpoint, start)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -311,7 +310,6 @@ def test_resume_of_a_finished_run_restores_its_weights_and_metrics(tmp_path):
         )
 
 
-@pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     one = make_adapter()
     train(
@@ -321,28 +319,18 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
         eval_fn=eval_counter,
         loss_fn=ce_loss,
     )
+    # What `accelerate launch --cpu` amounts to without MPI: torchrun, Accelerate told to use CPUs.
     launch = [
         sys.executable,
         "-m",
-        "accelerate.commands.launch",
-        "--cpu",
-        "--num_processes",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
         "2",
-        "--num_machines",
-        "1",
     ]
-    launch += [
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(
-        [*launch, __file__, str(tmp_path / "two"), "batch_size=2"], check=True, env=env, timeout=300
-    )
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    run = [*launch, __file__, str(tmp_path / "two"), "batch_size=2"]
+    subprocess.run(run, check=True, env=env, timeout=300)
     assert_same_weights(weights(one), checkpoint_weights(tmp_path / "two" / "last"), atol=1e-5)
     losses = [
         [r["loss"] for r in read_metrics(tmp_path / d) if "loss" in r] for d in ("one", "two")
@@ -403,6 +391,33 @@ def test_staged_training_updates_only_the_unfrozen_parts(tmp_path):
             base_config(tmp_path / "typo", freeze=["visoin.*"]),
             loss_fn=ce_loss,
         )
+
+
+def test_small_vlm_trains_with_the_default_location_loss_and_resumes(tmp_path):
+    """The real pieces together: SmallVLMAdapter, synthetic scenes, LocationLoss from config."""
+    small_vlm = pytest.importorskip("loctune.models.small_vlm_adapter")
+    synthetic = pytest.importorskip("loctune.data.synthetic")
+    samples = synthetic.make_grounding_split("train", 16, seed=0, image_size=64)
+
+    def build():
+        torch.manual_seed(0)
+        return small_vlm.SmallVLMAdapter.build(
+            "rowcol",
+            texts=synthetic.synthetic_vocabulary(),
+            samples=samples,
+            config="tiny",
+            codec_kwargs={"grid": 16},
+        )
+
+    overrides = ["loss.name=soft_ce", "loss.targets.kind=distance_inverse", "lr=3e-3"]
+    config = apply_overrides(base_config(tmp_path, steps=6), overrides)
+    trained = build()
+    train(trained, samples, config)
+    losses = [r["loss"] for r in read_metrics(tmp_path)]
+    assert losses[-1] < losses[0]
+    reopened = build()
+    train(reopened, samples, config, resume=True)
+    assert_same_weights(weights(trained), weights(reopened), atol=0)
 
 
 def test_config_file_and_overrides_are_typed_and_saved(tmp_path):
@@ -484,12 +499,6 @@ def eval_counter(adapter: VLMAdapter) -> dict[str, float]:
 
 
 eval_counter.calls = 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str]) -> None:
