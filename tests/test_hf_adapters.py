@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -287,6 +288,11 @@ def test_bad_options_and_unknown_families_are_named(checkpoints):
         load_adapter("llama", checkpoints["paligemma"])
     with pytest.raises(ValueError, match="dtype"):
         load_adapter(checkpoints["paligemma"], dtype="fp8")
+    adapter = load_adapter(checkpoints["paligemma"])
+    bad = _samples()
+    bad[1].task = "segmentation"
+    with pytest.raises(ValueError, match="sample 1: task must be one of"):
+        adapter.collate(bad)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -298,3 +304,31 @@ def test_bf16_on_cuda_trains_and_generates(family, checkpoints):
     _ce(adapter, batch).backward()
     gens = adapter.generate(_samples(), max_new_tokens=3)
     assert all(len(g.token_ids) == len(g.token_logprobs) for g in gens)
+
+
+def test_added_location_tokens_start_at_their_numbers_embedding(checkpoints):
+    """A new bin token begins as the mean embedding of the digits of its number."""
+    adapter = load_adapter(checkpoints["idefics3"])
+    tok = adapter.tokenizer
+    assert len(adapter.added_tokens) == len(adapter.codec.location_tokens)
+    embeddings = adapter.model.get_input_embeddings().weight
+    assert embeddings.shape[0] >= len(tok)
+    for token in (adapter.added_tokens[7], adapter.added_tokens[512]):
+        number = re.findall(r"\d+", token)[-1]
+        pieces = tok(number, add_special_tokens=False)["input_ids"]
+        expected = embeddings[pieces].mean(0)
+        assert torch.allclose(embeddings[tok.convert_tokens_to_ids(token)], expected, atol=1e-6)
+    near, far = (embeddings[tok.convert_tokens_to_ids(adapter.added_tokens[k])] for k in (7, 512))
+    assert not torch.allclose(near, far)
+
+
+def test_qwen2vl_plain_text_codec_has_no_location_tokens(checkpoints):
+    if "qwen2vl" not in list_codecs():
+        pytest.skip("codec 'qwen2vl' not available yet")
+    adapter = load_adapter(checkpoints["qwen2_vl"], codec="qwen2vl")
+    assert adapter.loc_token_ids == [] and adapter.added_tokens == []
+    batch = adapter.collate(_samples())
+    assert batch["loc_continuous"].isnan().all()  # soft targets do not apply
+    assert (batch["labels"] != -100).any()
+    gens = adapter.generate(_samples()[:1], max_new_tokens=3)
+    assert gens[0].loc_probs is None

@@ -34,6 +34,7 @@ from loctune.models.base import Generation, VLMAdapter
 from loctune.types import Sample
 
 IGNORE_INDEX = -100
+TASKS = ("grounding", "detection")
 METADATA_FILE = "loctune_adapter.json"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -82,6 +83,16 @@ def split_class_names(sample: Sample) -> list[str]:
     """Class names a detection prompt asks for: the prompt's ``;``/``,`` list, else the labels."""
     names = [n.strip() for n in re.split(r"[;,]", sample.prompt) if n.strip()]
     return names or list(dict.fromkeys(sample.labels))
+
+
+def _check_sample(sample: Sample, position: int) -> None:
+    name = f"sample {sample.image_id or position}"
+    if sample.task not in TASKS:
+        raise ValueError(f"{name}: task must be one of {TASKS}, got {sample.task!r}")
+    if sample.task == "grounding" and not sample.prompt.strip():
+        raise ValueError(f"{name}: a grounding sample needs its referring expression in .prompt")
+    if len(sample.boxes) != len(sample.labels):
+        raise ValueError(f"{name}: {len(sample.boxes)} boxes but {len(sample.labels)} labels")
 
 
 def _pad(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:
@@ -203,7 +214,7 @@ class HFAdapter(VLMAdapter):
         if is_peft_dir:
             # The saved tokenizer already holds them; the base model still needs their rows.
             added = list(saved.get("added_tokens", []))
-        base_path = saved.get("base_model_path") or path if is_peft_dir else path
+        base_path = _peft_base_path(path, saved) if is_peft_dir else path
         model = cls._load_model(base_path, opts)
         if added:
             _add_embedding_rows(model, processor.tokenizer, added)
@@ -339,6 +350,8 @@ class HFAdapter(VLMAdapter):
     def collate(self, samples: list[Sample], train: bool = True) -> dict[str, torch.Tensor]:
         if not samples:
             raise ValueError("collate needs at least one sample")
+        for i, sample in enumerate(samples):
+            _check_sample(sample, i)
         ids, fields, batch = self._prompt_rows(samples)
         pad_id = self.tokenizer.pad_token_id
         if not train:
@@ -526,6 +539,17 @@ def _load_options(options: dict[str, Any]) -> LoadOptions:
     elif opts.lora is False:
         opts.lora = None
     return opts
+
+
+def _peft_base_path(path: str, saved: dict[str, Any]) -> str:
+    """Base checkpoint of a saved LoRA adapter: ours, else the one PEFT recorded."""
+    if saved.get("base_model_path"):
+        return saved["base_model_path"]
+    file = Path(path) / "adapter_config.json"
+    base = json.loads(file.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{file}: no base_model_name_or_path; cannot tell which model it adapts")
+    return base
 
 
 def _read_metadata(path: str) -> dict[str, Any]:
