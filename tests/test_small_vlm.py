@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from loctune.codecs import get_codec
 from loctune.data.synthetic import make_detection_split, make_grounding_split, synthetic_vocabulary
 from loctune.models.small_vlm import SmallVLM, SmallVLMConfig, small_vlm_config
 from loctune.models.small_vlm_adapter import SmallVLMAdapter, preprocess_image
@@ -123,6 +124,8 @@ def test_save_load_gives_identical_logits_and_codec(tmp_path, samples):
     assert torch.equal(adapter.forward(batch), again.forward(batch))
     tied = again.model.lm_head.weight.data_ptr() == again.model.embed_tokens.weight.data_ptr()
     assert tied
+    with pytest.raises(ValueError, match="location tokens"):
+        SmallVLMAdapter.from_pretrained(tmp_path, codec=get_codec("rowcol", grid=GRID - 1))
 
 
 def test_loading_a_mismatched_checkpoint_fails_clearly(tmp_path):

@@ -244,28 +244,43 @@ class SmallVLMAdapter(VLMAdapter):
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         with open(Path(path) / ADAPTER_FILE, "w") as f:
-            json.dump({"codec": self.codec_spec}, f, indent=1)
+            json.dump({"codec": self.codec_spec, "location_tokens": self.codec.location_tokens}, f)
 
     @classmethod
     def from_pretrained(
         cls, path: str | Path, codec: Codec | None = None, map_location: str | torch.device = "cpu"
     ) -> SmallVLMAdapter:
-        """Reopen a saved adapter; ``codec`` overrides the saved codec spec."""
+        """Reopen a saved adapter; ``codec`` overrides the saved codec spec.
+
+        The codec must write the location tokens the model was trained with;
+        anything else (another grid, another family) is refused.
+        """
         path = Path(path)
         model = SmallVLM.from_pretrained(path, map_location=map_location)
         tokenizer = WordTokenizer.from_pretrained(path)
-        if codec is not None:
-            return cls(model, tokenizer, codec, {"name": codec.name})
         adapter_file = path / ADAPTER_FILE
         try:
             with open(adapter_file) as f:
-                spec = dict(json.load(f)["codec"])
+                saved = json.load(f)
+            spec = dict(saved["codec"])
+            trained_tokens = list(saved["location_tokens"])
             name = spec.pop("name")
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise ValueError(
-                f"cannot read the codec spec from {adapter_file} ({e}); pass codec="
+                f"cannot read {adapter_file}: expected {{'codec': {{'name': ..., **kwargs}}, "
+                f"'location_tokens': [...]}} ({e!r})"
             ) from e
-        return cls(model, tokenizer, get_codec(name, **spec), {"name": name, **spec})
+        if codec is None:
+            codec = get_codec(name, **spec)
+        else:
+            spec, name = {}, codec.name
+        if codec.location_tokens != trained_tokens:
+            raise ValueError(
+                f"codec {name!r} writes {len(codec.location_tokens)} location tokens "
+                f"({codec.location_tokens[:2]}...), but {path} was trained with "
+                f"{len(trained_tokens)} ({trained_tokens[:2]}...)"
+            )
+        return cls(model, tokenizer, codec, {"name": name, **spec})
 
 
 def _pad(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
