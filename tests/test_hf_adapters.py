@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from loctune.codecs.base import list_codecs
+from loctune.losses import LocationLoss, LossConfig
 from loctune.models.hf import adapter_class, detect_family, load_adapter
+from loctune.targets import TargetSpec
 from loctune.types import Sample
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -112,17 +114,19 @@ def test_loctune_one_hot_loss_equals_model_cross_entropy(family, checkpoints):
         model_loss = adapter.model(**adapter.model_inputs(batch, with_labels=True)).loss
         ours = _ce(adapter, batch)
     assert torch.allclose(ours, model_loss, atol=1e-5)
-    losses = pytest.importorskip("loctune.losses")
-    loss_fn = losses.LocationLoss(losses.LossConfig(), adapter.loc_token_ids, adapter.codec.space)
-    with torch.no_grad():
-        value = loss_fn(
-            adapter.forward(batch),
-            batch["labels"],
-            continuous=batch["loc_continuous"],
-            shift=not adapter.is_encoder_decoder,
-        )
-    value = value.loss if hasattr(value, "loss") else value
-    assert torch.allclose(value.float(), model_loss, atol=1e-4)
+    logits, shift = adapter.forward(batch).detach(), not adapter.is_encoder_decoder
+
+    def loctune_loss(config: LossConfig) -> torch.Tensor:
+        loss_fn = LocationLoss(config, adapter.loc_token_ids, adapter.codec.space)
+        return loss_fn(logits, batch["labels"], continuous=batch["loc_continuous"], shift=shift)
+
+    # plain CE, and the location-slice path with one-hot targets, are the model's CE
+    assert torch.allclose(loctune_loss(LossConfig("ce")), model_loss, atol=1e-4)
+    one_hot = LossConfig("soft_ce", targets=TargetSpec("one_hot"))
+    assert torch.allclose(loctune_loss(one_hot), model_loss, atol=1e-4)
+    # targets built from the unquantised coordinates find them at every location label
+    two_bin = loctune_loss(LossConfig("soft_ce", targets=TargetSpec("two_bin")))
+    assert torch.isfinite(two_bin) and not torch.allclose(two_bin, model_loss)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -332,3 +336,24 @@ def test_qwen2vl_plain_text_codec_has_no_location_tokens(checkpoints):
     assert (batch["labels"] != -100).any()
     gens = adapter.generate(_samples()[:1], max_new_tokens=3)
     assert gens[0].loc_probs is None
+
+
+@pytest.mark.parametrize(("family", "lora"), [("paligemma", False), ("kosmos2", True)])
+def test_train_loop_and_evaluation_run_on_hf_adapters(family, lora, checkpoints, tmp_path):
+    """loctune's loop trains a hub VLM with soft targets; the evaluator scores its answers."""
+    from loctune.evaluate import evaluate
+    from loctune.train import TrainConfig, train
+
+    adapter = load_adapter(checkpoints[family], lora=lora)
+    config = TrainConfig(
+        run_dir=str(tmp_path / "run"),
+        steps=3,
+        batch_size=2,
+        lr=1e-3,
+        progress=False,
+        loss=LossConfig("soft_ce", targets=TargetSpec("distance_inverse")),
+    )
+    result = train(adapter, _samples() * 2, config)
+    assert result.step == 3 and math.isfinite(result.metrics["loss"])
+    scored = evaluate(adapter, _samples(), batch_size=2, max_new_tokens=6, progress=False)
+    assert len(scored.predictions) == 2 and scored.metrics
