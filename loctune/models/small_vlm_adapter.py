@@ -43,9 +43,9 @@ def preprocess_image(
 class SmallVLMAdapter(VLMAdapter):
     """:class:`SmallVLM` + :class:`WordTokenizer` + a codec (``rowcol``, ``patch``, ...).
 
-    ``codec_spec`` (``{"name": ..., **kwargs}``) is saved so that
-    :meth:`from_pretrained` rebuilds the same codec; give it whenever the codec
-    takes arguments.
+    ``codec_spec`` (``{"name": ..., **kwargs}``) is saved, with the codec's
+    location tokens, so that :meth:`from_pretrained` rebuilds the same codec
+    and can tell when it does not.
     """
 
     is_encoder_decoder = False
