@@ -65,7 +65,8 @@ class TrainConfig:
     the adapter leaves trainable), applied for this call only, so staged
     training is two calls, e.g. ``trainable=["projector.*"]`` then none.
     ``best_metric`` names a key of ``eval_fn``'s result; when set, ``best/``
-    keeps the weights of the best evaluation.
+    keeps the weights of the best evaluation. ``cpu`` trains on CPU processes even
+    where a GPU is visible (what ``accelerate launch --cpu`` asks for).
     """
 
     run_dir: str = "runs/train"
@@ -89,6 +90,7 @@ class TrainConfig:
     trainable: list[str] = field(default_factory=list)
     freeze: list[str] = field(default_factory=list)
     progress: bool = True
+    cpu: bool = False
     loss: LossConfig = field(default_factory=LossConfig)
 
     def __post_init__(self):
@@ -245,6 +247,7 @@ def train(
     run_dir = Path(config.run_dir)
     set_seed(config.seed)
     accelerator = Accelerator(
+        cpu=config.cpu,
         mixed_precision=config.mixed_precision,
         # Each step's micro-batches are fetched up front (to count its tokens), so the
         # loader reaches its end before the last step's backward passes: sync on count only.
@@ -261,7 +264,7 @@ def train(
         accelerator.free_memory()
         # Accelerate's state is a process-wide singleton; a later train() call may
         # ask for other mixed-precision or accumulation settings.
-        AcceleratorState._reset_state()
+        AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
 
 

@@ -180,7 +180,7 @@ def base_config(run_dir: Path, **changes) -> TrainConfig:
 
 
 def weights(adapter: VLMAdapter) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in adapter.model.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in adapter.model.state_dict().items()}
 
 
 def assert_same_weights(
@@ -311,15 +311,11 @@ def test_resume_of_a_finished_run_restores_its_weights_and_metrics(tmp_path):
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    """Both on CPU (gloo), so that a GPU on the machine does not change the arithmetic."""
     one = make_adapter()
-    train(
-        one,
-        make_samples(),
-        script_config(tmp_path / "one", ["batch_size=4"]),
-        eval_fn=eval_counter,
-        loss_fn=ce_loss,
-    )
-    # What `accelerate launch --cpu` amounts to without MPI: torchrun, Accelerate told to use CPUs.
+    config = script_config(tmp_path / "one", ["batch_size=4", "cpu=true"])
+    train(one, make_samples(), config, eval_fn=eval_counter, loss_fn=ce_loss)
+    # What `accelerate launch --cpu` amounts to without MPI: torchrun, and cpu=true for Accelerate.
     launch = [
         sys.executable,
         "-m",
@@ -328,8 +324,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
         "--nproc_per_node",
         "2",
     ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    run = [*launch, __file__, str(tmp_path / "two"), "batch_size=2"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    run = [*launch, __file__, str(tmp_path / "two"), "batch_size=2", "cpu=true"]
     subprocess.run(run, check=True, env=env, timeout=300)
     assert_same_weights(weights(one), checkpoint_weights(tmp_path / "two" / "last"), atol=1e-5)
     losses = [
