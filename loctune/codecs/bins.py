@@ -10,7 +10,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from loctune.codecs.base import Codec, LocationSpace, register_codec
-from loctune.codecs.parsing import continuous, dequantize, quantize, token_pattern, token_runs
+from loctune.codecs.parsing import (
+    check_locations,
+    check_objects,
+    continuous,
+    dequantize,
+    quantize,
+    token_pattern,
+    token_runs,
+)
 from loctune.types import Box, DecodeResult, Detection
 
 _AXES = {"x1": (0, 0), "y1": (1, 1), "x2": (2, 0), "y2": (3, 1)}  # box index, size index
@@ -20,7 +28,11 @@ _AXES = {"x1": (0, 0), "y1": (1, 1), "x2": (2, 0), "y2": (3, 1)}  # box index, s
 class BinCodec(Codec):
     """One token per coordinate, ``n_bins`` tokens shared by both axes.
 
-    ``order``: ``"xyxy"`` or ``"yxyx"``. ``quantization``: ``"round"``
+    ``token_format``: the token spelling with one ``{}`` field for the bin
+    (``"<bin_{}>"`` OFA, ``"<loc{:04d}>"`` PaliGemma). ``order``: ``"xyxy"`` or
+    ``"yxyx"``. ``label_first``: ``label <tokens>`` instead of ``<tokens> label``;
+    label and tokens are joined by one space, or by nothing when ``separator``
+    (between objects) is empty, as Florence-2 writes. ``quantization``: ``"round"``
     (``round(v/size*(n-1))``, decoded ``k/(n-1)*size``) or ``"floor"`` (floor
     to a bin of width ``size/n``, decoded at the bin centre). A decoded box is
     kept when ``x2 > x1`` and ``y2 > y1`` (``strict``) or ``>=`` (not strict,
@@ -46,10 +58,13 @@ class BinCodec(Codec):
         if quantization not in ("round", "floor"):
             raise ValueError(f"quantization must be 'round' or 'floor', got {quantization!r}")
         if n_bins < 2:
-            raise ValueError(f"n_bins must be >= 2, got {n_bins}")
+            raise ValueError(
+                f"n_bins must be >= 2 (one bin cannot place a coordinate), got {n_bins}"
+            )
         self.n_bins = n_bins
         self.token_format = token_format
-        self.order = ["x1", "y1", "x2", "y2"] if order == "xyxy" else ["y1", "x1", "y2", "x2"]
+        self.order = order
+        self._axes = ("x1", "y1", "x2", "y2") if order == "xyxy" else ("y1", "x1", "y2", "x2")
         self.quantization = quantization
         self.label_first = label_first
         self.separator = separator
@@ -63,56 +78,61 @@ class BinCodec(Codec):
         return self._tokens
 
     def box_to_locations(self, box: Box, image_size: tuple[int, int]) -> list[int]:
-        return [
-            quantize(box[_AXES[a][0]], image_size[_AXES[a][1]], self.n_bins, self.quantization)
-            for a in self.order
-        ]
+        n, mode = self.n_bins, self.quantization
+        return [quantize(box[_AXES[a][0]], image_size[_AXES[a][1]], n, mode) for a in self._axes]
 
     def box_to_continuous(self, box: Box, image_size: tuple[int, int]) -> list[tuple[float, ...]]:
+        n, mode = self.n_bins, self.quantization
         return [
-            (continuous(box[_AXES[a][0]], image_size[_AXES[a][1]], self.n_bins, self.quantization),)
-            for a in self.order
+            (continuous(box[_AXES[a][0]], image_size[_AXES[a][1]], n, mode),) for a in self._axes
         ]
 
-    def locations_to_box(self, values: Sequence[Sequence[float]], image_size: tuple[int, int]) -> Box:
+    def locations_to_box(
+        self, values: Sequence[Sequence[float]], image_size: tuple[int, int]
+    ) -> Box:
         coords = [0.0] * 4
-        for a, v in zip(self.order, values, strict=True):
-            k = v[0] if isinstance(v, Sequence) else v
-            coords[_AXES[a][0]] = dequantize(float(k), image_size[_AXES[a][1]], self.n_bins, self.quantization)
+        for a, (k,) in zip(self._axes, check_locations(values, 4, 1), strict=True):
+            box_index, size_index = _AXES[a]
+            coords[box_index] = dequantize(
+                k, image_size[size_index], self.n_bins, self.quantization
+            )
         return tuple(coords)
 
-    def encode(self, boxes: Sequence[Box], labels: Sequence[str], image_size: tuple[int, int]) -> str:
-        if len(boxes) != len(labels):
-            raise ValueError(f"encode got {len(boxes)} boxes but {len(labels)} labels")
+    def encode(
+        self, boxes: Sequence[Box], labels: Sequence[str], image_size: tuple[int, int]
+    ) -> str:
+        check_objects(boxes, labels, self._pattern)
+        gap = " " if self.separator else ""
         parts = []
         for box, label in zip(boxes, labels, strict=True):
             locs = "".join(self._tokens[k] for k in self.box_to_locations(box, image_size))
-            parts.append(f"{label}{locs}" if self.label_first and not self.separator.strip()
-                         else f"{label} {locs}" if self.label_first else f"{locs} {label}")
+            parts.append(f"{label}{gap}{locs}" if self.label_first else f"{locs}{gap}{label}")
         return self.separator.join(parts)
 
     def decode(self, text: str, image_size: tuple[int, int]) -> DecodeResult:
         detections, bad = [], 0
         for label, values in token_runs(text, self._pattern, self.label_first, self.separator):
-            n_full = len(values) // 4
-            bad += int(len(values) % 4 != 0)
-            for i in range(n_full):
+            bad += int(len(values) % 4 != 0)  # a truncated or padded run
+            for i in range(len(values) // 4):
                 group = values[4 * i : 4 * i + 4]
-                if any(k >= self.n_bins for k in group):
-                    bad += 1
-                    continue
-                box = self.locations_to_box([(k,) for k in group], image_size)
-                ok = (box[2] > box[0] and box[3] > box[1]) if self.strict else (box[2] >= box[0] and box[3] >= box[1])
-                if ok:
+                box = None
+                if all(k < self.n_bins for k in group):
+                    box = self.locations_to_box(group, image_size)
+                if box is not None and self._ordered(box):
                     detections.append(Detection(label, box))
                 else:
                     bad += 1
         return DecodeResult(detections, bad)
 
+    def _ordered(self, box: Box) -> bool:
+        if self.strict:
+            return box[2] > box[0] and box[3] > box[1]
+        return box[2] >= box[0] and box[3] >= box[1]
+
 
 @register_codec("paligemma")
 class PaliGemmaCodec(BinCodec):
-    """``<loc0000>``..``<loc1023>``, ymin xmin ymax xmax then the label, objects joined by `` ; ``."""
+    """``<loc0000>``..``<loc1023>``: ymin xmin ymax xmax, label; objects joined by `` ; ``."""
 
     def __init__(self):
         super().__init__(1024, "<loc{:04d}>", "yxyx", "round", label_first=False, separator=" ; ")
@@ -122,9 +142,11 @@ class PaliGemmaCodec(BinCodec):
 class Florence2Codec(BinCodec):
     """``<loc_0>``..``<loc_999>``, label then x1 y1 x2 y2, floor bins decoded at their centre.
 
-    Exactly transformers' ``Florence2PostProcessor`` quantize/dequantize; a
-    label may be followed by several boxes (``<OD>`` output lists each object,
-    phrase grounding may give one phrase several boxes).
+    The bins are exactly transformers' ``Florence2PostProcessor.quantize``; the
+    decoded box is its ``dequantize`` before the final ``.int()``: transformers
+    truncates to whole pixels, loctune keeps the bin centre (up to one pixel
+    more exact, and continuous for expected-value decoding). A label may be
+    followed by several boxes (phrase grounding gives one phrase several).
     """
 
     def __init__(self):
@@ -140,5 +162,9 @@ class RowColCodec(BinCodec):
     """
 
     def __init__(self, grid: int = 32):
-        super().__init__(grid, "<rc_{}>", "yxyx", "floor", label_first=True, separator=" ; ", strict=False)
+        if grid < 2:
+            raise ValueError(f"rowcol grid must be >= 2, got {grid}")
+        super().__init__(
+            grid, "<rc_{}>", "yxyx", "floor", label_first=True, separator=" ; ", strict=False
+        )
         self.grid = grid

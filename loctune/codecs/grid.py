@@ -2,33 +2,42 @@
 
 Cells are numbered row-major on an N x N grid (cell = row * N + col), so the
 location space is 2-D: cell 60 on a 10-wide grid is row 6, column 0.
+Locations are ``(row, col)`` pairs, upper-left corner first. A lower-right
+cell above or left of the upper-left one is counted as malformed, never
+swapped.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Sequence
 
 from loctune.codecs.base import Codec, LocationSpace, register_codec
-from loctune.codecs.parsing import clean_label, token_pattern, token_runs
+from loctune.codecs.parsing import (
+    check_locations,
+    check_objects,
+    clean_label,
+    token_pattern,
+    token_runs,
+)
 from loctune.types import Box, DecodeResult, Detection
 
 
-def _cell(row: float, col: float, n: int) -> int:
-    r = min(max(int(row), 0), n - 1)
-    c = min(max(int(col), 0), n - 1)
-    return r * n + c
+def _cell(row: int, col: int, n: int) -> int:
+    """Row-major cell index, each coordinate clipped onto the grid."""
+    return min(max(row, 0), n - 1) * n + min(max(col, 0), n - 1)
 
 
 @register_codec("patch")
 class PatchCodec(Codec):
     """loctune's small-VLM form: ``label <patch_ul><patch_lr>`` on an N x N grid.
 
-    Each corner goes to the cell containing it (floor), and is decoded at that
-    cell's centre, so a round trip is within half a cell per coordinate. Both
-    corners may share a cell (a degenerate box, kept); a lower-right cell above
-    or left of the upper-left one is counted as malformed.
+    Objects are joined by ``separator``. Each corner goes to the cell
+    containing it (floor) and is decoded at that cell's centre, so a round trip
+    is within half a cell per coordinate. Both corners may share a cell (a
+    zero-size box, kept).
     """
 
     tokens_per_box = 2
@@ -46,6 +55,14 @@ class PatchCodec(Codec):
     def location_tokens(self) -> list[str]:
         return self._tokens
 
+    def box_to_locations(self, box: Box, image_size: tuple[int, int]) -> list[int]:
+        w, h = image_size
+        n = self.grid
+        return [
+            _cell(math.floor(box[1] / h * n), math.floor(box[0] / w * n), n),
+            _cell(math.floor(box[3] / h * n), math.floor(box[2] / w * n), n),
+        ]
+
     def box_to_continuous(self, box: Box, image_size: tuple[int, int]) -> list[tuple[float, ...]]:
         w, h = image_size
         n = self.grid
@@ -55,23 +72,18 @@ class PatchCodec(Codec):
 
         return [(pos(box[1], h), pos(box[0], w)), (pos(box[3], h), pos(box[2], w))]
 
-    def box_to_locations(self, box: Box, image_size: tuple[int, int]) -> list[int]:
+    def locations_to_box(
+        self, values: Sequence[Sequence[float]], image_size: tuple[int, int]
+    ) -> Box:
+        (r1, c1), (r2, c2) = check_locations(values, 2, 2)
         w, h = image_size
-        n = self.grid
-        return [
-            _cell(math.floor(box[1] / h * n), math.floor(box[0] / w * n), n),
-            _cell(math.floor(box[3] / h * n), math.floor(box[2] / w * n), n),
-        ]
-
-    def locations_to_box(self, values: Sequence[Sequence[float]], image_size: tuple[int, int]) -> Box:
-        w, h = image_size
-        (r1, c1), (r2, c2) = values
         n = self.grid
         return ((c1 + 0.5) * w / n, (r1 + 0.5) * h / n, (c2 + 0.5) * w / n, (r2 + 0.5) * h / n)
 
-    def encode(self, boxes: Sequence[Box], labels: Sequence[str], image_size: tuple[int, int]) -> str:
-        if len(boxes) != len(labels):
-            raise ValueError(f"encode got {len(boxes)} boxes but {len(labels)} labels")
+    def encode(
+        self, boxes: Sequence[Box], labels: Sequence[str], image_size: tuple[int, int]
+    ) -> str:
+        check_objects(boxes, labels, self._pattern)
         return self.separator.join(
             f"{label} " + "".join(self._tokens[k] for k in self.box_to_locations(box, image_size))
             for box, label in zip(boxes, labels, strict=True)
@@ -80,10 +92,9 @@ class PatchCodec(Codec):
     def decode(self, text: str, image_size: tuple[int, int]) -> DecodeResult:
         detections, bad = [], 0
         for label, values in token_runs(text, self._pattern, True, self.separator):
-            bad += int(len(values) % 2 != 0)
+            bad += len(values) % 2  # a truncated run
             for i in range(len(values) // 2):
-                ul, lr = values[2 * i : 2 * i + 2]
-                box = self._cells_to_box(ul, lr, image_size)
+                box = self._cells_to_box(values[2 * i], values[2 * i + 1], image_size)
                 if box is None:
                     bad += 1
                 else:
@@ -91,6 +102,7 @@ class PatchCodec(Codec):
         return DecodeResult(detections, bad)
 
     def _cells_to_box(self, ul: int, lr: int, image_size: tuple[int, int]) -> Box | None:
+        """The box of two cell indices, or None when a cell is off the grid or corners reverse."""
         n = self.grid
         if ul >= n * n or lr >= n * n:
             return None
@@ -100,19 +112,33 @@ class PatchCodec(Codec):
         return self.locations_to_box([(r1, c1), (r2, c2)], image_size)
 
 
-_KOSMOS_OBJECT = re.compile(r"(?:<phrase>([^<]*)</phrase>)?\s*<object>(.*?)(?:</object>|$)", re.S)
-_KOSMOS_DELIMITER = "</delimiter_of_multi_objects/>"
+KOSMOS_DELIMITER = "</delimiter_of_multi_objects/>"
+# One object block; a missing </object> ends at the next block or the end of the text.
+_KOSMOS_OBJECT = re.compile(
+    r"(?:<phrase>(?P<phrase>[^<]*)</phrase>\s*)?<object>(?P<body>.*?)"
+    r"(?:</object>|(?=<object>|<phrase>)|$)",
+    re.S,
+)
+_KOSMOS_PHRASE = re.compile(r"<phrase>[^<]*</phrase>")
 
 
 @register_codec("kosmos2")
 class Kosmos2Codec(PatchCodec):
     """Kosmos-2's ``<phrase>label</phrase><object><patch_index_UL><patch_index_LR></object>``.
 
-    Quantisation and decoding follow transformers' ``coordinate_to_patch_index``
+    Quantisation and decoding are transformers' ``coordinate_to_patch_index``
     and ``patch_index_to_coordinate``: the upper-left corner floors to its
     cell, the lower-right takes ``ceil(x * N - 1)``; decoding puts corners at
-    cell centres, or at cell edges when the two cells share a row or column.
-    Several boxes of one phrase are joined by ``</delimiter_of_multi_objects/>``.
+    cell centres, or at the outer cell edges when the two cells share a row or
+    column. Consecutive objects with the same label share one phrase, their
+    boxes joined by ``</delimiter_of_multi_objects/>``; objects stay in the
+    given order. Boxes outside the image are clipped onto the grid (transformers
+    would write negative or out-of-range indices).
+
+    Decoding differs from transformers only on malformed text: reversed
+    corners, cells off the grid, a pair with other than two tokens, a phrase
+    without an object and patch tokens outside any object each count as
+    malformed; an object without a phrase gets the empty label.
     """
 
     def __init__(self, grid: int = 32):
@@ -127,41 +153,52 @@ class Kosmos2Codec(PatchCodec):
             _cell(math.ceil(y2 * n - 1), math.ceil(x2 * n - 1), n),
         ]
 
-    def locations_to_box(self, values: Sequence[Sequence[float]], image_size: tuple[int, int]) -> Box:
-        (r1, c1), (r2, c2) = values
+    def locations_to_box(
+        self, values: Sequence[Sequence[float]], image_size: tuple[int, int]
+    ) -> Box:
+        (r1, c1), (r2, c2) = check_locations(values, 2, 2)
+        cell = 1.0 / self.grid  # computed as transformers does, so results agree to the bit
+        if r1 == r2 or c1 == c2:  # one row or column: span whole cells
+            x1, y1, x2, y2 = c1 * cell, r1 * cell, c2 * cell + cell, r2 * cell + cell
+        else:
+            half = cell / 2
+            x1, y1, x2, y2 = c1 * cell + half, r1 * cell + half, c2 * cell + half, r2 * cell + half
         w, h = image_size
-        n = self.grid
-        if r1 == r2 or c1 == c2:  # same row or column: span whole cells, as transformers does
-            return (c1 / n * w, r1 / n * h, (c2 + 1) / n * w, (r2 + 1) / n * h)
-        return ((c1 + 0.5) / n * w, (r1 + 0.5) / n * h, (c2 + 0.5) / n * w, (r2 + 0.5) / n * h)
+        return (x1 * w, y1 * h, x2 * w, y2 * h)
 
-    def _cells_to_box(self, ul: int, lr: int, image_size: tuple[int, int]) -> Box | None:
-        n = self.grid
-        if ul >= n * n or lr >= n * n:
-            return None
-        return self.locations_to_box([divmod(ul, n), divmod(lr, n)], image_size)
-
-    def encode(self, boxes: Sequence[Box], labels: Sequence[str], image_size: tuple[int, int]) -> str:
-        if len(boxes) != len(labels):
-            raise ValueError(f"encode got {len(boxes)} boxes but {len(labels)} labels")
-        groups: dict[str, list[str]] = {}
-        for box, label in zip(boxes, labels, strict=True):
-            ul, lr = self.box_to_locations(box, image_size)
-            groups.setdefault(label, []).append(self._tokens[ul] + self._tokens[lr])
-        return "".join(
-            f"<phrase>{label}</phrase><object>{_KOSMOS_DELIMITER.join(pairs)}</object>"
-            for label, pairs in groups.items()
-        )
+    def encode(
+        self, boxes: Sequence[Box], labels: Sequence[str], image_size: tuple[int, int]
+    ) -> str:
+        check_objects(boxes, labels, self._pattern)
+        for i, label in enumerate(labels):
+            if "<" in label:
+                raise ValueError(f"labels[{i}] = {label!r}: a Kosmos-2 phrase cannot contain '<'")
+        out = []
+        objects = zip(boxes, labels, strict=True)
+        for label, group in itertools.groupby(objects, key=lambda obj: obj[1]):
+            pairs = (
+                "".join(self._tokens[k] for k in self.box_to_locations(box, image_size))
+                for box, _ in group
+            )
+            out.append(f"<phrase>{label}</phrase><object>{KOSMOS_DELIMITER.join(pairs)}</object>")
+        return "".join(out)
 
     def decode(self, text: str, image_size: tuple[int, int]) -> DecodeResult:
-        detections, bad = [], 0
+        detections, bad, last = [], 0, 0
         for m in _KOSMOS_OBJECT.finditer(text):
-            label = clean_label(m.group(1) or "", "")
-            for pair in m.group(2).split(_KOSMOS_DELIMITER):
+            bad += self._count_stray(text[last : m.start()])
+            last = m.end()
+            label = clean_label(m.group("phrase") or "")
+            for pair in m.group("body").split(KOSMOS_DELIMITER):
                 cells = [int(v) for v in self._pattern.findall(pair)]
                 box = self._cells_to_box(*cells, image_size) if len(cells) == 2 else None
                 if box is None:
                     bad += 1
                 else:
                     detections.append(Detection(label, box))
+        bad += self._count_stray(text[last:])
         return DecodeResult(detections, bad)
+
+    def _count_stray(self, text: str) -> int:
+        """Phrases without an object, and runs of patch tokens outside any object."""
+        return len(_KOSMOS_PHRASE.findall(text)) + len(token_runs(text, self._pattern, True, ""))

@@ -1,23 +1,27 @@
-"""Quantisation and a tolerant parser shared by the codecs.
+"""Quantisation, input checks and a tolerant parser shared by the codecs.
 
 Model output is untrusted: the parser walks the text once, collects runs of
 location tokens with the label text next to them, and reports what it could
-not use instead of raising.
+not use instead of raising. Caller input (boxes and labels to encode) is
+trusted less kindly: a mistake there raises with the offending field named.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
+
+from loctune.types import Box
 
 _TAG = re.compile(r"<[^<>]*>")
 
 
 def quantize(v: float, size: float, n: int, mode: str) -> int:
-    """Coordinate ``v`` in ``[0, size]`` to a bin in ``[0, n-1]``.
+    """Coordinate ``v`` in ``[0, size]`` to a bin in ``[0, n-1]``; outside values clip.
 
-    ``round``: big_vision/PaliGemma, ``round(v / size * (n-1))``;
-    ``floor``: Florence-2, ``floor(v / (size / n))``.
+    ``round``: big_vision/PaliGemma, ``round(v / size * (n-1))`` (ties to even,
+    as ``tf.round``); ``floor``: Florence-2, ``floor(v / (size / n))``.
     """
     if mode == "round":
         k = round(v / size * (n - 1))
@@ -29,7 +33,7 @@ def quantize(v: float, size: float, n: int, mode: str) -> int:
 
 
 def continuous(v: float, size: float, n: int, mode: str) -> float:
-    """Unquantised position in bin units, bin k centred at k: ``round`` of it gives :func:`quantize`."""
+    """Unquantised position in bin units (bin k centred at k), which rounds to :func:`quantize`."""
     x = v / size * (n - 1) if mode == "round" else v / (size / n) - 0.5
     return min(max(x, 0.0), float(n - 1))
 
@@ -41,24 +45,59 @@ def dequantize(k: float, size: float, n: int, mode: str) -> float:
 
 def token_pattern(fmt: str) -> re.Pattern:
     """Regex with one integer group from a token format such as ``"<loc{:04d}>"``."""
-    head, _, tail = fmt.partition("{")
-    tail = tail.partition("}")[2]
-    return re.compile(re.escape(head) + r"(\d+)" + re.escape(tail))
+    head, brace, tail = fmt.partition("{")
+    if not brace or "}" not in tail:
+        raise ValueError(f"token_format must contain one '{{}}' field for the index, got {fmt!r}")
+    return re.compile(re.escape(head) + r"(\d+)" + re.escape(tail.partition("}")[2]))
 
 
-def clean_label(text: str, sep: str) -> str:
-    """Label text without markup tags, separators and surrounding white space."""
-    text = _TAG.sub("", text)
-    if sep.strip():
-        text = text.replace(sep.strip(), " ")
-    return " ".join(text.split())
+def check_objects(
+    boxes: Sequence[Box], labels: Sequence[str], token: re.Pattern | None = None
+) -> None:
+    """Raise ``ValueError`` on encode input the codec could not write back readably.
+
+    Boxes must be four numbers each and pair up with labels; a label must not
+    contain a location token (``token``), which decoding would read as a box.
+    """
+    if len(boxes) != len(labels):
+        raise ValueError(f"encode got {len(boxes)} boxes but {len(labels)} labels")
+    for i, (box, label) in enumerate(zip(boxes, labels, strict=True)):
+        if len(box) != 4:
+            raise ValueError(f"boxes[{i}] must be (x1, y1, x2, y2), got {box!r}")
+        if not isinstance(label, str):
+            raise ValueError(f"labels[{i}] must be a string, got {type(label).__name__}")
+        if token is not None and token.search(label):
+            raise ValueError(f"labels[{i}] = {label!r} contains a location token")
 
 
-def token_runs(text: str, token: re.Pattern, label_first: bool, sep: str) -> list[tuple[str, list[int]]]:
+def check_locations(values: Sequence, count: int, dim: int) -> list[tuple[float, ...]]:
+    """``values`` as ``count`` tuples of ``dim`` floats; bare numbers are fine when ``dim`` is 1."""
+    if len(values) != count:
+        raise ValueError(f"locations_to_box needs {count} locations, got {len(values)}")
+    out = []
+    for v in values:
+        t = (float(v),) if dim == 1 and not isinstance(v, Sequence) else tuple(map(float, v))
+        if len(t) != dim:
+            raise ValueError(f"each location needs {dim} value(s), got {v!r}")
+        out.append(t)
+    return out
+
+
+def clean_label(text: str) -> str:
+    """Label text without markup tags and with white space collapsed."""
+    return " ".join(_TAG.sub("", text).split())
+
+
+def token_runs(
+    text: str, token: re.Pattern, label_first: bool, sep: str
+) -> list[tuple[str, list[int]]]:
     """``(label, [token values])`` for each maximal run of location tokens.
 
     Tokens separated only by white space belong to one run. The label is the
-    text before the run (``label_first``) or after it, up to the neighbouring run.
+    text before the run (``label_first``) or after it, up to the neighbouring
+    run; with a visible separator, only the part next to the run (after the
+    last separator before it, or before the first one after it), so garbage
+    between objects does not leak into labels.
     """
     runs: list[tuple[int, int, list[int]]] = []  # start, end, values
     for m in token.finditer(text):
@@ -67,15 +106,14 @@ def token_runs(text: str, token: re.Pattern, label_first: bool, sep: str) -> lis
             runs[-1] = (start, m.end(), [*values, int(m.group(1))])
         else:
             runs.append((m.start(), m.end(), [int(m.group(1))]))
+    mark = sep.strip()
     out = []
     for i, (start, end, values) in enumerate(runs):
         if label_first:
-            lo = runs[i - 1][1] if i else 0
-            label = text[lo:start]
+            label = text[runs[i - 1][1] if i else 0 : start]
+            label = label.split(mark)[-1] if mark else label
         else:
-            hi = runs[i + 1][0] if i + 1 < len(runs) else len(text)
-            label = text[end:hi]
-            if sep.strip() and sep.strip() in label:  # the label ends at the separator
-                label = label.split(sep.strip())[0]
-        out.append((clean_label(label, sep), values))
+            label = text[end : runs[i + 1][0] if i + 1 < len(runs) else len(text)]
+            label = label.split(mark)[0] if mark else label
+        out.append((clean_label(label), values))
     return out

@@ -11,12 +11,12 @@ import re
 from collections.abc import Sequence
 
 from loctune.codecs.base import Codec, register_codec
-from loctune.codecs.parsing import clean_label
+from loctune.codecs.parsing import check_locations, check_objects, clean_label
 from loctune.types import Box, DecodeResult, Detection
 
-_BOX = re.compile(r"<\|box_start\|>(.*?)(?:<\|box_end\|>|$)", re.S)
-_CORNERS = re.compile(r"^\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*,\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*$")
-_REF = re.compile(r"<\|object_ref_start\|>(.*?)<\|object_ref_end\|>\s*$", re.S)
+_BOX = re.compile(r"<\|box_start\|>(.*?)(?:<\|box_end\|>|(?=<\|box_start\|>)|$)", re.S)
+_CORNERS = re.compile(r"\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*,\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*")
+_REF = re.compile(r"<\|object_ref_start\|>(.*?)<\|object_ref_end\|>", re.S)
 SCALE = 1000
 
 
@@ -25,8 +25,13 @@ class Qwen2VLCodec(Codec):
     """``<|object_ref_start|>label<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>``.
 
     Coordinates are ``round(v / size * 1000)`` clipped to [0, 999] and decoded
-    as ``k / 1000 * size``. ``box_to_locations`` returns those four integers in
-    x1 y1 x2 y2 order; they are text, not token ids.
+    as ``k / 1000 * size``; decoding also accepts 1000 (the far edge), which
+    the model may write. ``box_to_locations`` returns the four integers in
+    x1 y1 x2 y2 order (``box_to_continuous`` the unrounded values, 1-D each):
+    they are digits in the text, not token ids, and ``location_tokens`` is empty.
+    A box without its own reference phrase takes the previous phrase, as
+    Qwen2-VL lists several boxes after one phrase; a box with reversed or
+    equal corners is malformed.
     """
 
     tokens_per_box = 4
@@ -38,39 +43,44 @@ class Qwen2VLCodec(Codec):
 
     def box_to_continuous(self, box: Box, image_size: tuple[int, int]) -> list[tuple[float, ...]]:
         w, h = image_size
-        return [(min(max(v / s * SCALE, 0.0), SCALE - 1.0),) for v, s in zip(box, (w, h, w, h), strict=True)]
+        return [
+            (min(max(v / s * SCALE, 0.0), SCALE - 1.0),)
+            for v, s in zip(box, (w, h, w, h), strict=True)
+        ]
 
     def box_to_locations(self, box: Box, image_size: tuple[int, int]) -> list[int]:
-        return [min(max(round(v[0]), 0), SCALE - 1) for v in self.box_to_continuous(box, image_size)]
+        return [round(v) for (v,) in self.box_to_continuous(box, image_size)]
 
-    def locations_to_box(self, values: Sequence[Sequence[float]], image_size: tuple[int, int]) -> Box:
+    def locations_to_box(
+        self, values: Sequence[Sequence[float]], image_size: tuple[int, int]
+    ) -> Box:
         w, h = image_size
-        return tuple(float(v[0]) / SCALE * s for v, s in zip(values, (w, h, w, h), strict=True))
+        coords = check_locations(values, 4, 1)
+        return tuple(v / SCALE * s for (v,), s in zip(coords, (w, h, w, h), strict=True))
 
-    def encode(self, boxes: Sequence[Box], labels: Sequence[str], image_size: tuple[int, int]) -> str:
-        if len(boxes) != len(labels):
-            raise ValueError(f"encode got {len(boxes)} boxes but {len(labels)} labels")
+    def encode(
+        self, boxes: Sequence[Box], labels: Sequence[str], image_size: tuple[int, int]
+    ) -> str:
+        check_objects(boxes, labels, _BOX)
         out = []
         for box, label in zip(boxes, labels, strict=True):
             x1, y1, x2, y2 = self.box_to_locations(box, image_size)
             out.append(
-                f"<|object_ref_start|>{label}<|object_ref_end|><|box_start|>({x1},{y1}),({x2},{y2})<|box_end|>"
+                f"<|object_ref_start|>{label}<|object_ref_end|>"
+                f"<|box_start|>({x1},{y1}),({x2},{y2})<|box_end|>"
             )
         return "".join(out)
 
     def decode(self, text: str, image_size: tuple[int, int]) -> DecodeResult:
-        detections, bad, last = [], 0, 0
+        detections, bad, last, label = [], 0, 0, ""
         for m in _BOX.finditer(text):
-            ref = _REF.search(text[last : m.start()])
-            label = clean_label(ref.group(1), "") if ref else ""
+            refs = _REF.findall(text[last : m.start()])
+            label = clean_label(refs[-1]) if refs else label
             last = m.end()
-            corners = _CORNERS.match(m.group(1))
-            if not corners:
+            corners = _CORNERS.fullmatch(m.group(1))
+            k = [int(v) for v in corners.groups()] if corners else []
+            if not k or max(k) > SCALE or k[2] <= k[0] or k[3] <= k[1]:
                 bad += 1
                 continue
-            k = [int(v) for v in corners.groups()]
-            if any(v >= SCALE for v in k) or k[2] <= k[0] or k[3] <= k[1]:
-                bad += 1
-                continue
-            detections.append(Detection(label, self.locations_to_box([(v,) for v in k], image_size)))
+            detections.append(Detection(label, self.locations_to_box(k, image_size)))
         return DecodeResult(detections, bad)
