@@ -36,9 +36,9 @@ class BinCodec(Codec):
     (``round(v/size*(n-1))``, decoded ``k/(n-1)*size``) or ``"floor"`` (floor
     to a bin of width ``size/n``, decoded at the bin centre). A decoded box is
     kept when ``x2 > x1`` and ``y2 > y1`` (``strict``) or ``>=`` (not strict,
-    for coarse grids where both corners may share a bin); otherwise it is
-    counted as malformed, never swapped: reversed corners are a model error
-    worth seeing in the unparseable rate.
+    for floor bins, where a box inside one bin has both corners in it);
+    otherwise it is counted as malformed, never swapped: reversed corners are
+    a model error worth seeing in the unparseable rate.
     """
 
     tokens_per_box = 4
@@ -147,10 +147,14 @@ class Florence2Codec(BinCodec):
     truncates to whole pixels, loctune keeps the bin centre (up to one pixel
     more exact, and continuous for expected-value decoding). A label may be
     followed by several boxes (phrase grounding gives one phrase several).
+    Both corners in one bin decode to a zero-size box, kept as transformers
+    keeps it; reversed corners are malformed.
     """
 
     def __init__(self):
-        super().__init__(1000, "<loc_{}>", "xyxy", "floor", label_first=True, separator="")
+        super().__init__(
+            1000, "<loc_{}>", "xyxy", "floor", label_first=True, separator="", strict=False
+        )
 
 
 @register_codec("rowcol")
