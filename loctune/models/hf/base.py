@@ -63,7 +63,7 @@ class LoadOptions:
     attn_implementation: str | None = None
     codec: str | None = None
     codec_options: dict[str, Any] | None = None
-    lora: LoraOptions | None = None
+    lora: LoraOptions | dict[str, Any] | bool | None = None
     freeze_vision: bool = False
     gradient_checkpointing: bool = False
 
@@ -480,19 +480,18 @@ class HFAdapter(VLMAdapter):
         finally:
             self.model.train(was_training)
         steps = len(out.logits)
-        new_tokens = out.sequences[:, -steps:].cpu()
-        logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1).cpu()  # [B, steps, V]
+        new_tokens = out.sequences[:, -steps:]
         stops = set(self.stop_token_ids)
         hidden = self._hidden_token_ids()
-        loc_ids = torch.tensor(self._loc_ids, dtype=torch.long)
         results = []
         for b, sample in enumerate(samples):
             ids = new_tokens[b].tolist()
             end = next((i + 1 for i, t in enumerate(ids) if t in stops), len(ids))
             ids = ids[:end]
-            rows = logprobs[b, :end]
-            token_lp = rows.gather(1, torch.tensor(ids, dtype=torch.long)[:, None])[:, 0].tolist()
-            loc_probs = rows[:, loc_ids].exp() if len(loc_ids) else None
+            # one sample at a time: [steps, V] full-vocabulary rows, never [B, steps, V] in fp32
+            rows = torch.stack([step[b] for step in out.logits[:end]]).float().log_softmax(-1)
+            token_lp = rows.gather(1, new_tokens[b, :end, None])[:, 0].tolist()
+            loc_probs = rows[:, self._loc_ids].exp().cpu() if self._loc_ids else None
             text = self.tokenizer.decode(
                 [t for t in ids if t not in hidden],
                 skip_special_tokens=False,
