@@ -1,32 +1,43 @@
 r"""Losses over ``[batch, seq, vocab]`` logits with geometry-aware location targets.
 
-Every supervised position has a target: its label token (text positions) or a
-distribution ``t`` over the location tokens (location positions, from
-:mod:`loctune.targets`). Two per-position losses, both written for a target
-``t`` (one-hot for text) and with ``\bar z = \sum_k t_k z_k``:
+Every supervised position has a target ``τ``: its label token (text positions)
+or, at location positions (label among ``loc_token_ids``), the mixture
+``hard_weight * one_hot + soft_weight * t`` with ``t`` a row of
+:func:`loctune.targets.make_targets` over the location tokens. Write
+``p = softmax(z)``, ``m = Σ τ`` (1 except for mixtures such as DIST2Loss) and
+``\bar z = Σ_k τ_k z_k``. Two per-position losses:
 
-- cross-entropy: ``m * logsumexp(z) - \bar z`` with ``m = \sum_k t_k``
-  (``m = 1`` except for mixed targets such as DIST2Loss), gradient ``m p - t``;
-- GEM (Li et al., arXiv 2408.16673, official ``gem_loss``):
-  ``q = softmax(z / beta)`` and weights ``w_v = 1`` (``h="linear"``) or
-  ``sigmoid(0.01 (z_v - \bar z))`` (``h="logsigmoid"``), both detached, and
+- cross-entropy: ``L = m logsumexp(z) - \bar z = -Σ_k τ_k log p_k``, gradient
+  ``m p - τ``.
+- GEM (Li et al., arXiv 2408.16673), as the official ``gem_loss``
+  (github.com/liziniu/GEM): ``q = softmax(z / beta)`` and weights ``w_v = 1``
+  (``h="linear"``) or ``sigmoid(0.01 (z_v - z_y))`` (``h="logsigmoid"``), both
+  detached, and ``L = -Σ_v q_v w_v (log p_y - log p_v)``. Since
+  ``log p_y - log p_v = z_y - z_v`` this is ``Σ_v c_v (z_v - z_y)`` with
+  ``c = q * w``, and its logit gradient is ``c - C e_y`` with ``C = Σ_v c_v``
+  (``q - e_y`` for linear ``h``; at ``beta = 1`` that is CE's ``p - e_y``).
+  For a soft target ``τ`` (normalised to mass 1 for GEM) we take the
+  expectation of the log-likelihood term over the target,
 
-  .. math:: L = -\sum_v q_v w_v (\log p_{\bar y} - \log p_v) = \sum_v q_v w_v (z_v - \bar z)
+  .. math:: L = -Σ_v c_v \Big(Σ_k τ_k \log p_k - \log p_v\Big) = Σ_v c_v (z_v - \bar z),
 
-  since ``log p_y - log p_v = z_y - z_v``. For a one-hot target this is the
-  official loss term for term; its logit gradient is ``c - C t`` with
-  ``c = q * w`` and ``C = \sum_v c_v``, i.e. ``q - t`` for linear ``h``.
+  with ``w_v = sigmoid(0.01 (z_v - \bar z))``, whose gradient is
+  ``c - C τ``: ``q - τ`` for linear ``h``. A one-hot ``τ`` gives the official loss.
 
-Memory: a custom autograd function keeps per-row statistics (logsumexp, the
-target logit) and recomputes the full-vocabulary quantities in backward, in
-row chunks; no ``[tokens, vocab]`` target, softmax or weight tensor is stored
-for backward, and the soft target only ever touches the location slice.
+Cost. Neither loss stores a full-vocabulary intermediate: the logits are
+processed in row chunks and each chunk's gradient is computed in the same pass
+that computes its loss (it is needed anyway, and this halves the passes over
+the logits compared with recomputing in backward); what is kept for backward
+is the gradient itself, in the logits' dtype, which is what backward returns.
+The soft part touches only the ``[rows, n_loc]`` location slice; no
+``[tokens, vocab]`` target is ever built. :meth:`LocationLoss.fused_linear`
+goes further and never holds more than one chunk of logits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +46,7 @@ from loctune.codecs.base import LocationSpace
 from loctune.targets import TargetSpec, make_targets
 
 IGNORE = -100
+LOSS_NAMES = ("ce", "soft_ce", "gem")
 
 
 @dataclass
@@ -44,9 +56,10 @@ class LossConfig:
     ``name``: ``ce`` (one-hot everywhere), ``soft_ce`` (``targets`` at location
     positions, CE elsewhere) or ``gem`` (GEM at location positions, with
     ``targets``; text positions get CE, or GEM too with ``gem_scope="all"``).
-    At location positions the target is ``hard_weight * one_hot +
-    soft_weight * targets``: DIST2Loss is ``soft_ce`` with Gaussian targets,
-    ``hard_weight=1, soft_weight=0.1``. GEM normalises that mixture.
+    At location positions the target is ``hard_weight * one_hot + soft_weight *
+    targets``: DIST2Loss is ``soft_ce`` with Gaussian targets, ``hard_weight=1,
+    soft_weight=0.1`` (preset ``"dist2"``). GEM normalises that mixture.
+    ``chunk_elements`` bounds the logits processed at once (rows x vocab).
     """
 
     name: str = "ce"
@@ -56,103 +69,225 @@ class LossConfig:
     beta: float = 0.7
     h: str = "logsigmoid"
     gem_scope: str = "location"
-    chunk_size: int = 1024
+    chunk_elements: int = 1 << 24
 
     def __post_init__(self):
-        if self.name not in ("ce", "soft_ce", "gem"):
-            raise ValueError(f"LossConfig.name must be 'ce', 'soft_ce' or 'gem', got {self.name!r}")
+        if self.name not in LOSS_NAMES:
+            raise ValueError(f"LossConfig.name must be one of {LOSS_NAMES}, got {self.name!r}")
         if self.h not in ("linear", "logsigmoid"):
             raise ValueError(f"LossConfig.h must be 'linear' or 'logsigmoid', got {self.h!r}")
         if self.gem_scope not in ("location", "all"):
-            raise ValueError(f"LossConfig.gem_scope must be 'location' or 'all', got {self.gem_scope!r}")
+            raise ValueError(
+                f"LossConfig.gem_scope must be 'location' or 'all', got {self.gem_scope!r}"
+            )
         if self.beta <= 0:
             raise ValueError(f"LossConfig.beta must be > 0, got {self.beta}")
+        if self.hard_weight < 0 or self.soft_weight < 0 or self.hard_weight + self.soft_weight <= 0:
+            raise ValueError(
+                "LossConfig.hard_weight and soft_weight must be >= 0 with a positive sum, got "
+                f"{self.hard_weight} and {self.soft_weight}"
+            )
+        if self.chunk_elements < 1:
+            raise ValueError(f"LossConfig.chunk_elements must be >= 1, got {self.chunk_elements}")
 
 
 # ---------------------------------------------------------------------------------------
-# the row-wise kernel
+# per-chunk kernel
 
 
-def _target_logit(z: torch.Tensor, hard: torch.Tensor | None, soft: torch.Tensor | None, loc_ids) -> torch.Tensor:
+@dataclass
+class _Group:
+    """Supervised rows sharing one loss (``mode``), with their targets.
+
+    ``rows`` indexes the flat ``[N, V]`` logits, or is ``None`` for all N rows (then
+    chunks are views, not copies). Row r's target is ``hard[r] * e_{label[r]}`` plus
+    ``soft[soft_ptr[r]]`` on the location ids when ``soft_ptr[r] >= 0``; ``mass[r]``
+    is its total mass.
+    """
+
+    mode: str
+    rows: torch.Tensor | None
+    label: torch.Tensor
+    hard: torch.Tensor
+    mass: torch.Tensor
+    soft: torch.Tensor | None = None
+    soft_ptr: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.label.numel()
+
+
+@dataclass
+class _Plan:
+    """Everything the autograd functions need besides the differentiable inputs."""
+
+    groups: list[_Group]
+    n_rows: int
+    scale: float  # 1 / denominator of the mean
+    loc_ids: torch.Tensor
+    beta: float
+    h: str
+    chunk_elements: int
+
+    @property
+    def covers_all_rows(self) -> bool:
+        return sum(len(g) for g in self.groups) == self.n_rows
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 logits; fp64 stays fp64 (reference tests)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _target_dot(x: torch.Tensor, label, hard, soft, loc_ids) -> torch.Tensor:
+    """``Σ_k τ_k x_k`` per row, touching only the label column and the location slice."""
+    acc = _compute_dtype(x.dtype)
+    out = hard * x.gather(1, label[:, None]).squeeze(1).to(acc)
     if soft is not None:
-        return (z.index_select(1, loc_ids) * soft).sum(1)
-    return z.gather(1, hard[:, None]).squeeze(1)
+        out = out + (x.index_select(1, loc_ids).to(acc) * soft).sum(1)
+    return out
 
 
-def _row_grad(z, hard, soft, loc_ids, mode, beta, h, stats):
-    """Gradient of the per-row loss w.r.t. the row's logits (recomputed in backward)."""
-    if mode == "ce":
-        lse, mass = stats
-        g = torch.exp(z - lse[:, None]) * mass[:, None]
-    else:
-        lse_b, zbar = stats
-        g = torch.exp(z / beta - lse_b[:, None])
-        if h == "logsigmoid":
-            g = g * torch.sigmoid(0.01 * (z - zbar[:, None]))
-        mass = g.sum(1)
+def _subtract_target(grad: torch.Tensor, label, hard, soft, loc_ids, coef: torch.Tensor) -> None:
+    """``grad -= coef[:, None] * τ`` in place."""
+    grad.scatter_add_(1, label[:, None], -(coef * hard)[:, None].to(grad.dtype))
     if soft is not None:
-        g.index_add_(1, loc_ids, -(soft * mass[:, None]) if mode == "gem" else -soft)
-    else:
-        g.scatter_add_(1, hard[:, None], -mass[:, None] if mode == "gem" else -torch.ones_like(mass[:, None]))
-    return g
+        grad.index_add_(1, loc_ids, (soft * coef[:, None]).to(grad.dtype), alpha=-1)
 
 
-def _row_loss(z, hard, soft, loc_ids, mode, beta, h):
-    zbar = _target_logit(z, hard, soft, loc_ids)
+def _chunk_loss(z, mode, label, hard, mass, soft, plan: _Plan, want_grad: bool):
+    """Per-row losses of ``z`` (``[C, V]``, any float dtype; fp32 inside) and, when
+    ``want_grad``, ``plan.scale`` times their gradient (fp32, ``[C, V]``)."""
     if mode == "ce":
-        lse = torch.logsumexp(z, 1)
-        mass = soft.sum(1) if soft is not None else torch.ones_like(lse)
-        return mass * lse - zbar, (lse, mass)
-    lse_b = torch.logsumexp(z / beta, 1)
-    c = torch.exp(z / beta - lse_b[:, None])
-    if h == "logsigmoid":
-        c = c * torch.sigmoid(0.01 * (z - zbar[:, None]))
-    return (c * z).sum(1) - c.sum(1) * zbar, (lse_b, zbar)
+        logp = torch.log_softmax(z, 1, dtype=_compute_dtype(z.dtype))
+        loss = -_target_dot(logp, label, hard, soft, plan.loc_ids)
+        if not want_grad:
+            return loss, None
+        grad = logp.exp_().mul_((plan.scale * mass)[:, None])
+        _subtract_target(grad, label, hard, soft, plan.loc_ids, torch.full_like(mass, plan.scale))
+        return loss, grad
+    zbar = _target_dot(z, label, hard, soft, plan.loc_ids)
+    s = z - zbar[:, None]  # promoted to the compute dtype
+    c = torch.softmax(s / plan.beta, 1)
+    if plan.h == "logsigmoid":
+        c.mul_(torch.sigmoid(s * 0.01))
+    loss = torch.linalg.vecdot(c, s)
+    if not want_grad:
+        return loss, None
+    total = c.sum(1)
+    grad = c.mul_(plan.scale)
+    _subtract_target(grad, label, hard, soft, plan.loc_ids, plan.scale * total)
+    return loss, grad
 
 
-class _RowLoss(torch.autograd.Function):
-    """Per-row loss of ``logits[rows]`` against hard ids or soft location targets."""
+def _run_chunks(plan: _Plan, vocab: int, logits_of, take_grad, want_grad: bool) -> torch.Tensor:
+    """Sum of row losses over all groups; ``take_grad(rows, grad)`` receives each chunk's
+    scaled gradient. ``logits_of(rows)`` gives a chunk's ``[C, V]`` logits; ``rows`` is a
+    slice or an index tensor."""
+    per_chunk = max(1, plan.chunk_elements // vocab)
+    total = torch.zeros((), dtype=torch.float64, device=plan.loc_ids.device)
+    for g in plan.groups:
+        for start in range(0, len(g), per_chunk):
+            sl = slice(start, start + per_chunk)
+            rows = sl if g.rows is None else g.rows[sl]
+            soft = None
+            if g.soft is not None:
+                ptr = g.soft_ptr[sl]
+                soft = g.soft[ptr.clamp(min=0)] * (ptr >= 0)[:, None]
+            loss, grad = _chunk_loss(
+                logits_of(rows), g.mode, g.label[sl], g.hard[sl], g.mass[sl], soft, plan, want_grad
+            )
+            total += loss.sum()
+            if grad is not None:
+                take_grad(rows, grad)
+    return total * plan.scale
+
+
+def _rows_of(x: torch.Tensor, rows) -> torch.Tensor:
+    return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+
+
+def _put_rows(dst: torch.Tensor, rows, src: torch.Tensor) -> None:
+    if isinstance(rows, slice):
+        dst[rows].copy_(src)
+    else:
+        dst.index_copy_(0, rows, src.to(dst.dtype))
+
+
+def _scale_saved(ctx, grad_out: torch.Tensor) -> list[torch.Tensor | None]:
+    grads = ctx.grads
+    if grads is None:
+        raise RuntimeError(
+            "loctune losses compute their gradient in forward and release it in backward; "
+            "backward through the same loss twice (retain_graph) is not supported"
+        )
+    ctx.grads = None
+    if not bool(grad_out == 1):
+        for g in grads:
+            if g is not None:
+                g.mul_(grad_out.to(g.dtype))
+    return grads
+
+
+class _LogitsLoss(torch.autograd.Function):
+    """Mean loss of flat logits ``[N, V]``; the gradient is computed in forward, by chunks."""
 
     @staticmethod
-    def forward(ctx, logits, rows, hard, soft, loc_ids, mode, beta, h, chunk):
-        out = torch.empty(rows.numel(), device=logits.device, dtype=torch.float32)
-        stats = []
-        for i in range(0, rows.numel(), chunk):
-            sl = slice(i, i + chunk)
-            z = logits.index_select(0, rows[sl]).float()
-            loss, st = _row_loss(z, _part(hard, sl), _part(soft, sl), loc_ids, mode, beta, h)
-            out[sl] = loss
-            stats.append(torch.stack(st))
-        ctx.save_for_backward(logits, rows, hard if hard is not None else rows, soft if soft is not None else out,
-                              loc_ids, torch.cat(stats, 1) if stats else out.new_zeros(2, 0))
-        ctx.has = (hard is not None, soft is not None)
-        ctx.cfg = (mode, beta, h, chunk)
-        return out
+    def forward(ctx, logits: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        want = ctx.needs_input_grad[0]
+        grad = None
+        if want:
+            grad = torch.empty_like(logits) if plan.covers_all_rows else torch.zeros_like(logits)
+
+        loss = _run_chunks(
+            plan,
+            logits.shape[1],
+            lambda rows: _rows_of(logits, rows),
+            lambda rows, g: _put_rows(grad, rows, g),
+            want,
+        )
+        ctx.grads = [grad]
+        return loss.to(_compute_dtype(logits.dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
-        logits, rows, hard, soft, loc_ids, stats = ctx.saved_tensors
-        hard = hard if ctx.has[0] else None
-        soft = soft if ctx.has[1] else None
-        mode, beta, h, chunk = ctx.cfg
-        grad = torch.zeros_like(logits)
-        for i in range(0, rows.numel(), chunk):
-            sl = slice(i, i + chunk)
-            z = logits.index_select(0, rows[sl]).float()
-            g = _row_grad(z, _part(hard, sl), _part(soft, sl), loc_ids, mode, beta, h, stats[:, sl])
-            grad.index_copy_(0, rows[sl], (g * grad_out[sl, None]).to(logits.dtype))
-        return grad, None, None, None, None, None, None, None, None
+        (grad,) = _scale_saved(ctx, grad_out)
+        return grad, None
 
 
-def _part(t, sl):
-    return None if t is None else t[sl]
+class _FusedLinearLoss(torch.autograd.Function):
+    """Mean loss of ``hidden @ weight.T + bias`` without holding more than a chunk of logits."""
 
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, plan: _Plan) -> torch.Tensor:
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros_like(bias) if need_b else None
 
-def row_loss(logits2d, rows, *, hard=None, soft=None, loc_ids=None, mode="ce", beta=0.7, h="logsigmoid", chunk=1024):
-    """Per-row losses for ``logits2d[rows]`` (``[N, V]``): hard ids ``[R]`` or soft ``[R, n_loc]``."""
-    if loc_ids is None:
-        loc_ids = rows.new_zeros(0)
-    return _RowLoss.apply(logits2d, rows, hard, soft, loc_ids, mode, beta, h, chunk)
+        def take(rows, g):
+            h = _rows_of(hidden, rows)
+            g = g.to(weight.dtype)
+            if grad_h is not None:
+                _put_rows(grad_h, rows, g @ weight)
+            if grad_w is not None:
+                grad_w.addmm_(g.t(), h)
+            if grad_b is not None:
+                grad_b.add_(g.sum(0).to(grad_b.dtype))
+
+        loss = _run_chunks(
+            plan,
+            weight.shape[0],
+            lambda rows: F.linear(_rows_of(hidden, rows), weight, bias),
+            take,
+            any((need_h, need_w, need_b)),
+        )
+        ctx.grads = [grad_h, grad_w, grad_b]
+        return loss.to(_compute_dtype(hidden.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return (*_scale_saved(ctx, grad_out), None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -162,81 +297,201 @@ def row_loss(logits2d, rows, *, hard=None, soft=None, loc_ids=None, mode="ce", b
 class LocationLoss:
     """A :class:`LossConfig` bound to a vocabulary's location tokens and their geometry.
 
-    Call with logits ``[B, S, V]`` and labels ``[B, S]`` (-100 ignored). Causal
-    models need ``shift=True`` (logit t predicts label t+1); encoder-decoders
-    (Florence-2) pass their decoder labels unshifted. Returns the sum over
-    supervised positions divided by ``num_items_in_batch`` when given (as
-    transformers' Trainer does under gradient accumulation), else the mean.
+    ``loc_token_ids`` are the vocabulary ids of the codec's location tokens, in
+    location order (id ``k`` is location ``k`` of ``space``). ``space`` may be
+    ``None`` (a codec writing coordinates as plain text) for ``ce`` only.
     """
 
-    def __init__(self, config: LossConfig, loc_token_ids: Sequence[int], space: LocationSpace | None):
+    def __init__(
+        self, config: LossConfig, loc_token_ids: Sequence[int], space: LocationSpace | None
+    ):
         self.config = config
         self.loc_token_ids = torch.as_tensor(list(loc_token_ids), dtype=torch.long)
         self.space = space
-        if config.name != "ce" and (space is None or not len(self.loc_token_ids)):
-            raise ValueError(f"loss {config.name!r} needs location tokens; this codec writes coordinates as text")
-        if space is not None and len(self.loc_token_ids) and len(self.loc_token_ids) != space.size:
-            raise ValueError(f"{len(self.loc_token_ids)} location token ids for a location space of {space.size}")
+        ids = self.loc_token_ids
+        if ids.numel() and (int(ids.min()) < 0 or ids.unique().numel() != ids.numel()):
+            raise ValueError("loc_token_ids must be distinct, non-negative vocabulary ids")
+        if config.name != "ce" and (space is None or not ids.numel()):
+            raise ValueError(
+                f"loss {config.name!r} needs location tokens; this codec writes coordinates as text "
+                "(use name='ce')"
+            )
+        if space is not None and ids.numel() and ids.numel() != space.size:
+            raise ValueError(
+                f"{ids.numel()} location token ids for a location space of {space.size}"
+            )
+        self._lookup: dict[tuple[str, int], torch.Tensor] = {}
 
-    def __call__(self, logits, labels, continuous=None, shift: bool = True, num_items_in_batch=None):
-        if shift:
-            logits, labels = logits[:, :-1], labels[:, 1:]
-            continuous = continuous[:, 1:] if continuous is not None else None
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        continuous: torch.Tensor | None = None,
+        shift: bool = True,
+        num_items_in_batch=None,
+    ) -> torch.Tensor:
+        """Mean loss of ``logits`` ``[B, S, V]`` against ``labels`` ``[B, S]`` (-100 ignored).
+
+        ``shift=True`` for causal models (logit t predicts label t+1; the labels are
+        shifted, the logits are not copied); encoder-decoders (Florence-2) pass
+        ``shift=False``. ``continuous`` (``[B, S, dim]``, NaN at non-location
+        positions) feeds ``two_bin`` targets. The result is the summed loss divided
+        by ``num_items_in_batch`` when given (Trainer's gradient accumulation), else
+        by the number of supervised positions.
+        """
+        if logits.shape[:-1] != labels.shape:
+            raise ValueError(
+                f"logits {list(logits.shape)} and labels {list(labels.shape)} disagree: "
+                "expected logits [*labels.shape, vocab]"
+            )
+        labels, continuous = self._align(labels.to(logits.device), continuous, shift)
         flat = logits.reshape(-1, logits.shape[-1])
-        labels = labels.reshape(-1).to(flat.device)
-        total = self.per_position(flat, labels, continuous).sum()
-        n = num_items_in_batch if num_items_in_batch is not None else (labels != IGNORE).sum()
-        return total / (n.to(total.device).clamp(min=1) if torch.is_tensor(n) else max(n, 1))
+        plan = self._plan(flat.shape[1], labels.reshape(-1), continuous, num_items_in_batch)
+        return _LogitsLoss.apply(flat, plan)
 
-    def location_mask(self, labels: torch.Tensor) -> torch.Tensor:
-        return torch.isin(labels, self.loc_token_ids.to(labels.device))
+    def fused_linear(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        continuous: torch.Tensor | None = None,
+        shift: bool = False,
+        num_items_in_batch=None,
+    ) -> torch.Tensor:
+        """The same loss of ``hidden @ weight.T (+ bias)``, never materialising all logits.
 
-    def per_position(self, flat: torch.Tensor, labels: torch.Tensor, continuous=None) -> torch.Tensor:
-        """Losses of the supervised positions of ``flat`` (``[N, V]``), text then location."""
+        ``hidden`` is ``[*labels.shape, H]``, ``weight`` the output projection
+        ``[V, H]``. Each chunk's logits are made, turned into gradients for
+        ``hidden``, ``weight`` and ``bias`` and dropped; peak memory holds one
+        ``[chunk, V]`` block instead of ``[N, V]``.
+        """
+        if hidden.shape[:-1] != labels.shape or weight.shape[1] != hidden.shape[-1]:
+            raise ValueError(
+                f"fused_linear: hidden {list(hidden.shape)}, weight {list(weight.shape)} and labels "
+                f"{list(labels.shape)} disagree: expected hidden [*labels.shape, H], weight [V, H]"
+            )
+        labels, continuous = self._align(labels.to(hidden.device), continuous, shift)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        plan = self._plan(weight.shape[0], labels.reshape(-1), continuous, num_items_in_batch)
+        return _FusedLinearLoss.apply(flat, weight, bias, plan)
+
+    def compute_loss_func(self, shift: bool = True) -> Callable:
+        """Drop-in for ``transformers.Trainer(compute_loss_func=...)``.
+
+        Returns ``fn(outputs, labels, num_items_in_batch=None)``; ``outputs`` has
+        ``.logits`` (or a ``"logits"`` key). ``shift=True`` for causal models,
+        ``False`` for encoder-decoders whose logits align with their labels.
+        """
+
+        def fn(outputs, labels, num_items_in_batch=None):
+            logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs.logits
+            return self(logits, labels, shift=shift, num_items_in_batch=num_items_in_batch)
+
+        return fn
+
+    def location_index(self, labels: torch.Tensor, vocab: int) -> torch.Tensor:
+        """Location index (0..n_loc-1) of each label id, -1 for other ids and -100."""
+        key = (str(labels.device), vocab)
+        if key not in self._lookup:
+            if self.loc_token_ids.numel() and int(self.loc_token_ids.max()) >= vocab:
+                raise ValueError(
+                    f"loc_token_ids reach {int(self.loc_token_ids.max())} but vocab is {vocab}"
+                )
+            lookup = torch.full((vocab,), -1, dtype=torch.long)
+            lookup[self.loc_token_ids] = torch.arange(self.loc_token_ids.numel())
+            self._lookup[key] = lookup.to(labels.device)
+        return torch.where(labels >= 0, self._lookup[key][labels.clamp(min=0)], -1)
+
+    # -- internals -----------------------------------------------------------------------
+
+    @staticmethod
+    def _align(labels, continuous, shift: bool):
+        if continuous is not None:
+            continuous = torch.as_tensor(continuous, device=labels.device)
+            if continuous.shape[:-1] != labels.shape:
+                raise ValueError(
+                    f"continuous {list(continuous.shape)} must be [*labels.shape, dim] "
+                    f"with labels {list(labels.shape)}"
+                )
+        if not shift:
+            return labels, continuous
+        labels = F.pad(labels[..., 1:], (0, 1), value=IGNORE)
+        if continuous is not None:
+            continuous = F.pad(continuous[..., 1:, :], (0, 0, 0, 1), value=float("nan"))
+        return labels, continuous
+
+    def _plan(self, vocab: int, labels: torch.Tensor, continuous, num_items_in_batch) -> _Plan:
         cfg = self.config
         valid = labels != IGNORE
-        if cfg.name == "ce":
-            rows = valid.nonzero().squeeze(1)
-            return row_loss(flat, rows, hard=labels[rows], chunk=cfg.chunk_size)
-        loc_ids = self.loc_token_ids.to(flat.device)
-        is_loc = self.location_mask(labels) & valid
-        text_rows = (valid & ~is_loc).nonzero().squeeze(1)
-        loc_rows = is_loc.nonzero().squeeze(1)
-        gem = cfg.name == "gem"
-        text_mode = "gem" if gem and cfg.gem_scope == "all" else "ce"
-        parts = [row_loss(flat, text_rows, hard=labels[text_rows], mode=text_mode, beta=cfg.beta, h=cfg.h,
-                          chunk=cfg.chunk_size)]
-        if loc_rows.numel():
-            soft = self.location_targets(labels[loc_rows], continuous, loc_rows)
-            parts.append(row_loss(flat, loc_rows, soft=soft, loc_ids=loc_ids, mode="gem" if gem else "ce",
-                                  beta=cfg.beta, h=cfg.h, chunk=cfg.chunk_size))
-        return torch.cat(parts)
+        bad = valid & ((labels < 0) | (labels >= vocab))
+        if bad.any():
+            raise ValueError(
+                f"labels must be -100 or in [0, {vocab}); got {labels[bad][:5].tolist()}"
+            )
+        denominator = (
+            float(num_items_in_batch) if num_items_in_batch is not None else float(valid.sum())
+        )
+        n = labels.numel()
+        device = labels.device
+        hard = torch.ones(n, device=device)
+        mass = torch.ones(n, device=device)
+        soft = soft_ptr = None
+        loc_mode = "gem" if cfg.name == "gem" else "ce"
+        text_mode = "gem" if cfg.name == "gem" and cfg.gem_scope == "all" else "ce"
+        is_loc = torch.zeros_like(valid)
+        if cfg.name != "ce":
+            loc_index = self.location_index(labels, vocab)
+            is_loc = valid & (loc_index >= 0)
+            loc_rows = is_loc.nonzero().squeeze(1)
+            a, t = self._location_targets(loc_index[loc_rows], continuous, loc_rows)
+            hard[loc_rows] = a
+            mass[loc_rows] = a + (t.sum(1) if t is not None else 0.0)
+            if loc_mode == "gem":  # GEM matches a distribution: normalise the mixture
+                hard[loc_rows] = a / mass[loc_rows]
+                t = t / mass[loc_rows, None] if t is not None else None
+                mass[loc_rows] = 1.0
+            if t is not None and t.shape[0]:
+                soft = t
+                soft_ptr = torch.full((n,), -1, dtype=torch.long, device=device)
+                soft_ptr[loc_rows] = torch.arange(loc_rows.numel(), device=device)
+        masks = {loc_mode: valid & is_loc}
+        masks[text_mode] = masks.get(text_mode, torch.zeros_like(valid)) | (valid & ~is_loc)
+        groups = []
+        for mode, mask in masks.items():
+            rows = None if bool(mask.all()) else mask.nonzero().squeeze(1)
+            if rows is not None and not rows.numel():
+                continue
+            per_row = [labels.clamp(min=0), hard, mass, soft_ptr]
+            if rows is not None:
+                per_row = [None if x is None else x[rows] for x in per_row]
+            label, row_hard, row_mass, row_ptr = per_row
+            groups.append(_Group(mode, rows, label, row_hard, row_mass, soft, row_ptr))
+        return _Plan(
+            groups,
+            n,
+            1.0 / max(denominator, 1.0),
+            self.loc_token_ids.to(device),
+            cfg.beta,
+            cfg.h,
+            cfg.chunk_elements,
+        )
 
-    def location_targets(self, loc_labels: torch.Tensor, continuous, loc_rows: torch.Tensor) -> torch.Tensor:
-        """``[R, n_loc]`` targets for location positions (mixture of one-hot and the spec)."""
+    def _location_targets(self, index, continuous, loc_rows):
+        """One-hot coefficient and ``[R, n_loc]`` soft part (or None) at location rows."""
         cfg = self.config
-        lookup = torch.full((int(self.loc_token_ids.max()) + 1,), -1, dtype=torch.long)
-        lookup[self.loc_token_ids] = torch.arange(len(self.loc_token_ids))
-        index = lookup.to(loc_labels.device)[loc_labels]
+        if cfg.targets.kind == "one_hot":
+            return cfg.hard_weight + cfg.soft_weight, None
         cont = None
         if cfg.targets.needs_continuous:
             if continuous is None:
-                raise ValueError("two_bin targets need batch['loc_continuous'] from the adapter's collate")
+                raise ValueError(
+                    f"targets {cfg.targets.kind!r} need the unquantised coordinates: pass "
+                    "continuous= (batch['loc_continuous'] from the adapter's collate)"
+                )
             cont = continuous.reshape(-1, continuous.shape[-1])[loc_rows]
-        t = make_targets(cfg.targets, index, self.space, cont).to(loc_labels.device) * cfg.soft_weight
-        if cfg.hard_weight:
-            t = t + cfg.hard_weight * F.one_hot(index, self.space.size).to(t)
-        if cfg.name == "gem":
-            t = t / t.sum(1, keepdim=True)
-        return t
-
-    def compute_loss_func(self, shift: bool = True):
-        """Drop-in for ``transformers.Trainer(compute_loss_func=...)``: ``fn(outputs, labels, num_items_in_batch)``."""
-
-        def fn(outputs, labels, num_items_in_batch=None):
-            return self(outputs.logits, labels, shift=shift, num_items_in_batch=num_items_in_batch)
-
-        return fn
+        t = make_targets(cfg.targets, index, self.space, cont).to(index.device)
+        return cfg.hard_weight, t * cfg.soft_weight
 
 
 def fused_linear_loss(
@@ -246,35 +501,64 @@ def fused_linear_loss(
     labels: torch.Tensor,
     bias: torch.Tensor | None = None,
     continuous: torch.Tensor | None = None,
-    chunk_size: int = 1024,
+    shift: bool = False,
     num_items_in_batch=None,
 ) -> torch.Tensor:
-    """``loss`` of ``hidden @ weight.T (+ bias)`` without materialising all logits at once.
-
-    ``hidden`` ``[N, H]`` and ``labels`` ``[N]`` are already aligned (shift
-    before calling). Rows are processed in chunks; each chunk's logits are
-    recomputed in backward (activation checkpointing), so peak memory holds
-    one ``[chunk, V]`` block instead of ``[N, V]``.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    labels = labels.reshape(-1)
-    cont = continuous.reshape(labels.numel(), -1) if continuous is not None else None
-    total = hidden.new_zeros((), dtype=torch.float32)
-
-    def chunk_loss(h, lab, c):
-        logits = F.linear(h, weight, bias)
-        return loss.per_position(logits, lab, c).sum()
-
-    for i in range(0, labels.numel(), chunk_size):
-        sl = slice(i, i + chunk_size)
-        if (labels[sl] != IGNORE).any():
-            total = total + checkpoint(chunk_loss, hidden[sl], labels[sl], None if cont is None else cont[sl],
-                                       use_reentrant=False)
-    n = num_items_in_batch if num_items_in_batch is not None else (labels != IGNORE).sum().clamp(min=1)
-    return total / n
+    """Function form of :meth:`LocationLoss.fused_linear`."""
+    return loss.fused_linear(hidden, weight, labels, bias, continuous, shift, num_items_in_batch)
 
 
-def build_loss(name: str, loc_token_ids: Sequence[int], space: LocationSpace | None, **kwargs) -> LocationLoss:
-    """``build_loss("gem", ids, space, targets=TargetSpec("distance_inverse"))``."""
-    return LocationLoss(LossConfig(name=name, **kwargs), loc_token_ids, space)
+# ---------------------------------------------------------------------------------------
+# registry: presets chosen by name from configs and the command line
+
+_PRESETS: dict[str, LossConfig] = {}
+
+
+def register_loss(name: str, config: LossConfig) -> None:
+    """Make ``config`` available to :func:`loss_config` / :func:`build_loss` as ``name``."""
+    _PRESETS[name] = config
+
+
+for _name, _config in {
+    "ce": LossConfig("ce"),
+    "soft_ce": LossConfig("soft_ce", TargetSpec("distance_inverse")),
+    "distance_inverse": LossConfig("soft_ce", TargetSpec("distance_inverse")),
+    "gaussian": LossConfig("soft_ce", TargetSpec("gaussian")),
+    "label_smoothing": LossConfig("soft_ce", TargetSpec("label_smoothing")),
+    "two_bin": LossConfig("soft_ce", TargetSpec("two_bin")),
+    "dist2": LossConfig("soft_ce", TargetSpec("gaussian"), hard_weight=1.0, soft_weight=0.1),
+    "gem": LossConfig("gem"),
+    "gem_soft": LossConfig("gem", TargetSpec("distance_inverse")),
+}.items():
+    register_loss(_name, _config)
+
+
+def list_losses() -> list[str]:
+    return sorted(_PRESETS)
+
+
+def loss_config(name: str, **overrides) -> LossConfig:
+    """Preset ``name`` with ``overrides``: LossConfig fields, or TargetSpec fields
+    (``power=3``) applied to its targets, e.g. ``loss_config("gem_soft", beta=0.5, power=4)``."""
+    if name not in _PRESETS:
+        raise KeyError(f"unknown loss {name!r}; available: {list_losses()}")
+    config = _PRESETS[name]
+    loss_fields = {f.name for f in fields(LossConfig)}
+    target_fields = {f.name for f in fields(TargetSpec)}
+    unknown = set(overrides) - loss_fields - target_fields
+    if unknown:
+        raise TypeError(
+            f"unknown loss option(s) {sorted(unknown)}; LossConfig/TargetSpec fields only"
+        )
+    target_overrides = {k: v for k, v in overrides.items() if k in target_fields}
+    config = replace(config, **{k: v for k, v in overrides.items() if k in loss_fields})
+    if target_overrides:
+        config = replace(config, targets=replace(config.targets, **target_overrides))
+    return config
+
+
+def build_loss(
+    name: str, loc_token_ids: Sequence[int], space: LocationSpace | None, **overrides
+) -> LocationLoss:
+    """``build_loss("gem_soft", ids, space, power=3)``: a preset bound to a vocabulary."""
+    return LocationLoss(loss_config(name, **overrides), loc_token_ids, space)

@@ -80,7 +80,7 @@ def grads(fn, logits):
                                   TargetSpec("gaussian", sigma=1.5), TargetSpec("label_smoothing")])
 def test_soft_ce_matches_dense_reference(spec):
     logits, labels = batch()
-    ours = LocationLoss(LossConfig("soft_ce", targets=spec, chunk_size=4), LOC_IDS, SPACE)
+    ours = LocationLoss(LossConfig("soft_ce", targets=spec, chunk_elements=4 * V), LOC_IDS, SPACE)
     l1, g1 = grads(lambda: ours(logits, labels), logits)
     l2, g2 = grads(lambda: ref_soft_ce(logits, labels, spec), logits)
     torch.testing.assert_close(l1.double(), l2)
@@ -102,7 +102,7 @@ def test_dist2_mixture_is_ce_plus_weighted_soft_ce():
 @pytest.mark.parametrize("scope", ["location", "all"])
 def test_gem_matches_official_formula(h, spec, scope):
     logits, labels = batch(2)
-    ours = LocationLoss(LossConfig("gem", targets=spec, beta=0.7, h=h, gem_scope=scope, chunk_size=5), LOC_IDS, SPACE)
+    ours = LocationLoss(LossConfig("gem", targets=spec, beta=0.7, h=h, gem_scope=scope, chunk_elements=5 * V), LOC_IDS, SPACE)
     l1, g1 = grads(lambda: ours(logits, labels), logits)
     l2, g2 = grads(lambda: ref_gem(logits, labels, spec, 0.7, h, scope), logits)
     torch.testing.assert_close(l1.double(), l2)
@@ -189,8 +189,9 @@ def test_fused_linear_equals_unfused():
     weight = torch.randn(V, 8, generator=g, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, V, (50,), generator=g)
     labels[:5] = -100
-    loss = LocationLoss(LossConfig("gem", targets=TargetSpec("distance_inverse")), LOC_IDS, SPACE)
-    a = fused_linear_loss(loss, hidden, weight, labels, chunk_size=16)
+    cfg = LossConfig("gem", targets=TargetSpec("distance_inverse"), chunk_elements=16 * V)
+    loss = LocationLoss(cfg, LOC_IDS, SPACE)
+    a = fused_linear_loss(loss, hidden, weight, labels)
     ga = torch.autograd.grad(a, [hidden, weight])
     b = loss(hidden @ weight.T, labels, shift=False)
     gb = torch.autograd.grad(b, [hidden, weight])
