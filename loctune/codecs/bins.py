@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from loctune.codecs.base import Codec, LocationSpace, register_codec
 from loctune.codecs.parsing import (
     check_locations,
@@ -101,7 +103,7 @@ class BinCodec(Codec):
     def encode(
         self, boxes: Sequence[Box], labels: Sequence[str], image_size: tuple[int, int]
     ) -> str:
-        check_objects(boxes, labels, self._pattern)
+        check_objects(boxes, labels, self._pattern, self.separator.strip())
         gap = " " if self.separator else ""
         parts = []
         for box, label in zip(boxes, labels, strict=True):
@@ -145,8 +147,12 @@ class Florence2Codec(BinCodec):
     The bins are exactly transformers' ``Florence2PostProcessor.quantize``; the
     decoded box is its ``dequantize`` before the final ``.int()``: transformers
     truncates to whole pixels, loctune keeps the bin centre (up to one pixel
-    more exact, and continuous for expected-value decoding). A label may be
-    followed by several boxes (phrase grounding gives one phrase several).
+    more exact, and continuous for expected-value decoding). The centre is
+    computed in float32 as transformers does (``(k + 0.5) * (size / 1000)``),
+    so ``int()`` of a decoded coordinate is transformers' pixel to the bit; in
+    float64 a centre such as 2793 comes out 2792.9999999999995 and truncates
+    one pixel lower. A label may be followed by several boxes (phrase
+    grounding gives one phrase several).
     Both corners in one bin decode to a zero-size box, kept as transformers
     keeps it; reversed corners are malformed.
     """
@@ -155,6 +161,14 @@ class Florence2Codec(BinCodec):
         super().__init__(
             1000, "<loc_{}>", "xyxy", "floor", label_first=True, separator="", strict=False
         )
+
+    def locations_to_box(
+        self, values: Sequence[Sequence[float]], image_size: tuple[int, int]
+    ) -> Box:
+        w, h = image_size
+        bins = np.float32([k for (k,) in check_locations(values, 4, 1)]) + np.float32(0.5)
+        per_bin = np.float32([w / self.n_bins, h / self.n_bins] * 2)
+        return tuple((bins * per_bin).tolist())
 
 
 @register_codec("rowcol")

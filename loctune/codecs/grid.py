@@ -83,7 +83,7 @@ class PatchCodec(Codec):
     def encode(
         self, boxes: Sequence[Box], labels: Sequence[str], image_size: tuple[int, int]
     ) -> str:
-        check_objects(boxes, labels, self._pattern)
+        check_objects(boxes, labels, self._pattern, self.separator.strip())
         return self.separator.join(
             f"{label} " + "".join(self._tokens[k] for k in self.box_to_locations(box, image_size))
             for box, label in zip(boxes, labels, strict=True)

@@ -52,12 +52,13 @@ def token_pattern(fmt: str) -> re.Pattern:
 
 
 def check_objects(
-    boxes: Sequence[Box], labels: Sequence[str], token: re.Pattern | None = None
+    boxes: Sequence[Box], labels: Sequence[str], token: re.Pattern | None = None, mark: str = ""
 ) -> None:
     """Raise ``ValueError`` on encode input the codec could not write back readably.
 
     Boxes must be four numbers each and pair up with labels; a label must not
-    contain a location token (``token``), which decoding would read as a box.
+    contain a location token (``token``), which decoding would read as a box,
+    nor the mark separating objects (``mark``), where decoding would cut it.
     """
     if len(boxes) != len(labels):
         raise ValueError(f"encode got {len(boxes)} boxes but {len(labels)} labels")
@@ -68,6 +69,8 @@ def check_objects(
             raise ValueError(f"labels[{i}] must be a string, got {type(label).__name__}")
         if token is not None and token.search(label):
             raise ValueError(f"labels[{i}] = {label!r} contains a location token")
+        if mark and mark in label:
+            raise ValueError(f"labels[{i}] = {label!r} contains the object separator {mark!r}")
 
 
 def check_locations(values: Sequence, count: int, dim: int) -> list[tuple[float, ...]]:

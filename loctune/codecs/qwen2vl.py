@@ -17,6 +17,7 @@ from loctune.types import Box, DecodeResult, Detection
 _BOX = re.compile(r"<\|box_start\|>(.*?)(?:<\|box_end\|>|(?=<\|box_start\|>)|$)", re.S)
 _CORNERS = re.compile(r"\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*,\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*")
 _REF = re.compile(r"<\|object_ref_start\|>(.*?)<\|object_ref_end\|>", re.S)
+_MARKUP = re.compile(r"<\|(?:object_ref|box)_(?:start|end)\|>")  # no label may contain one
 SCALE = 1000
 
 
@@ -61,7 +62,7 @@ class Qwen2VLCodec(Codec):
     def encode(
         self, boxes: Sequence[Box], labels: Sequence[str], image_size: tuple[int, int]
     ) -> str:
-        check_objects(boxes, labels, _BOX)
+        check_objects(boxes, labels, _MARKUP)
         out = []
         for box, label in zip(boxes, labels, strict=True):
             x1, y1, x2, y2 = self.box_to_locations(box, image_size)
