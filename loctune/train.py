@@ -237,6 +237,10 @@ def train(
     it exists and starts fresh otherwise. ``loss_fn`` defaults to
     :class:`loctune.losses.LocationLoss` built from ``config.loss`` and is called
     as ``loss_fn(logits, labels, continuous=..., shift=..., num_items_in_batch=...)``.
+
+    The call owns Accelerate's process-wide state: it builds its own ``Accelerator``
+    and resets that state on return (so the next call may use other settings);
+    make any ``Accelerator`` of your own after it, not before.
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
@@ -354,8 +358,12 @@ def _run(accelerator, adapter, samples, config, run_dir, eval_fn, resume, loss_f
         local_items = sum(_supervised_tokens(b["labels"], shift) for b in micro)
         n_items = accelerator.reduce(local_items, reduction="sum").clamp_min(1)
         for batch in micro:
+            # Explicit autocast of the forward only (not the loss): under FSDP2
+            # Accelerate casts parameters but does not autocast, so models mixing
+            # dtypes (float32 buffers) would fail in bf16.
             with accelerator.accumulate(module):
-                logits = module(batch)
+                with accelerator.autocast():
+                    logits = module(batch)
                 loss = loss_fn(
                     logits,
                     batch["labels"],
