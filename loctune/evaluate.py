@@ -1,194 +1,391 @@
-"""Generation -> codec.decode -> boxes -> metrics, for any adapter.
+"""Generations -> boxes (argmax and expected-value decoding) -> scores.
 
-Scores per task: referring expressions (``grounding``) by Acc@0.5 and mean
-IoU; detection by COCO AP/AP50/AP75 through pycocotools, ranked by each box's
-confidence taken from the model's own token probabilities (a constant score
-would make AP meaningless). Both argmax decoding (the generated tokens) and
-expected-value decoding (the mean location under the model's distribution at
-each location step) are scored side by side, ``ev_`` prefixing the latter.
+Two decodings are scored side by side:
+
+* **argmax**: the boxes the codec reads from the generated text, i.e. the
+  tokens the model chose;
+* **expected value (EV)**: every location token of an object is replaced by the
+  expectation of its coordinate(s) under the model's location distribution at
+  that step (renormalised over the location tokens; the expected (row, col) on
+  a grid), mapped to pixels with ``codec.locations_to_box``. Soft-label training
+  spreads mass over neighbouring bins on purpose; EV decoding shows whether that
+  spread is centred on the truth.
+
+Objects are tied to their tokens by walking ``token_ids``: runs of location
+token ids are cut into groups of ``codec.tokens_per_box``, and each decoded
+object is matched, in order, with the next group whose argmax box equals the
+object's box (the codec contract makes them identical). An object without a
+group (text and tokens disagree) keeps its argmax box for EV decoding, gets the
+whole generation's mean token probability as score, and is counted malformed.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Literal
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from loctune.boxes import iou
-from loctune.codecs.base import Codec
+from loctune.codecs import Codec
+from loctune.metrics import (
+    coco_detection_metrics,
+    grounding_metrics,
+    location_entropy,
+    nanmean,
+)
 from loctune.models.base import Generation, VLMAdapter
-from loctune.types import Detection, Sample
+from loctune.types import Box, Detection, Sample
+
+ConfidenceMode = Literal["tokens", "loc_tokens", "loc_mass"]
+CONFIDENCE_MODES: tuple[str, ...] = ("tokens", "loc_tokens", "loc_mass")
+TASKS = ("grounding", "detection")
+_EV_KEYS = ("acc50", "miou", "ap", "ap50", "ap75")  # metrics that depend on the boxes
+_BOX_MATCH_ATOL = 1e-3  # pixels; argmax group box vs decoded box, equal by contract
 
 
 @dataclass
-class Scored:
-    """One generation read back: argmax and expected-value detections, and diagnostics."""
+class DecodedGeneration:
+    """What one generation yields: both decodings and the diagnostics.
+
+    ``ev_detections[i]`` is ``detections[i]`` with its expected-value box (same
+    label and score). ``loc_entropies`` holds one entropy per generated location
+    token, in nats.
+    """
 
     detections: list[Detection]
     ev_detections: list[Detection]
-    n_malformed: int = 0
-    loc_entropies: list[float] = field(default_factory=list)
+    n_malformed: int
+    loc_entropies: list[float]
 
 
-def _location_groups(gen: Generation, loc_index: dict[int, int], per_box: int) -> list[list[int]]:
-    """Positions of complete runs of ``per_box`` consecutive location tokens, in order."""
-    groups, run = [], []
-    for i, tok in enumerate(gen.token_ids):
-        if tok in loc_index:
-            run.append(i)
-            if len(run) == per_box:
-                groups.append(run)
-                run = []
-        else:
-            run = []
-    return groups
+def expected_locations(probs: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """``[k, dim]`` expected coordinates under each renormalised row of ``probs [k, n_loc]``.
 
-
-def _coords(codec: Codec, k: float | torch.Tensor) -> tuple[float, ...]:
-    if codec.space.kind == "bins":
-        return (float(k),)
-    return (float(k // codec.space.n), float(k % codec.space.n))
-
-
-def score_generation(gen: Generation, codec: Codec, loc_ids: Sequence[int], image_size: tuple[int, int]) -> Scored:
-    """Decode ``gen`` and attach to every box a confidence and an expected-value twin.
-
-    Confidence: the geometric mean probability of the box's location tokens,
-    ``exp(mean log p)``: it falls when the model hesitates about where the box
-    is, which is what detection AP should rank by. Boxes the token walk cannot
-    align with the text decode (malformed output) get the whole generation's
-    geometric mean probability and keep their argmax box as the EV box.
+    ``coords`` is ``LocationSpace.coords()``: the bin index, or (row, col) on a
+    grid, so a grid gives the expected cell position, not the expected index.
+    Rows without mass give NaN.
     """
-    decoded = codec.decode(gen.text, image_size)
-    loc_index = {t: k for k, t in enumerate(loc_ids)}
-    groups = _location_groups(gen, loc_index, codec.tokens_per_box) if codec.space else []
-    lp = gen.token_logprobs
-    fallback = math.exp(sum(lp) / len(lp)) if lp else 0.0
-    dets, ev, entropies = [], [], []
-    used = 0
-    for det in decoded.detections:
-        match = None
-        for j in range(used, len(groups)):
-            locs = [_coords(codec, loc_index[gen.token_ids[i]]) for i in groups[j]]
-            if np.allclose(codec.locations_to_box(locs, image_size), det.box, atol=1e-6):
-                match, used = j, j + 1
-                break
-        if match is None:
-            dets.append(Detection(det.label, det.box, fallback))
-            ev.append(Detection(det.label, det.box, fallback))
-            continue
-        pos = groups[match]
-        conf = math.exp(sum(lp[i] for i in pos) / len(pos))
-        dets.append(Detection(det.label, det.box, conf))
-        ev_box = det.box
-        if gen.loc_probs is not None:
-            means = []
-            for i in pos:
-                p = gen.loc_probs[i].double()
-                p = p / p.sum().clamp(min=1e-30)
-                entropies.append(float(-(p * p.clamp(min=1e-30).log()).sum()))
-                k = torch.arange(len(p), dtype=torch.float64)
-                if codec.space.kind == "bins":
-                    means.append((float((p * k).sum()),))
-                else:
-                    n = codec.space.n
-                    means.append((float((p * (k // n)).sum()), float((p * (k % n)).sum())))
-            ev_box = codec.locations_to_box(means, image_size)
-        ev.append(Detection(det.label, tuple(float(v) for v in ev_box), conf))
-    return Scored(dets, ev, decoded.n_malformed, entropies)
+    p = probs.double()
+    p = p / p.sum(dim=-1, keepdim=True)
+    return p @ coords.double()
 
 
-# ---------------------------------------------------------------------------------------
-# pure metrics
+class GenerationDecoder:
+    """Decodes generations of one codec/vocabulary into scored detections.
 
+    ``confidence`` picks how each detection is scored (all in [0, 1]):
 
-def grounding_metrics(pred_boxes: Sequence[Sequence[float] | None], gt_boxes: Sequence[Sequence[float]]) -> dict:
-    """Acc@0.5 and mean IoU; a missing prediction (None) is a miss with IoU 0."""
-    if len(pred_boxes) != len(gt_boxes):
-        raise ValueError(f"{len(pred_boxes)} predictions for {len(gt_boxes)} ground-truth boxes")
-    if not gt_boxes:
-        return {"acc50": float("nan"), "miou": float("nan")}
-    ious = [float(iou([p], [g])[0]) if p is not None else 0.0 for p, g in zip(pred_boxes, gt_boxes, strict=True)]
-    return {"acc50": float(np.mean([v >= 0.5 for v in ious])), "miou": float(np.mean(ious))}
+    * ``"tokens"`` (default): geometric mean probability, exp(mean log p), of the
+      object's location tokens and label tokens. It is the model's own
+      likelihood of the object as written, length-normalised so that long
+      labels are not penalised; it covers both *where* and *what*, the two ways
+      a detection can be a false positive in COCO AP.
+    * ``"loc_tokens"``: the same over the location tokens only (class-agnostic
+      tasks, or labels that are not generated).
+    * ``"loc_mass"``: geometric mean over the object's location steps of the
+      probability mass within ``mass_radius`` (location units, grid distance
+      for a grid) of the chosen location. Unlike the chosen token's probability
+      it does not drop when a model spreads mass over neighbouring bins, as
+      soft-label training teaches it to. Needs ``Generation.loc_probs``.
 
-
-def coco_detection_metrics(
-    predictions: Sequence[Sequence[Detection]], truths: Sequence[tuple[Sequence, Sequence[str]]]
-) -> dict:
-    """COCO AP, AP50, AP75 with pycocotools over images given as parallel lists.
-
-    ``truths[i] = (boxes, labels)``. Categories are the ground-truth label
-    names; predicted labels outside them are not scorable and are reported as
-    ``unknown_label_rate`` instead of being silently renamed.
+    A codec's label tokens are those between an object's location group and the
+    neighbouring group, on the side where ``codec.encode`` writes the label.
     """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
 
-    names = sorted({lab for _, labels in truths for lab in labels})
-    cat = {n: i + 1 for i, n in enumerate(names)}
-    images, anns, dets = [], [], []
-    n_pred = n_unknown = 0
-    for img_id, ((boxes, labels), preds) in enumerate(zip(truths, predictions, strict=True), 1):
-        images.append({"id": img_id, "width": 1, "height": 1})
-        for b, lab in zip(boxes, labels, strict=True):
-            w, h = b[2] - b[0], b[3] - b[1]
-            anns.append({"id": len(anns) + 1, "image_id": img_id, "category_id": cat[lab],
-                         "bbox": [b[0], b[1], w, h], "area": w * h, "iscrowd": 0})
-        for d in preds:
-            n_pred += 1
-            if d.label not in cat:
-                n_unknown += 1
-                continue
-            b = d.box
-            dets.append({"image_id": img_id, "category_id": cat[d.label],
-                         "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": float(d.score)})
-    out = {"unknown_label_rate": n_unknown / n_pred if n_pred else 0.0}
-    if not anns:
-        return {**out, "ap": float("nan"), "ap50": float("nan"), "ap75": float("nan")}
-    if not dets:
-        return {**out, "ap": 0.0, "ap50": 0.0, "ap75": 0.0}
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO()
-        gt.dataset = {"images": images, "annotations": anns, "categories": [{"id": i, "name": n} for n, i in cat.items()]}
-        gt.createIndex()
-        dt = gt.loadRes(dets)
-        ev = COCOeval(gt, dt, "bbox")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    s = ev.stats
-    return {**out, "ap": max(float(s[0]), 0.0), "ap50": max(float(s[1]), 0.0), "ap75": max(float(s[2]), 0.0)}
+    def __init__(
+        self,
+        codec: Codec,
+        loc_token_ids: Sequence[int],
+        confidence: ConfidenceMode = "tokens",
+        mass_radius: float = 1.0,
+    ):
+        if confidence not in CONFIDENCE_MODES:
+            raise ValueError(f"confidence must be one of {CONFIDENCE_MODES}, got {confidence!r}")
+        space = codec.space
+        if space is not None and len(loc_token_ids) != space.size:
+            raise ValueError(
+                f"loc_token_ids has {len(loc_token_ids)} ids but codec {codec.name!r} has "
+                f"{space.size} location tokens"
+            )
+        self.codec = codec
+        self.confidence = confidence
+        self.mass_radius = mass_radius
+        self._loc_index = {int(t): k for k, t in enumerate(loc_token_ids)}
+        self._coords = space.coords(dtype=torch.float64) if space is not None else None
+        self._label_side = _label_side(codec)
+
+    def __call__(self, generation: Generation, image_size: tuple[int, int]) -> DecodedGeneration:
+        _check_generation(generation)
+        decoded = self.codec.decode(generation.text, image_size)
+        positions = [i for i, t in enumerate(generation.token_ids) if t in self._loc_index]
+        groups = self._groups(positions)
+        entropies: list[float] = []
+        if generation.loc_probs is not None and positions:
+            entropies = location_entropy(generation.loc_probs[positions]).tolist()
+
+        logprobs = torch.as_tensor(generation.token_logprobs, dtype=torch.float64)
+        fallback_score = float(logprobs.mean().exp()) if len(logprobs) else 0.0
+        detections, ev_detections = [], []
+        n_unaligned = 0
+        for det, group in zip(
+            decoded.detections,
+            self._align(decoded.detections, groups, generation, image_size),
+            strict=True,
+        ):
+            if group is None:
+                n_unaligned += 1
+                score, ev_box = fallback_score, det.box
+            else:
+                score = self._confidence(generation, logprobs, groups, group)
+                ev_box = self._expected_box(generation, groups[group], det.box, image_size)
+            detections.append(Detection(det.label, tuple(det.box), score))
+            ev_detections.append(Detection(det.label, ev_box, score))
+        return DecodedGeneration(
+            detections, ev_detections, decoded.n_malformed + n_unaligned, entropies
+        )
+
+    def _groups(self, positions: list[int]) -> list[list[int]]:
+        """Runs of consecutive location positions cut into boxes; leftovers are dropped
+        (the codec sees the same broken run in the text and counts it)."""
+        runs: list[list[int]] = []
+        for p in positions:
+            if runs and runs[-1][-1] == p - 1:
+                runs[-1].append(p)
+            else:
+                runs.append([p])
+        n = self.codec.tokens_per_box
+        return [run[i : i + n] for run in runs for i in range(0, len(run) - n + 1, n)]
+
+    def _chosen(self, generation: Generation, group: list[int]) -> list[int]:
+        return [self._loc_index[generation.token_ids[p]] for p in group]
+
+    def _align(
+        self,
+        detections: list[Detection],
+        groups: list[list[int]],
+        generation: Generation,
+        image_size: tuple[int, int],
+    ) -> list[int | None]:
+        """Group index for each detection, matched in order by identical argmax box."""
+        if self._coords is None:
+            return [None] * len(detections)
+        group_boxes = [
+            torch.tensor(
+                self.codec.locations_to_box(
+                    self._coords[self._chosen(generation, g)].tolist(), image_size
+                ),
+                dtype=torch.float64,
+            )
+            for g in groups
+        ]
+        matches: list[int | None] = []
+        next_group = 0
+        for det in detections:
+            box = torch.tensor(det.box, dtype=torch.float64)
+            found = next(
+                (
+                    j
+                    for j in range(next_group, len(groups))
+                    if torch.allclose(group_boxes[j], box, rtol=0, atol=_BOX_MATCH_ATOL)
+                ),
+                None,
+            )
+            matches.append(found)
+            if found is not None:
+                next_group = found + 1
+        return matches
+
+    def _confidence(
+        self, generation: Generation, logprobs: torch.Tensor, groups: list[list[int]], j: int
+    ) -> float:
+        group = groups[j]
+        if self.confidence == "loc_mass":
+            if generation.loc_probs is None:
+                raise ValueError(
+                    "confidence='loc_mass' needs Generation.loc_probs; the adapter gave none"
+                )
+            assert self.codec.space is not None  # groups exist only for token codecs
+            chosen = torch.tensor(self._chosen(generation, group))
+            near = self.codec.space.distance(chosen) <= self.mass_radius + 1e-9
+            mass = (generation.loc_probs[group].double() * near).sum(dim=-1)
+            return float(mass.clamp(min=1e-300).log().mean().exp().clamp(max=1.0))
+        span = list(group)
+        if self.confidence == "tokens":
+            span += self._label_span(groups, j, len(generation.token_ids))
+        return float(logprobs[span].mean().exp())
+
+    def _label_span(self, groups: list[list[int]], j: int, n_tokens: int) -> list[int]:
+        if self._label_side == "after":
+            end = groups[j + 1][0] if j + 1 < len(groups) else n_tokens
+            return list(range(groups[j][-1] + 1, end))
+        if self._label_side == "before":
+            start = groups[j - 1][-1] + 1 if j > 0 else 0
+            return list(range(start, groups[j][0]))
+        return []
+
+    def _expected_box(
+        self, generation: Generation, group: list[int], argmax_box: Box, image_size: tuple[int, int]
+    ) -> Box:
+        if generation.loc_probs is None:
+            return tuple(argmax_box)
+        values = expected_locations(generation.loc_probs[group], self._coords)
+        if not torch.isfinite(values).all():
+            return tuple(argmax_box)
+        return tuple(float(v) for v in self.codec.locations_to_box(values.tolist(), image_size))
 
 
-# ---------------------------------------------------------------------------------------
-# the evaluator
+def _label_side(codec: Codec) -> str | None:
+    """Whether ``codec`` writes a label before or after an object's location tokens.
+
+    Read off one encoded example; None when the codec writes no label or has no
+    location tokens (then labels play no part in the score).
+    """
+    if codec.space is None:
+        return None
+    marker = "thing"
+    text = codec.encode([(16.0, 16.0, 48.0, 48.0)], [marker], (64, 64))
+    label_at = text.find(marker)
+    loc_at = [text.find(tok) for tok in codec.location_tokens if tok in text]
+    if label_at < 0 or not loc_at:
+        return None
+    return "before" if label_at < min(loc_at) else "after"
+
+
+def _check_generation(generation: Generation) -> None:
+    n = len(generation.token_ids)
+    if len(generation.token_logprobs) != n:
+        raise ValueError(
+            f"Generation.token_logprobs has {len(generation.token_logprobs)} entries "
+            f"for {n} token_ids"
+        )
+    if generation.loc_probs is not None and generation.loc_probs.shape[0] != n:
+        raise ValueError(
+            f"Generation.loc_probs has {generation.loc_probs.shape[0]} rows for {n} token_ids"
+        )
 
 
 @dataclass
 class EvalResult:
-    metrics: dict[str, float]
-    predictions: list[dict]
+    """Flat ``metrics`` and one ``predictions`` record per sample."""
 
-    def save(self, out_dir: str | Path) -> None:
-        """``predictions.jsonl`` (one line per sample) and ``metrics.json``."""
-        out = Path(out_dir)
+    metrics: dict[str, float]
+    predictions: list[dict[str, Any]]
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``predictions.jsonl`` and ``metrics.json`` (NaN written as null)."""
+        out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "predictions.jsonl", "w") as f:
-            for p in self.predictions:
-                f.write(json.dumps(p) + "\n")
-        (out / "metrics.json").write_text(json.dumps(self.metrics, indent=2))
+            for record in self.predictions:
+                f.write(json.dumps(_json_safe(record)) + "\n")
+        (out / "metrics.json").write_text(json.dumps(_json_safe(self.metrics), indent=2) + "\n")
+        return out
 
 
-def _det_dict(d: Detection) -> dict:
-    return {"label": d.label, "box": [round(float(v), 3) for v in d.box], "score": round(float(d.score), 5)}
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def summarize(samples: Sequence[Sample], decoded: Sequence[DecodedGeneration]) -> dict[str, float]:
+    """Metrics of decoded generations against their samples.
+
+    Grounding samples give ``acc50``/``miou`` (first predicted box vs the
+    sample's box), detection samples ``ap``/``ap50``/``ap75``; each also with an
+    ``ev_`` prefix for expected-value boxes. ``unparseable_rate`` is the share of
+    samples with ground truth whose generation yields no valid object;
+    ``n_malformed`` counts broken fragments; ``loc_entropy`` is the mean entropy
+    (nats) over all generated location tokens.
+    """
+    if len(samples) != len(decoded):
+        raise ValueError(f"{len(samples)} samples but {len(decoded)} decoded generations")
+    for i, s in enumerate(samples):
+        if s.task not in TASKS:
+            raise ValueError(
+                f"sample {i} ({s.image_id!r}): task must be one of {TASKS}, got {s.task!r}"
+            )
+        if s.task == "grounding" and not s.boxes:
+            raise ValueError(f"sample {i} ({s.image_id!r}): a grounding sample needs a box")
+    grounding = [i for i, s in enumerate(samples) if s.task == "grounding"]
+    detection = [i for i, s in enumerate(samples) if s.task == "detection"]
+
+    metrics: dict[str, float] = {}
+    for prefix, field in (("", "detections"), ("ev_", "ev_detections")):
+        if grounding:
+            preds = [getattr(decoded[i], field) for i in grounding]
+            scores = grounding_metrics(
+                [p[0].box if p else None for p in preds], [samples[i].boxes[0] for i in grounding]
+            )
+            metrics.update({prefix + k: v for k, v in scores.items()})
+        if detection:
+            scores = coco_detection_metrics(
+                [getattr(decoded[i], field) for i in detection],
+                [_ground_truth(samples[i]) for i in detection],
+            )
+            metrics.update(
+                {prefix + k: v for k, v in scores.items() if k in _EV_KEYS or not prefix}
+            )
+    expected = [d for s, d in zip(samples, decoded, strict=True) if s.boxes]
+    metrics["unparseable_rate"] = (
+        sum(not d.detections for d in expected) / len(expected) if expected else float("nan")
+    )
+    metrics["n_malformed"] = sum(d.n_malformed for d in decoded)
+    metrics["loc_entropy"] = nanmean([h for d in decoded for h in d.loc_entropies])
+    metrics["n_samples"] = len(samples)
+    return metrics
+
+
+def _ground_truth(sample: Sample) -> list[Detection]:
+    if len(sample.labels) != len(sample.boxes):
+        raise ValueError(
+            f"sample {sample.image_id!r}: {len(sample.boxes)} boxes but {len(sample.labels)} labels"
+        )
+    return [Detection(label, box) for box, label in zip(sample.boxes, sample.labels, strict=True)]
+
+
+def evaluate_generations(
+    samples: Sequence[Sample],
+    generations: Sequence[Generation],
+    codec: Codec,
+    loc_token_ids: Sequence[int],
+    confidence: ConfidenceMode = "tokens",
+) -> EvalResult:
+    """Score generations made elsewhere (one per sample, in order) as :func:`evaluate` does."""
+    if len(samples) != len(generations):
+        raise ValueError(f"{len(samples)} samples but {len(generations)} generations")
+    decoder = GenerationDecoder(codec, loc_token_ids, confidence=confidence)
+    decoded = [decoder(g, s.image_size) for s, g in zip(samples, generations, strict=True)]
+    return EvalResult(summarize(samples, decoded), _records(samples, generations, decoded))
+
+
+def _records(
+    samples: Sequence[Sample],
+    generations: Sequence[Generation],
+    decoded: Sequence[DecodedGeneration],
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "image_id": s.image_id,
+            "task": s.task,
+            "prompt": s.prompt,
+            "text": g.text,
+            "detections": [asdict(det) for det in d.detections],
+            "ev_detections": [asdict(det) for det in d.ev_detections],
+            "n_malformed": d.n_malformed,
+            "gt": {"boxes": [list(b) for b in s.boxes], "labels": list(s.labels)},
+        }
+        for s, g, d in zip(samples, generations, decoded, strict=True)
+    ]
 
 
 def evaluate(
@@ -198,60 +395,56 @@ def evaluate(
     max_new_tokens: int | None = None,
     progress: bool = True,
     score: bool = True,
+    confidence: ConfidenceMode = "tokens",
 ) -> EvalResult:
-    """Generate for every sample, decode, and (with ``score``) compute the metrics.
+    """Generate for every sample with ``adapter``, decode both ways and score.
 
-    ``max_new_tokens`` defaults to room for every ground-truth object plus
-    slack; with ``score=False`` (prediction on unlabelled images) only the
-    predictions are returned.
+    ``max_new_tokens`` defaults to room for the largest ground truth (at least
+    four objects). ``score=False`` skips the metrics, for unlabelled images
+    (prediction). ``confidence`` is the detection score, see
+    :class:`GenerationDecoder`. The model is in eval mode for the run and put
+    back in its previous mode afterwards, so a training loop can call this.
     """
+    if not samples:
+        raise ValueError("evaluate: no samples")
+    if batch_size < 1:
+        raise ValueError(f"evaluate: batch_size must be >= 1, got {batch_size}")
     if max_new_tokens is None:
-        most = max((len(s.boxes) for s in samples), default=1)
-        max_new_tokens = 16 + (adapter.codec.tokens_per_box + 8) * max(most, 1)
-    scored: list[Scored] = []
-    records: list[dict] = []
-    bar = tqdm(total=len(samples), desc="eval", disable=not progress, leave=False)
-    for i in range(0, len(samples), batch_size):
-        chunk = list(samples[i : i + batch_size])
-        for s, gen in zip(chunk, adapter.generate(chunk, max_new_tokens=max_new_tokens), strict=True):
-            sc = score_generation(gen, adapter.codec, adapter.loc_token_ids, s.image_size)
-            scored.append(sc)
-            records.append({
-                "image_id": s.image_id, "prompt": s.prompt, "text": gen.text, "n_malformed": sc.n_malformed,
-                "detections": [_det_dict(d) for d in sc.detections],
-                "ev_detections": [_det_dict(d) for d in sc.ev_detections],
-                "gt": {"boxes": [list(b) for b in s.boxes], "labels": list(s.labels)},
-            })
-        bar.update(len(chunk))
-    bar.close()
-    return EvalResult(metrics_of(samples, scored) if score else {}, records)
+        most = max(len(s.boxes) for s in samples)
+        max_new_tokens = 16 + (adapter.codec.tokens_per_box + 8) * max(most, 4)
+    decoder = GenerationDecoder(adapter.codec, adapter.loc_token_ids, confidence=confidence)
+    generations: list[Generation] = []
+    decoded: list[DecodedGeneration] = []
+    was_training = adapter.model.training
+    adapter.model.eval()
+    try:
+        with (
+            torch.no_grad(),
+            tqdm(total=len(samples), desc="eval", unit="sample", disable=not progress) as bar,
+        ):
+            for start in range(0, len(samples), batch_size):
+                batch = list(samples[start : start + batch_size])
+                out = adapter.generate(batch, max_new_tokens=max_new_tokens)
+                if len(out) != len(batch):
+                    raise ValueError(
+                        f"adapter.generate returned {len(out)} generations for {len(batch)} samples"
+                    )
+                generations.extend(out)
+                decoded.extend(decoder(g, s.image_size) for s, g in zip(batch, out, strict=True))
+                bar.update(len(batch))
+    finally:
+        adapter.model.train(was_training)
+    metrics = summarize(samples, decoded) if score else {}
+    return EvalResult(metrics, _records(samples, generations, decoded))
 
 
-def metrics_of(samples: Sequence[Sample], scored: Sequence[Scored]) -> dict[str, float]:
-    """All metrics of a scored evaluation, split by task where the samples mix tasks.
-
-    ``unparseable_rate``: share of generations with a malformed fragment, or with
-    no readable box although the image has objects.
-    """
-    m: dict[str, float] = {}
-    ground = [(s, sc) for s, sc in zip(samples, scored, strict=True) if s.task == "grounding"]
-    detect = [(s, sc) for s, sc in zip(samples, scored, strict=True) if s.task != "grounding"]
-    for prefix, attr in (("", "detections"), ("ev_", "ev_detections")):
-        if ground:
-            preds = [getattr(sc, attr)[0].box if getattr(sc, attr) else None for _, sc in ground]
-            m.update({prefix + k: v for k, v in grounding_metrics(preds, [s.boxes[0] for s, _ in ground]).items()})
-        if detect:
-            coco = coco_detection_metrics([getattr(sc, attr) for _, sc in detect],
-                                          [(s.boxes, s.labels) for s, _ in detect])
-            m.update({prefix + k: v for k, v in coco.items() if prefix == "" or k != "unknown_label_rate"})
-    m["unparseable_rate"] = float(np.mean([
-        sc.n_malformed > 0 or (not sc.detections and len(s.boxes) > 0) for s, sc in zip(samples, scored, strict=True)
-    ]))
-    ent = [e for sc in scored for e in sc.loc_entropies]
-    m["loc_entropy"] = float(np.mean(ent)) if ent else float("nan")
-    m["n"] = float(len(samples))
-    return m
-
-
-__all__ = ["EvalResult", "Scored", "coco_detection_metrics", "evaluate", "grounding_metrics", "metrics_of",
-           "score_generation"]
+__all__ = [
+    "CONFIDENCE_MODES",
+    "DecodedGeneration",
+    "EvalResult",
+    "GenerationDecoder",
+    "evaluate",
+    "evaluate_generations",
+    "expected_locations",
+    "summarize",
+]

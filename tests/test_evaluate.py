@@ -1,91 +1,272 @@
+"""Evaluation: hand-computed scores, confidences that rank, expected-value decoding."""
+
+import json
 import math
 
 import pytest
 import torch
+from torch import nn
 
 from loctune.codecs import get_codec
-from loctune.evaluate import coco_detection_metrics, evaluate, grounding_metrics, score_generation
+from loctune.evaluate import (
+    GenerationDecoder,
+    evaluate,
+    evaluate_generations,
+    expected_locations,
+)
+from loctune.metrics import coco_detection_metrics, grounding_metrics, location_entropy
 from loctune.models.base import Generation
 from loctune.types import Detection, Sample
 
-CODEC = get_codec("rowcol", grid=8)
-LOC_IDS = list(range(100, 108))  # token id of <rc_k> is 100 + k
 SIZE = (64, 64)
+ROWCOL = get_codec("rowcol", grid=8)  # tokens <rc_k>, order y1 x1 y2 x2, bin k centred at 8k+4 px
+LOC_BASE = 100  # token id of location k in these tests
+WORD_IDS: dict[str, int] = {}
 
 
-def gen_for(text_tokens, logprobs, loc_probs=None):
-    """A generation whose text is what the codec would print for these tokens."""
-    text = " ".join(t if isinstance(t, str) else f"<rc_{t - 100}>" for t in text_tokens)
-    ids = [t if isinstance(t, int) else 1 for t in text_tokens]
-    return Generation(text=text, token_ids=ids, token_logprobs=logprobs, loc_probs=loc_probs)
+def make_generation(pieces, codec=ROWCOL, logprobs=None, loc_probs=None) -> Generation:
+    """A generation whose text is the concatenated pieces, one token per piece."""
+    index = {tok: k for k, tok in enumerate(codec.location_tokens)}
+    ids = [
+        LOC_BASE + index[p] if p in index else WORD_IDS.setdefault(p, 10_000 + len(WORD_IDS))
+        for p in pieces
+    ]
+    if logprobs is None:
+        logprobs = [math.log(0.9)] * len(pieces)
+    return Generation("".join(pieces), ids, list(logprobs), loc_probs)
 
 
-def test_grounding_metrics_known_values():
-    gt = [(0, 0, 10, 10), (0, 0, 10, 10), (0, 0, 10, 10)]
-    pred = [(0, 0, 10, 10), (0, 0, 10, 5), None]  # IoU 1, 0.5, miss
+def loc_ids(codec=ROWCOL) -> list[int]:
+    return [LOC_BASE + k for k in range(len(codec.location_tokens))]
+
+
+def rc(*ks) -> list[str]:
+    return [f"<rc_{k}>" for k in ks]
+
+
+def sample(boxes, labels, task="grounding") -> Sample:
+    return Sample("unused.png", "prompt", boxes, labels, task=task, meta={"image_size": SIZE})
+
+
+# --- pure metrics -------------------------------------------------------------------------
+
+
+def test_grounding_metrics_hand_computed():
+    gt = [(0, 0, 10, 10)] * 4
+    pred = [(0, 0, 10, 10), (0, 0, 10, 5), (0, 0, 5, 5), None]  # IoU 1, 0.5, 0.25, miss
     m = grounding_metrics(pred, gt)
-    assert m["acc50"] == pytest.approx(2 / 3)
-    assert m["miou"] == pytest.approx(0.5)
+    assert m["acc50"] == pytest.approx(2 / 4)
+    assert m["miou"] == pytest.approx((1 + 0.5 + 0.25 + 0) / 4)
 
 
-def test_coco_ap_perfect_and_ranking_matters():
-    truths = [([(0, 0, 10, 10)], ["a"]), ([(20, 20, 40, 40)], ["a"])]
-    perfect = [[Detection("a", (0, 0, 10, 10), 0.9)], [Detection("a", (20, 20, 40, 40), 0.8)]]
-    assert coco_detection_metrics(perfect, truths)["ap50"] == pytest.approx(1.0)
-    # one true and one false positive per image: AP depends on which the scores rank first
-    good = [[Detection("a", (0, 0, 10, 10), 0.9), Detection("a", (50, 50, 60, 60), 0.1)],
-            [Detection("a", (20, 20, 40, 40), 0.9), Detection("a", (0, 0, 5, 5), 0.1)]]
-    bad = [[Detection(d.label, d.box, 1 - d.score) for d in img] for img in good]
-    ap_good = coco_detection_metrics(good, truths)["ap50"]
-    ap_bad = coco_detection_metrics(bad, truths)["ap50"]
-    assert ap_good == pytest.approx(1.0) and ap_bad < 0.6
-    m = coco_detection_metrics([[Detection("zebra", (0, 0, 10, 10))], []], truths)
-    assert m["unknown_label_rate"] == 1.0 and m["ap"] == 0.0
+def test_grounding_metrics_rejects_mismatched_lengths():
+    with pytest.raises(ValueError, match="2 predictions for 1"):
+        grounding_metrics([None, None], [(0, 0, 1, 1)])
 
 
-def test_confidence_and_expected_value_decoding():
-    # label "dot" then four location tokens: rows/cols 2, 2, 5, 5 on an 8-grid of 64 px
+GT = [[Detection("cat", (0, 0, 10, 10))], [Detection("cat", (20, 20, 40, 40))]]
+
+
+def test_perfect_detections_give_ap_one():
+    preds = [[Detection("Cat ", (0, 0, 10, 10), 0.7)], [Detection("cat", (20, 20, 40, 40), 0.2)]]
+    m = coco_detection_metrics(preds, GT)
+    assert (m["ap"], m["ap50"], m["ap75"]) == pytest.approx((1.0, 1.0, 1.0))
+
+
+def test_confidence_ordering_changes_ap():
+    """A true and a false positive per image: AP50 is 1 when the true one ranks first, and
+    0.5 when the false one does (recall 1 is first reached at precision 1/2)."""
+
+    def preds(tp_score, fp_score):
+        return [
+            [
+                Detection("cat", (0, 0, 10, 10), tp_score),
+                Detection("cat", (50, 50, 60, 60), fp_score),
+            ],
+            [
+                Detection("cat", (20, 20, 40, 40), tp_score),
+                Detection("cat", (0, 40, 9, 60), fp_score),
+            ],
+        ]
+
+    assert coco_detection_metrics(preds(0.9, 0.1), GT)["ap50"] == pytest.approx(1.0)
+    assert coco_detection_metrics(preds(0.1, 0.9), GT)["ap50"] == pytest.approx(0.5)
+
+
+def test_coco_edge_cases_do_not_crash():
+    assert coco_detection_metrics([[], []], GT)["ap"] == 0.0
+    assert math.isnan(coco_detection_metrics([[Detection("cat", (0, 0, 1, 1))]], [[]])["ap"])
+    unknown = coco_detection_metrics([[Detection("zebra", (0, 0, 10, 10))], []], GT)
+    assert unknown["ap"] == 0.0 and unknown["unknown_label_rate"] == 1.0
+
+
+def test_entropy_of_uniform_distribution_is_log_n():
+    # rows need not sum to 1: entropy is over the renormalised location slice
+    probs = torch.stack([torch.full((8,), 0.05), torch.eye(8)[3] * 0.4])
+    assert location_entropy(probs).tolist() == pytest.approx([math.log(8), 0.0])
+
+
+# --- decoding -----------------------------------------------------------------------------
+
+
+def test_expected_value_decoding_on_hand_made_distribution():
+    pieces = ["thing ", *rc(2, 2, 5, 5)]
     probs = torch.zeros(5, 8)
-    probs[1, 2] = probs[2, 2] = 1.0
-    probs[3, 5] = probs[3, 6] = 0.5  # bottom row: expectation 5.5
-    probs[4, 5] = 1.0
-    gen = gen_for(["dot", 102, 102, 105, 105], [-0.1, math.log(0.5), math.log(0.5), math.log(0.5), math.log(0.5)], probs)
-    sc = score_generation(gen, CODEC, LOC_IDS, SIZE)
-    assert len(sc.detections) == 1 and sc.n_malformed == 0
-    assert sc.detections[0].box == pytest.approx((20, 20, 44, 44))  # bin centres
-    assert sc.detections[0].score == pytest.approx(0.5)
-    assert sc.ev_detections[0].box == pytest.approx((20, 20, 44, 48))  # y2 at row 5.5
-    assert sc.loc_entropies == pytest.approx([0, 0, math.log(2), 0])
+    probs[1, 2] = probs[2, 2] = 0.9  # y1, x1: certain (mass 0.9 renormalises to 1)
+    probs[3, [5, 6]] = 0.4  # y2: half at row 5, half at row 6 -> expectation 5.5
+    probs[4, [4, 5, 6]] = torch.tensor([0.25, 0.5, 0.25])  # x2: symmetric -> 5
+    out = GenerationDecoder(ROWCOL, loc_ids())(make_generation(pieces, loc_probs=probs), SIZE)
+    assert out.n_malformed == 0
+    assert out.detections[0].box == pytest.approx((20, 20, 44, 44))  # argmax: bin centres 8k+4
+    assert out.ev_detections[0].box == pytest.approx((20, 20, 44, 48))  # y2 = 8 * 5.5 + 4
+    assert out.loc_entropies == pytest.approx([0, 0, math.log(2), 1.5 * math.log(2)])
 
 
-def test_malformed_generation_is_counted_not_fatal():
-    gen = gen_for(["dot", 102, 102, ";", "junk", 103], [-1.0] * 6)
-    sc = score_generation(gen, CODEC, LOC_IDS, SIZE)
-    assert sc.detections == [] and sc.n_malformed == 2
+def test_expected_value_on_a_grid_is_the_expected_cell_not_the_expected_index():
+    codec = get_codec("patch", grid=4)  # cell (r, c) centred at (16c + 8, 16r + 8)
+    probs = torch.zeros(3, 16)
+    probs[1, [5, 10]] = 0.5  # cells (1, 1) and (2, 2): expected (1.5, 1.5), not index 7.5
+    probs[2, 15] = 1.0
+    gen = make_generation(["a ", "<patch_5>", "<patch_15>"], codec, loc_probs=probs)
+    out = GenerationDecoder(codec, loc_ids(codec))(gen, SIZE)
+    assert out.detections[0].box == pytest.approx((24, 24, 56, 56))
+    assert out.ev_detections[0].box == pytest.approx((32, 32, 56, 56))
+    assert expected_locations(probs[1:2], codec.space.coords()).tolist() == [[1.5, 1.5]]
 
 
-class FixedAdapter:
-    """Returns prepared generations: the evaluator's contract, without a model."""
+def test_confidence_modes_follow_the_models_probabilities():
+    # two objects; rowcol writes the label before the box, so " ; dog " belongs to the second
+    pieces = ["cat ", *rc(2, 2, 5, 5), " ; ", "dog ", *rc(0, 0, 1, 1)]
+    lp = [math.log(p) for p in (0.8, 0.5, 0.5, 0.5, 0.5, 1.0, 0.2, 0.9, 0.9, 0.9, 0.9)]
+    probs = torch.zeros(len(pieces), 8)
+    probs[1:5, [1, 2, 3, 5]] = 0.2  # neighbours of the chosen bins 2 and 5
+    probs[7:11, 0] = 0.9
+    gen = make_generation(pieces, logprobs=lp, loc_probs=probs)
 
-    codec = CODEC
-    loc_token_ids = LOC_IDS
+    def scores(mode):
+        return [d.score for d in GenerationDecoder(ROWCOL, loc_ids(), mode)(gen, SIZE).detections]
 
-    def __init__(self, gens):
-        self.gens = list(gens)
+    geo = math.exp
+    assert scores("tokens") == pytest.approx(
+        [geo((lp[0] + 4 * lp[1]) / 5), geo((lp[5] + lp[6] + 4 * lp[7]) / 6)]
+    )
+    assert scores("loc_tokens") == pytest.approx([0.5, 0.9])
+    # mass within one bin of the choice: bins 1, 2, 3 around 2 (0.6); 5 alone around 5 (0.2)
+    assert scores("loc_mass") == pytest.approx([math.sqrt(0.6 * 0.2), 0.9])
+
+
+def test_label_after_the_box_is_read_on_the_right_side():
+    codec = get_codec("paligemma")
+    box = ["<loc0000>", "<loc0000>", "<loc0511>", "<loc0511>"]
+    pieces = [*box, " cat", " ;", " ", *box, " dog"]
+    lp = [math.log(0.5)] * 4 + [math.log(0.1), 0.0, 0.0] + [math.log(0.5)] * 4 + [0.0]
+    out = GenerationDecoder(codec, loc_ids(codec))(make_generation(pieces, codec, lp), SIZE)
+    assert [d.label for d in out.detections] == ["cat", "dog"]
+    assert out.detections[0].score == pytest.approx(
+        math.exp((4 * math.log(0.5) + math.log(0.1)) / 7)
+    )
+    assert out.detections[1].score == pytest.approx(math.exp(4 * math.log(0.5) / 5))
+
+
+def test_malformed_generations_are_counted_not_fatal():
+    decode = GenerationDecoder(ROWCOL, loc_ids())
+    broken = decode(make_generation(["thing ", *rc(2, 2), " ; ", "junk ", *rc(3)]), SIZE)
+    assert broken.detections == [] and broken.n_malformed == 2
+    # a reversed box the codec rejects is skipped; the next object still finds its tokens
+    pieces = ["a ", *rc(6, 6, 2, 2), " ; ", "b ", *rc(1, 1, 3, 3)]
+    probs = torch.zeros(len(pieces), 8)
+    probs[1:5, 7] = 1.0  # the rejected box's steps must not be used for b
+    probs[[7, 8, 9, 10], [1, 1, 3, 3]] = 1.0
+    probs[9, [3, 4]] = 0.5  # b's y2 at 3.5
+    out = decode(make_generation(pieces, loc_probs=probs), SIZE)
+    assert [d.label for d in out.detections] == ["b"] and out.n_malformed == 1
+    assert out.ev_detections[0].box == pytest.approx((12, 12, 28, 32))
+    # text and tokens disagree (location ids missing): the box is kept, scored by the whole
+    # generation, and counted
+    text_only = Generation("b <rc_1><rc_1><rc_3><rc_3>", [7, 8], [math.log(0.25), 0.0])
+    out = decode(text_only, SIZE)
+    assert out.detections[0].box == pytest.approx((12, 12, 28, 28)) and out.n_malformed == 1
+    assert out.detections[0].score == pytest.approx(0.5)
+    assert decode(Generation("", [], []), SIZE).detections == []
+
+
+def test_decoder_rejects_bad_configuration_and_adapter_output():
+    with pytest.raises(ValueError, match="confidence must be one of"):
+        GenerationDecoder(ROWCOL, loc_ids(), "constant")
+    with pytest.raises(ValueError, match="loc_token_ids has 3 ids"):
+        GenerationDecoder(ROWCOL, [1, 2, 3])
+    with pytest.raises(ValueError, match="token_logprobs has 1 entries for 2 token_ids"):
+        GenerationDecoder(ROWCOL, loc_ids())(Generation("x", [1, 2], [0.0]), SIZE)
+
+
+# --- the evaluator ------------------------------------------------------------------------
+
+
+class ReplayAdapter:
+    """Replays prepared generations: the evaluator's side of the adapter contract."""
+
+    codec = ROWCOL
+    loc_token_ids = loc_ids()
+
+    def __init__(self, generations):
+        self.generations = list(generations)
+        self.model = nn.Linear(1, 1)
+        self.batches: list[int] = []
 
     def generate(self, samples, max_new_tokens=32):
-        return [self.gens.pop(0) for _ in samples]
+        assert not self.model.training and not torch.is_grad_enabled()
+        self.batches.append(len(samples))
+        return [self.generations.pop(0) for _ in samples]
 
 
-def test_evaluate_end_to_end_known_score(tmp_path):
-    img = "unused.png"
-    samples = [Sample(img, "the dot", [(16, 16, 48, 48)], ["dot"], meta={"image_size": SIZE}) for _ in range(2)]
-    good = gen_for(["dot", 102, 102, 105, 105], [-0.1] * 5)  # box (20,20,44,44): IoU 0.5625
-    garbage = gen_for(["no", "box"], [-2.0, -2.0])
-    res = evaluate(FixedAdapter([good, garbage]), samples, batch_size=1, progress=False)
-    assert res.metrics["acc50"] == pytest.approx(0.5)
-    assert res.metrics["miou"] == pytest.approx(0.5625 / 2)
-    assert res.metrics["unparseable_rate"] == pytest.approx(0.5)
-    res.save(tmp_path)
-    assert (tmp_path / "predictions.jsonl").read_text().count("\n") == 2
-    assert "acc50" in (tmp_path / "metrics.json").read_text()
+def test_evaluate_grounding_known_scores_and_saved_files(tmp_path):
+    samples = [sample([(16, 16, 48, 48)], ["thing"]) for _ in range(3)]
+    probs = torch.zeros(5, 8)
+    probs[[1, 2, 3, 4], [2, 2, 5, 5]] = 1.0  # argmax box (20, 20, 44, 44): IoU 0.5625
+    probs[3, [5, 6]] = 0.5  # EV box (20, 20, 44, 48): IoU 24 * 28 / (32 * 32) = 0.65625
+    hit = make_generation(["thing ", *rc(2, 2, 5, 5)], loc_probs=probs)
+    miss = make_generation(["thing ", *rc(0, 0, 1, 1)], loc_probs=torch.eye(8)[[0, 0, 0, 1, 1]])
+    garbage = make_generation(["no ", "box"])
+    adapter = ReplayAdapter([hit, miss, garbage])
+    adapter.model.train()
+    result = evaluate(adapter, samples, batch_size=2, progress=False)
+
+    assert adapter.batches == [2, 1] and adapter.model.training  # mode restored
+    m = result.metrics
+    assert m["acc50"] == pytest.approx(1 / 3) and m["ev_acc50"] == pytest.approx(1 / 3)
+    assert m["miou"] == pytest.approx(0.5625 / 3)
+    assert m["ev_miou"] == pytest.approx(0.65625 / 3)
+    assert m["unparseable_rate"] == pytest.approx(1 / 3)
+    assert m["loc_entropy"] == pytest.approx(math.log(2) / 8)  # 8 location steps, one split
+    assert "ap" not in m
+
+    result.save(tmp_path)
+    lines = (tmp_path / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    first = json.loads(lines[0])
+    assert first["detections"][0]["box"] == pytest.approx([20, 20, 44, 44])
+    assert first["gt"] == {"boxes": [[16, 16, 48, 48]], "labels": ["thing"]}
+    assert json.loads((tmp_path / "metrics.json").read_text())["acc50"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize(("tp_prob", "fp_prob", "ap50"), [(0.9, 0.3, 1.0), (0.3, 0.9, 0.5)])
+def test_evaluate_detection_ap_ranks_by_token_probabilities(tp_prob, fp_prob, ap50):
+    """The same boxes score AP50 1 or 0.5 depending only on which one the model was surer of."""
+    samples = [sample([(16, 16, 48, 48)], ["thing"], task="detection")]
+    pieces = ["thing ", *rc(2, 2, 5, 5), " ; ", "thing ", *rc(7, 7, 7, 7)]
+    lp = [0.0] + [math.log(tp_prob)] * 4 + [0.0, 0.0] + [math.log(fp_prob)] * 4
+    result = evaluate_generations(
+        samples, [make_generation(pieces, logprobs=lp)], ROWCOL, loc_ids()
+    )
+    assert result.metrics["ap50"] == pytest.approx(ap50)
+    assert result.metrics["ev_ap50"] == pytest.approx(ap50)  # no loc_probs: EV = argmax boxes
+    assert math.isnan(result.metrics["loc_entropy"])
+
+
+def test_evaluate_without_scoring_and_with_bad_samples():
+    unlabelled = [Sample("unused.png", "find it", [], [], meta={"image_size": SIZE})]
+    gen = make_generation(["it ", *rc(2, 2, 5, 5)])
+    result = evaluate(ReplayAdapter([gen]), unlabelled, score=False, progress=False)
+    assert result.metrics == {} and result.predictions[0]["detections"][0]["label"] == "it"
+    with pytest.raises(ValueError, match="grounding sample needs a box"):
+        evaluate(ReplayAdapter([gen]), unlabelled, progress=False)
