@@ -394,6 +394,56 @@ def test_every_prefix_of_an_answer_decodes(codec):
     assert len(codec.decode(text, (640, 480))) == 3
 
 
+def fragments(codec) -> list[str]:
+    """Pieces a broken generation is made of: real, off-vocabulary and look-alike tokens, markup."""
+    pieces = [" ", "dog", " ; ", " | ", "<unk>", "</s>", "<loc>", "<loc_-3>", "<patch_index_>"]
+    pieces += ["<phrase>", "</phrase>", "<object>", "</object>", "</delimiter_of_multi_objects/>"]
+    pieces += ["<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>"]
+    pieces += ["(1,2),(300,400)", "(5,5),(1,1)", "(10,20),(1001,30)", "(7,"]
+    tokens = codec.location_tokens
+    if tokens:
+        pieces += [tokens[0], tokens[1], tokens[len(tokens) // 2], tokens[-1]]
+        pieces.append(tokens[0].replace("0", "99999", 1))  # an index off the vocabulary
+    return pieces
+
+
+@ALL
+def test_random_text_decodes_to_boxes_on_the_image(codec):
+    mixed = st.lists(st.one_of(st.sampled_from(fragments(codec)), st.text(max_size=4)), max_size=30)
+
+    @settings(max_examples=100, deadline=None)
+    @given(text=st.one_of(st.text(), mixed.map("".join)), size=sizes)
+    def check(text, size):
+        result = codec.decode(text, size)
+        assert result.n_malformed >= 0
+        w, h = size
+        for det in result:
+            x1, y1, x2, y2 = det.box
+            assert 0 <= x1 <= x2 <= w and 0 <= y1 <= y2 <= h, det
+
+    check()
+
+
+# Labels that survive the text up to white space: no markup, no separator marks, not blank
+# (with a blank separator a blank label leaves two boxes side by side: one label's two boxes).
+label_text = st.text("abcXYZ019 -_.,'", min_size=1, max_size=10).filter(str.strip)
+
+
+@ALL
+@settings(max_examples=40, deadline=None)
+@given(cases=st.lists(boxes_on_images(), min_size=1, max_size=5), data=st.data())
+def test_several_objects_keep_their_count_and_labels(codec, cases, data):
+    size = cases[0][1]
+    # every box drawn on its own image, moved onto the first one at the same fractions
+    boxes = [
+        tuple(v / s * t for v, s, t in zip(b, sz * 2, size * 2, strict=True)) for b, sz in cases
+    ]
+    labels = [data.draw(label_text) for _ in boxes]
+    result = codec.decode(codec.encode(boxes, labels, size), size)
+    assert result.n_malformed == 0
+    assert [d.label for d in result] == [" ".join(label.split()) for label in labels]
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
