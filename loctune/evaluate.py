@@ -75,6 +75,20 @@ def expected_locations(probs: torch.Tensor, coords: torch.Tensor) -> torch.Tenso
     return p @ coords.double()
 
 
+@dataclass
+class _TokenWalk:
+    """One generation's tokens as the decoder sees them (all on the CPU, float64).
+
+    ``location[i]`` is the location index generated at step i (location steps
+    only); ``groups`` are the steps of each box, in order.
+    """
+
+    location: dict[int, int]
+    groups: list[list[int]]
+    logprobs: torch.Tensor
+    loc_probs: torch.Tensor | None
+
+
 class GenerationDecoder:
     """Decodes generations of one codec/vocabulary into scored detections.
 
@@ -122,54 +136,59 @@ class GenerationDecoder:
     def __call__(self, generation: Generation, image_size: tuple[int, int]) -> DecodedGeneration:
         _check_generation(generation)
         decoded = self.codec.decode(generation.text, image_size)
-        positions = [i for i, t in enumerate(generation.token_ids) if t in self._loc_index]
-        groups = self._groups(positions)
-        entropies: list[float] = []
-        if generation.loc_probs is not None and positions:
-            entropies = location_entropy(generation.loc_probs[positions]).tolist()
-
-        logprobs = torch.as_tensor(generation.token_logprobs, dtype=torch.float64)
-        fallback_score = float(logprobs.mean().exp()) if len(logprobs) else 0.0
+        walk = self._walk(generation)
+        entropies = []
+        if walk.loc_probs is not None and walk.location:
+            entropies = location_entropy(walk.loc_probs[list(walk.location)]).tolist()
+        fallback_score = float(walk.logprobs.mean().exp()) if len(walk.logprobs) else 0.0
         detections, ev_detections = [], []
         n_unaligned = 0
-        for det, group in zip(
-            decoded.detections,
-            self._align(decoded.detections, groups, generation, image_size),
-            strict=True,
+        for det, j in zip(
+            decoded.detections, self._align(decoded.detections, walk, image_size), strict=True
         ):
-            if group is None:
+            box = tuple(float(v) for v in det.box)
+            if j is None:
                 n_unaligned += 1
-                score, ev_box = fallback_score, det.box
+                score, ev_box = fallback_score, box
             else:
-                score = self._confidence(generation, logprobs, groups, group)
-                ev_box = self._expected_box(generation, groups[group], det.box, image_size)
-            detections.append(Detection(det.label, tuple(det.box), score))
+                score = self._confidence(walk, j)
+                ev_box = self._expected_box(walk, j, image_size) or box
+            detections.append(Detection(det.label, box, score))
             ev_detections.append(Detection(det.label, ev_box, score))
         return DecodedGeneration(
             detections, ev_detections, decoded.n_malformed + n_unaligned, entropies
         )
 
-    def _groups(self, positions: list[int]) -> list[list[int]]:
-        """Runs of consecutive location positions cut into boxes; leftovers are dropped
-        (the codec sees the same broken run in the text and counts it)."""
+    def _walk(self, generation: Generation) -> _TokenWalk:
+        """Location steps, cut into boxes: runs of consecutive location tokens split
+        into ``tokens_per_box``; a run's leftover is dropped (the codec reads the same
+        broken run in the text and counts it)."""
+        location = {
+            i: self._loc_index[int(t)]
+            for i, t in enumerate(generation.token_ids)
+            if int(t) in self._loc_index
+        }
         runs: list[list[int]] = []
-        for p in positions:
-            if runs and runs[-1][-1] == p - 1:
-                runs[-1].append(p)
+        for i in location:
+            if runs and runs[-1][-1] == i - 1:
+                runs[-1].append(i)
             else:
-                runs.append([p])
+                runs.append([i])
         n = self.codec.tokens_per_box
-        return [run[i : i + n] for run in runs for i in range(0, len(run) - n + 1, n)]
+        groups = [run[k : k + n] for run in runs for k in range(0, len(run) - n + 1, n)]
+        loc_probs = generation.loc_probs
+        return _TokenWalk(
+            location,
+            groups,
+            torch.as_tensor(generation.token_logprobs, dtype=torch.float64),
+            None if loc_probs is None else loc_probs.detach().to("cpu", torch.float64),
+        )
 
-    def _chosen(self, generation: Generation, group: list[int]) -> list[int]:
-        return [self._loc_index[generation.token_ids[p]] for p in group]
+    def _group_locations(self, walk: _TokenWalk, j: int) -> list[int]:
+        return [walk.location[i] for i in walk.groups[j]]
 
     def _align(
-        self,
-        detections: list[Detection],
-        groups: list[list[int]],
-        generation: Generation,
-        image_size: tuple[int, int],
+        self, detections: list[Detection], walk: _TokenWalk, image_size: tuple[int, int]
     ) -> list[int | None]:
         """Group index for each detection, matched in order by identical argmax box."""
         if self._coords is None:
@@ -177,11 +196,11 @@ class GenerationDecoder:
         group_boxes = [
             torch.tensor(
                 self.codec.locations_to_box(
-                    self._coords[self._chosen(generation, g)].tolist(), image_size
+                    self._coords[self._group_locations(walk, j)].tolist(), image_size
                 ),
                 dtype=torch.float64,
             )
-            for g in groups
+            for j in range(len(walk.groups))
         ]
         matches: list[int | None] = []
         next_group = 0
@@ -190,7 +209,7 @@ class GenerationDecoder:
             found = next(
                 (
                     j
-                    for j in range(next_group, len(groups))
+                    for j in range(next_group, len(group_boxes))
                     if torch.allclose(group_boxes[j], box, rtol=0, atol=_BOX_MATCH_ATOL)
                 ),
                 None,
@@ -200,42 +219,40 @@ class GenerationDecoder:
                 next_group = found + 1
         return matches
 
-    def _confidence(
-        self, generation: Generation, logprobs: torch.Tensor, groups: list[list[int]], j: int
-    ) -> float:
-        group = groups[j]
+    def _confidence(self, walk: _TokenWalk, j: int) -> float:
+        group = walk.groups[j]
         if self.confidence == "loc_mass":
-            if generation.loc_probs is None:
+            if walk.loc_probs is None:
                 raise ValueError(
                     "confidence='loc_mass' needs Generation.loc_probs; the adapter gave none"
                 )
             assert self.codec.space is not None  # groups exist only for token codecs
-            chosen = torch.tensor(self._chosen(generation, group))
+            chosen = torch.tensor(self._group_locations(walk, j))
             near = self.codec.space.distance(chosen) <= self.mass_radius + 1e-9
-            mass = (generation.loc_probs[group].double() * near).sum(dim=-1)
+            mass = (walk.loc_probs[group] * near).sum(dim=-1)
             return float(mass.clamp(min=1e-300).log().mean().exp().clamp(max=1.0))
-        span = list(group)
+        steps = list(group)
         if self.confidence == "tokens":
-            span += self._label_span(groups, j, len(generation.token_ids))
-        return float(logprobs[span].mean().exp())
+            steps += self._label_steps(walk, j)
+        return float(walk.logprobs[steps].mean().exp())
 
-    def _label_span(self, groups: list[list[int]], j: int, n_tokens: int) -> list[int]:
+    def _label_steps(self, walk: _TokenWalk, j: int) -> list[int]:
+        groups = walk.groups
         if self._label_side == "after":
-            end = groups[j + 1][0] if j + 1 < len(groups) else n_tokens
+            end = groups[j + 1][0] if j + 1 < len(groups) else len(walk.logprobs)
             return list(range(groups[j][-1] + 1, end))
         if self._label_side == "before":
             start = groups[j - 1][-1] + 1 if j > 0 else 0
             return list(range(start, groups[j][0]))
         return []
 
-    def _expected_box(
-        self, generation: Generation, group: list[int], argmax_box: Box, image_size: tuple[int, int]
-    ) -> Box:
-        if generation.loc_probs is None:
-            return tuple(argmax_box)
-        values = expected_locations(generation.loc_probs[group], self._coords)
+    def _expected_box(self, walk: _TokenWalk, j: int, image_size: tuple[int, int]) -> Box | None:
+        """EV box, or None when there is no distribution to take the expectation over."""
+        if walk.loc_probs is None:
+            return None
+        values = expected_locations(walk.loc_probs[walk.groups[j]], self._coords)
         if not torch.isfinite(values).all():
-            return tuple(argmax_box)
+            return None
         return tuple(float(v) for v in self.codec.locations_to_box(values.tolist(), image_size))
 
 
