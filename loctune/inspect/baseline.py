@@ -1,0 +1,268 @@
+"""A non-VLM few-shot baseline: PatchCore-style nearest-neighbour anomaly scores.
+
+Whatever a VLM learns in context must beat this: the patch features of the
+``k`` good examples form a memory bank; a query patch's anomaly score is the
+distance to its nearest neighbour in the bank; the image score is the largest
+patch score, and the defect box is the largest connected region of the score
+map above the threshold. The threshold is calibrated on the good examples
+alone (leave-one-out), as a few-shot user would have to.
+
+Feature extractors are pluggable (any ``f(images[B, 3, H, W] in [0, 1]) ->
+[B, C, h, w]``, e.g. a pretrained backbone, or one wrapped in
+``MultiScaleEncoder``). The default, ``RandomConvFeatures``, needs no weights.
+With ``tiles=(rows, cols)`` every image is cut into crops first (see
+``tiling``), each crop is featurised at ``input_size`` and the crop score maps
+are stitched back, so small defects are seen at native resolution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from loctune.inspect.metrics import accuracy, auroc, f1, point_in_boxes
+from loctune.inspect.records import by_product, is_defective
+from loctune.inspect.regions import largest_region, mask_box
+from loctune.inspect.tiling import tile_grid
+from loctune.types import Box, Sample
+
+FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL image -> ``[3, H, W]`` float32 in [0, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class RandomConvFeatures(nn.Module):
+    """Fixed random convolutions, a feature extractor that needs no pretrained weights.
+
+    Two 3x3 convolutions with seeded Gaussian weights and ReLU run at full
+    input resolution, so a 1 px line still changes the activations; both
+    layers' responses are average-pooled to ``stride`` and concatenated, then
+    averaged over 3x3 neighbouring patches (PatchCore's local aggregation).
+    Random filters are a weak but honest stand-in for a pretrained backbone:
+    they respond to local colour and edge structure, nothing semantic.
+    """
+
+    def __init__(self, channels: int = 32, stride: int = 4, seed: int = 0) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.conv1 = nn.Conv2d(3, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        for conv in (self.conv1, self.conv2):
+            fan_in = conv.weight[0].numel()
+            with torch.no_grad():
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) / fan_in**0.5)
+                conv.bias.zero_()
+        self.stride = stride
+        self.requires_grad_(False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        first = F.relu(self.conv1(images - 0.5))
+        second = F.relu(self.conv2(first))
+        pooled = [F.avg_pool2d(t, self.stride) for t in (first, second)]
+        return F.avg_pool2d(
+            torch.cat(pooled, dim=1), 3, stride=1, padding=1, count_include_pad=False
+        )
+
+
+@dataclass
+class AnomalyPrediction:
+    """One image's verdict: score, decision, full-resolution score map, defect box and peak."""
+
+    score: float
+    defective: bool
+    score_map: torch.Tensor  # [H, W] on the image's own pixels
+    box: Box | None  # None when judged good
+    peak: tuple[float, float]  # (x, y) of the highest score, pixel centre
+
+
+class PatchCore:
+    """Few-shot nearest-neighbour anomaly detector over patch features.
+
+    ``input_size``: side the whole image (or each crop with ``tiles``) is
+    resized to before featurising. ``bank_size``: cap on the memory bank,
+    filled by greedy k-centre selection (PatchCore's coreset) to bound the
+    cost of the nearest-neighbour search; None keeps every patch.
+    """
+
+    def __init__(
+        self,
+        extractor: FeatureExtractor | None = None,
+        input_size: int = 256,
+        tiles: tuple[int, int] | None = None,
+        overlap: float = 0.0,
+        bank_size: int | None = None,
+    ) -> None:
+        self.extractor = extractor if extractor is not None else RandomConvFeatures()
+        self.input_size = input_size
+        self.tiles = tiles
+        self.overlap = overlap
+        self.bank_size = bank_size
+        self.bank: torch.Tensor | None = None
+        self.threshold: float | None = None
+
+    def _views(self, image: Image.Image) -> list[tuple[int, int, int, int]]:
+        """Pixel boxes of the views featurised for one image: the whole image, or the crops."""
+        if self.tiles is None:
+            return [(0, 0, image.width, image.height)]
+        return [c.box for c in tile_grid(image.size, *self.tiles, self.overlap).crops]
+
+    @torch.no_grad()
+    def _features(self, image: Image.Image) -> tuple[torch.Tensor, list[tuple[int, int, int, int]]]:
+        """``[views, C, h, w]`` features of one image and the view boxes."""
+        boxes = self._views(image)
+        tensor = image_to_tensor(image)
+        views = torch.stack(
+            [
+                F.interpolate(
+                    tensor[None, :, y1:y2, x1:x2],
+                    size=(self.input_size, self.input_size),
+                    mode="bilinear",
+                    align_corners=False,
+                    antialias=True,
+                )[0]
+                for x1, y1, x2, y2 in boxes
+            ]
+        )
+        return self.extractor(views), boxes
+
+    @staticmethod
+    def _patches(features: torch.Tensor) -> torch.Tensor:
+        return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+
+    def fit(self, good: Sequence[Image.Image], threshold: float | None = None) -> PatchCore:
+        """Build the bank from good images; calibrate the threshold unless one is given.
+
+        Calibration scores each good image against a bank of the others and
+        takes the highest score, so no good example would have been flagged.
+        It needs at least two good images.
+        """
+        if not good:
+            raise ValueError("fit: need at least one good image")
+        if threshold is None and len(good) < 2:
+            raise ValueError(
+                "fit: calibrating the threshold needs two good images; pass threshold="
+            )
+        per_image = [self._patches(self._features(im)[0]) for im in good]
+        if threshold is None:
+            loo = []
+            for i, patches in enumerate(per_image):
+                others = self._select(torch.cat(per_image[:i] + per_image[i + 1 :]))
+                loo.append(float(_nearest_distance(patches, others).max()))
+            threshold = max(loo)
+        self.bank = self._select(torch.cat(per_image))
+        self.threshold = threshold
+        return self
+
+    def _select(self, patches: torch.Tensor) -> torch.Tensor:
+        if self.bank_size is None or len(patches) <= self.bank_size:
+            return patches
+        return patches[greedy_coreset(patches, self.bank_size)]
+
+    @torch.no_grad()
+    def predict(self, image: Image.Image) -> AnomalyPrediction:
+        if self.bank is None or self.threshold is None:
+            raise RuntimeError("predict: call fit() with good images first")
+        features, boxes = self._features(image)
+        views, _, h, w = features.shape
+        patch_scores = _nearest_distance(self._patches(features), self.bank).reshape(views, h, w)
+        score_map = torch.zeros(image.height, image.width)
+        for view_scores, (x1, y1, x2, y2) in zip(patch_scores, boxes, strict=True):
+            up = F.interpolate(view_scores[None, None], size=(y2 - y1, x2 - x1), mode="bilinear")
+            score_map[y1:y2, x1:x2] = torch.maximum(score_map[y1:y2, x1:x2], up[0, 0])
+        score = float(patch_scores.max())
+        defective = score > self.threshold
+        box = None
+        if defective:
+            box = mask_box(largest_region((score_map > self.threshold).numpy()))
+        peak_y, peak_x = divmod(int(score_map.argmax()), image.width)
+        return AnomalyPrediction(score, defective, score_map, box, (peak_x + 0.5, peak_y + 0.5))
+
+
+def _nearest_distance(
+    queries: torch.Tensor, bank: torch.Tensor, chunk: int = 2**24
+) -> torch.Tensor:
+    """Euclidean distance of each query row to its nearest bank row, in memory-bounded chunks."""
+    rows = max(1, chunk // max(1, len(bank)))
+    return torch.cat([torch.cdist(q, bank).min(dim=1).values for q in queries.split(rows)])
+
+
+def greedy_coreset(points: torch.Tensor, size: int) -> torch.Tensor:
+    """Indices of ``size`` rows chosen by greedy k-centre (each pick is farthest from the picks).
+
+    Deterministic: starts from row 0. Covers the feature space with few rows,
+    so rare good patches stay in the bank while repeated ones are thinned.
+    """
+    size = min(size, len(points))
+    chosen = torch.zeros(size, dtype=torch.long)
+    nearest = torch.cdist(points, points[:1])[:, 0]
+    for i in range(1, size):
+        chosen[i] = int(nearest.argmax())
+        nearest = torch.minimum(nearest, torch.cdist(points, points[chosen[i]][None])[:, 0])
+    return chosen
+
+
+@dataclass
+class FewShotResult:
+    """Metrics of a few-shot evaluation; AUROC per product (scores are not comparable across)."""
+
+    auroc_per_product: dict[str, float]
+    accuracy: float
+    f1: float
+    pointing: float  # share of defective queries with boxes whose peak lies in a true box
+    n_queries: int
+
+    @property
+    def mean_auroc(self) -> float:
+        return float(np.nanmean(list(self.auroc_per_product.values())))
+
+
+def evaluate_few_shot(
+    queries: Sequence[Sample],
+    make_detector: Callable[[], PatchCore],
+    k: int = 4,
+    support: Sequence[Sample] | None = None,
+) -> FewShotResult:
+    """Fit one detector per product on ``k`` good examples and score that product's queries.
+
+    The good examples come from ``support`` (e.g. the training split), or,
+    when None, are the first ``k`` good queries, which are then not scored.
+    """
+    support_groups = by_product(support if support is not None else queries)
+    predicted, truth, hits = [], [], []
+    per_product = {}
+    for product, group in by_product(queries).items():
+        shots = support_groups.get(product)
+        if shots is None or len(shots.good) < k:
+            raise ValueError(f"product {product!r}: fewer than k={k} good support images")
+        shots_good = shots.good[:k]
+        shot_ids = {s.image_id for s in shots_good} if support is None else set()
+        detector = make_detector().fit([s.load_image() for s in shots_good])
+        p_scores, p_truth = [], []
+        for sample in group.good + group.defective:
+            if sample.image_id in shot_ids:
+                continue
+            prediction = detector.predict(sample.load_image())
+            p_scores.append(prediction.score)
+            p_truth.append(is_defective(sample))
+            predicted.append(prediction.defective)
+            if is_defective(sample) and sample.boxes:
+                hits.append(point_in_boxes(prediction.peak, sample.boxes))
+        per_product[product] = auroc(p_scores, p_truth)
+        truth += p_truth
+    return FewShotResult(
+        auroc_per_product=per_product,
+        accuracy=accuracy(predicted, truth),
+        f1=f1(predicted, truth),
+        pointing=float(np.mean(hits)) if hits else float("nan"),
+        n_queries=len(truth),
+    )

@@ -1,0 +1,259 @@
+"""High resolution for multi-image VLMs: a global view plus a grid of full-resolution crops.
+
+A VLM that resizes every image to a few hundred pixels cannot see a 3 px
+defect on a 640 px board. Splitting the board into ``rows x cols`` crops
+(optionally overlapping) and passing them as extra images keeps native
+resolution; a downscaled global view keeps the context. The functions here
+are pure: they compute the grid, cut the images, describe the layout for the
+prompt, and move boxes between crop and full-image coordinates (targets into
+crops for training, detections out of crops at inference, merged by NMS where
+crops overlap).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from PIL import Image
+
+from loctune.boxes import iou_matrix
+from loctune.inspect.records import GOOD
+from loctune.types import Box, Detection, Sample
+
+
+@dataclass(frozen=True)
+class Crop:
+    """One cell of a grid: its 0-based ``row``/``col`` and its integer pixel box in the image."""
+
+    row: int
+    col: int
+    box: tuple[int, int, int, int]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (self.box[2] - self.box[0], self.box[3] - self.box[1])
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """``rows x cols`` crops covering an image of ``image_size`` (width, height), row-major."""
+
+    image_size: tuple[int, int]
+    rows: int
+    cols: int
+    crops: tuple[Crop, ...]
+
+    def crop(self, row: int, col: int) -> Crop:
+        return self.crops[row * self.cols + col]
+
+
+def _starts(length: int, parts: int, overlap: float) -> tuple[int, list[int]]:
+    """Crop length and evenly spaced starts so that ``parts`` crops cover ``length`` exactly."""
+    size = math.ceil(length / (parts - (parts - 1) * overlap))
+    size = min(size, length)
+    if parts == 1:
+        return size, [0]
+    return size, [round(i * (length - size) / (parts - 1)) for i in range(parts)]
+
+
+def tile_grid(image_size: tuple[int, int], rows: int, cols: int, overlap: float = 0.0) -> TileGrid:
+    """The crops of a ``rows x cols`` grid; neighbours share ``overlap`` (a fraction of a crop).
+
+    The first crop starts at 0, the last ends at the image border; all crops
+    have the same size, so a model sees every crop at the same scale.
+    """
+    if rows < 1 or cols < 1:
+        raise ValueError(f"rows, cols: expected positive integers, got {rows} x {cols}")
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap: expected a fraction in [0, 1), got {overlap}")
+    width, height = image_size
+    crop_w, xs = _starts(width, cols, overlap)
+    crop_h, ys = _starts(height, rows, overlap)
+    crops = tuple(
+        Crop(r, c, (x, y, x + crop_w, y + crop_h))
+        for r, y in enumerate(ys)
+        for c, x in enumerate(xs)
+    )
+    return TileGrid((width, height), rows, cols, crops)
+
+
+def split_image(image: Image.Image, grid: TileGrid) -> list[Image.Image]:
+    """The crops of ``image`` in grid order (row by row)."""
+    if image.size != grid.image_size:
+        raise ValueError(f"image size {image.size} does not match the grid's {grid.image_size}")
+    return [image.crop(c.box) for c in grid.crops]
+
+
+@dataclass
+class TiledViews:
+    """What a multi-image prompt shows: ``images[0]`` is the global view, then the crops."""
+
+    images: list[Image.Image]
+    grid: TileGrid
+    layout: str
+
+
+def tile_views(
+    image: Image.Image, rows: int, cols: int, overlap: float = 0.0, global_size: int | None = 448
+) -> TiledViews:
+    """Global view (longer side ``global_size``; None leaves it out) plus the grid's crops."""
+    grid = tile_grid(image.size, rows, cols, overlap)
+    images = split_image(image, grid)
+    if global_size is not None:
+        scale = global_size / max(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        images.insert(0, image.resize(size, Image.BICUBIC))
+    return TiledViews(images, grid, layout_description(grid, global_size is not None))
+
+
+def layout_description(grid: TileGrid, with_global: bool = True) -> str:
+    """Prompt text telling the model what each image is, e.g.
+
+    ``"image 1: the whole image, downscaled. images 2-5: crops at full resolution,
+    row by row: image 2 row 1 col 1 (x 0-320, y 0-320), ..."``
+    """
+    first = 2 if with_global else 1
+    last = first + len(grid.crops) - 1
+    parts = ["image 1: the whole image, downscaled."] if with_global else []
+    cells = ", ".join(
+        f"image {first + i} row {c.row + 1} col {c.col + 1} "
+        f"(x {c.box[0]}-{c.box[2]}, y {c.box[1]}-{c.box[3]})"
+        for i, c in enumerate(grid.crops)
+    )
+    parts.append(f"images {first}-{last}: crops at full resolution, row by row: {cells}.")
+    return " ".join(parts)
+
+
+def crop_to_image(boxes: Sequence[Box], crop: Crop) -> list[Box]:
+    """Boxes in crop pixels -> the same boxes in full-image pixels."""
+    dx, dy = crop.box[0], crop.box[1]
+    return [(x1 + dx, y1 + dy, x2 + dx, y2 + dy) for x1, y1, x2, y2 in boxes]
+
+
+def image_to_crop(
+    boxes: Sequence[Box],
+    labels: Sequence[str],
+    crop: Crop,
+    min_visible: float = 0.25,
+    min_side: float = 2.0,
+) -> tuple[list[Box], list[str]]:
+    """Full-image boxes -> the parts inside ``crop``, in crop pixels, with their labels.
+
+    A box that straddles the crop border is clipped to it; a clipped part that
+    keeps less than ``min_visible`` of the box's area or is thinner than
+    ``min_side`` pixels is dropped as a sliver (the neighbouring crop, or the
+    overlap, holds the rest). Degenerate input boxes (zero area) are kept
+    only when they lie inside the crop.
+    """
+    cx1, cy1, cx2, cy2 = crop.box
+    out_boxes, out_labels = [], []
+    for (x1, y1, x2, y2), label in zip(boxes, labels, strict=True):
+        kx1, ky1 = max(x1, cx1), max(y1, cy1)
+        kx2, ky2 = min(x2, cx2), min(y2, cy2)
+        if kx2 < kx1 or ky2 < ky1:
+            continue
+        area = (x2 - x1) * (y2 - y1)
+        kept = (kx2 - kx1) * (ky2 - ky1)
+        clipped = (kx1, ky1, kx2, ky2) != (x1, y1, x2, y2)
+        if clipped and (kept < min_visible * area or min(kx2 - kx1, ky2 - ky1) < min_side):
+            continue
+        out_boxes.append((kx1 - cx1, ky1 - cy1, kx2 - cx1, ky2 - cy1))
+        out_labels.append(label)
+    return out_boxes, out_labels
+
+
+def scale_boxes(
+    boxes: Sequence[Box], from_size: tuple[int, int], to_size: tuple[int, int]
+) -> list[Box]:
+    """Boxes on an image of ``from_size`` -> the same boxes on it resized to ``to_size``."""
+    sx, sy = to_size[0] / from_size[0], to_size[1] / from_size[1]
+    return [(x1 * sx, y1 * sy, x2 * sx, y2 * sy) for x1, y1, x2, y2 in boxes]
+
+
+def nms(boxes: Sequence[Box], scores: Sequence[float], iou_threshold: float = 0.5) -> list[int]:
+    """Greedy non-maximum suppression: indices kept, highest score first."""
+    if not boxes:
+        return []
+    ious = iou_matrix(boxes, boxes)
+    order = torch.argsort(
+        torch.as_tensor(scores, dtype=torch.float64), descending=True, stable=True
+    )
+    suppressed = torch.zeros(len(boxes), dtype=torch.bool)
+    keep = []
+    for i in order.tolist():
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        suppressed |= ious[i] > iou_threshold
+    return keep
+
+
+def merge_detections(
+    detections: Sequence[Detection], iou_threshold: float = 0.5
+) -> list[Detection]:
+    """Per-label NMS, for duplicates of one object found in two overlapping crops."""
+    merged = []
+    for label in dict.fromkeys(d.label for d in detections):
+        same = [d for d in detections if d.label == label]
+        keep = nms([d.box for d in same], [d.score for d in same], iou_threshold)
+        merged.extend(same[i] for i in keep)
+    return merged
+
+
+def detections_from_crops(
+    per_crop: Sequence[Sequence[Detection]], grid: TileGrid, iou_threshold: float = 0.5
+) -> list[Detection]:
+    """Detections decoded on each crop (grid order) -> merged full-image detections."""
+    if len(per_crop) != len(grid.crops):
+        raise ValueError(f"expected detections for {len(grid.crops)} crops, got {len(per_crop)}")
+    mapped = [
+        replace(d, box=crop_to_image([d.box], crop)[0])
+        for dets, crop in zip(per_crop, grid.crops, strict=True)
+        for d in dets
+    ]
+    return merge_detections(mapped, iou_threshold)
+
+
+def crop_samples(
+    sample: Sample,
+    rows: int,
+    cols: int,
+    overlap: float = 0.0,
+    min_visible: float = 0.25,
+    min_side: float = 2.0,
+) -> list[Sample]:
+    """Training samples, one per crop, with the sample's boxes moved into each crop.
+
+    ``meta["crop"]`` records ``(row, col, box)`` so predictions map back. For an
+    inspection sample with boxes, each crop's ``defective``/``defect_type`` say
+    whether a defect box (not a dropped sliver) lies in that crop; a defective
+    sample without boxes cannot be localised, so its crops keep its label.
+    """
+    image = sample.load_image()
+    grid = tile_grid(image.size, rows, cols, overlap)
+    out = []
+    for crop, crop_image in zip(grid.crops, split_image(image, grid), strict=True):
+        boxes, labels = image_to_crop(sample.boxes, sample.labels, crop, min_visible, min_side)
+        meta = {**sample.meta, "crop": (crop.row, crop.col, crop.box)}
+        meta.pop("image_size", None)
+        if "mask" in meta:  # synthetic/folder samples carry a pixel mask; keep it aligned
+            x1, y1, x2, y2 = crop.box
+            meta["mask"] = np.asarray(meta["mask"])[y1:y2, x1:x2]
+        if sample.task == "inspection" and sample.boxes:
+            meta["defective"] = bool(boxes)
+            meta["defect_type"] = ",".join(sorted(set(labels))) if labels else GOOD
+        out.append(
+            replace(
+                sample,
+                image=crop_image,
+                boxes=boxes,
+                labels=labels,
+                image_id=f"{sample.image_id}@r{crop.row + 1}c{crop.col + 1}",
+                meta=meta,
+            )
+        )
+    return out
