@@ -59,7 +59,10 @@ class LossConfig:
     At location positions the target is ``hard_weight * one_hot + soft_weight *
     targets``: DIST2Loss is ``soft_ce`` with Gaussian targets, ``hard_weight=1,
     soft_weight=0.1`` (preset ``"dist2"``). GEM normalises that mixture.
-    ``chunk_elements`` bounds the logits processed at once (rows x vocab).
+    ``chunk_elements`` bounds the logits processed at once (rows x vocab; 2**26 is
+    256 MiB of fp32); ``fused_chunk_rows`` is the least number of rows per chunk of
+    :meth:`LocationLoss.fused_linear`, whose every chunk also reads and writes the
+    ``[V, H]`` weight gradient.
     """
 
     name: str = "ce"
@@ -69,7 +72,8 @@ class LossConfig:
     beta: float = 0.7
     h: str = "logsigmoid"
     gem_scope: str = "location"
-    chunk_elements: int = 1 << 24
+    chunk_elements: int = 1 << 26
+    fused_chunk_rows: int = 1024
 
     def __post_init__(self):
         if self.name not in LOSS_NAMES:
@@ -87,8 +91,9 @@ class LossConfig:
                 "LossConfig.hard_weight and soft_weight must be >= 0 with a positive sum, got "
                 f"{self.hard_weight} and {self.soft_weight}"
             )
-        if self.chunk_elements < 1:
-            raise ValueError(f"LossConfig.chunk_elements must be >= 1, got {self.chunk_elements}")
+        for name in ("chunk_elements", "fused_chunk_rows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"LossConfig.{name} must be >= 1, got {getattr(self, name)}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -128,6 +133,7 @@ class _Plan:
     beta: float
     h: str
     chunk_elements: int
+    fused_chunk_rows: int
 
     @property
     def covers_all_rows(self) -> bool:
@@ -155,36 +161,50 @@ def _subtract_target(grad: torch.Tensor, label, hard, soft, loc_ids, coef: torch
         grad.index_add_(1, loc_ids, (soft * coef[:, None]).to(grad.dtype), alpha=-1)
 
 
-def _chunk_loss(z, mode, label, hard, mass, soft, plan: _Plan, want_grad: bool):
+def _chunk_loss(z, mode, label, hard, mass, soft, plan: _Plan, want_grad: bool, dest=None):
     """Per-row losses of ``z`` (``[C, V]``, any float dtype; fp32 inside) and, when
-    ``want_grad``, ``plan.scale`` times their gradient (fp32, ``[C, V]``)."""
+    ``want_grad``, ``plan.scale`` times their gradient, written into ``dest`` (any float
+    dtype) when given, else returned as a new compute-dtype tensor.
+
+    Each full-vocabulary pass costs as much as the whole soft part, so the scaling is
+    the last pass and writes straight into ``dest``.
+    """
     if mode == "ce":
         logp = torch.log_softmax(z, 1, dtype=_compute_dtype(z.dtype))
         loss = -_target_dot(logp, label, hard, soft, plan.loc_ids)
         if not want_grad:
             return loss, None
-        grad = logp.exp_().mul_((plan.scale * mass)[:, None])
-        _subtract_target(grad, label, hard, soft, plan.loc_ids, torch.full_like(mass, plan.scale))
-        return loss, grad
-    zbar = _target_dot(z, label, hard, soft, plan.loc_ids)
-    s = z - zbar[:, None]  # promoted to the compute dtype
-    c = torch.softmax(s / plan.beta, 1)
-    if plan.h == "logsigmoid":
-        c.mul_(torch.sigmoid(s * 0.01))
-    loss = torch.linalg.vecdot(c, s)
-    if not want_grad:
-        return loss, None
-    total = c.sum(1)
-    grad = c.mul_(plan.scale)
-    _subtract_target(grad, label, hard, soft, plan.loc_ids, plan.scale * total)
-    return loss, grad
+        p = logp.exp_()
+        _subtract_target(p, label, hard, soft, plan.loc_ids, 1.0 / mass)  # p - τ/m
+        row_scale = plan.scale * mass
+    else:
+        zbar = _target_dot(z, label, hard, soft, plan.loc_ids)
+        # (z - zbar) / beta in one pass, promoted to the compute dtype
+        sb = torch.addcmul((-zbar / plan.beta)[:, None], z, z.new_ones(()), value=1.0 / plan.beta)
+        p = torch.softmax(sb, 1)  # q, then c = q * w
+        if plan.h == "logsigmoid":
+            p.mul_(torch.sigmoid(sb * (0.01 * plan.beta)))
+        loss = plan.beta * torch.linalg.vecdot(p, sb)
+        if not want_grad:
+            return loss, None
+        _subtract_target(p, label, hard, soft, plan.loc_ids, p.sum(1))  # c - C τ
+        row_scale = torch.full_like(loss, plan.scale)
+    if dest is None:
+        return loss, p.mul_(row_scale[:, None])
+    return loss, torch.mul(p, row_scale[:, None], out=dest)
 
 
-def _run_chunks(plan: _Plan, vocab: int, logits_of, take_grad, want_grad: bool) -> torch.Tensor:
-    """Sum of row losses over all groups; ``take_grad(rows, grad)`` receives each chunk's
-    scaled gradient. ``logits_of(rows)`` gives a chunk's ``[C, V]`` logits; ``rows`` is a
-    slice or an index tensor."""
-    per_chunk = max(1, plan.chunk_elements // vocab)
+def _run_chunks(
+    plan: _Plan, vocab: int, logits_of, take_grad, want_grad: bool, dest_of=None, min_rows: int = 1
+) -> torch.Tensor:
+    """Sum of row losses over all groups, divided by the plan's denominator.
+
+    ``logits_of(rows)`` gives a chunk's ``[C, V]`` logits (``rows`` is a slice or an
+    index tensor); ``take_grad(rows, grad)`` receives each chunk's scaled gradient,
+    unless ``dest_of(rows)`` gave a view it was written into. Chunks hold
+    ``plan.chunk_elements`` logits, and at least ``min_rows`` rows.
+    """
+    per_chunk = max(min_rows, plan.chunk_elements // vocab, 1)
     total = torch.zeros((), dtype=torch.float64, device=plan.loc_ids.device)
     for g in plan.groups:
         for start in range(0, len(g), per_chunk):
@@ -194,11 +214,20 @@ def _run_chunks(plan: _Plan, vocab: int, logits_of, take_grad, want_grad: bool) 
             if g.soft is not None:
                 ptr = g.soft_ptr[sl]
                 soft = g.soft[ptr.clamp(min=0)] * (ptr >= 0)[:, None]
+            dest = dest_of(rows) if want_grad and dest_of is not None else None
             loss, grad = _chunk_loss(
-                logits_of(rows), g.mode, g.label[sl], g.hard[sl], g.mass[sl], soft, plan, want_grad
+                logits_of(rows),
+                g.mode,
+                g.label[sl],
+                g.hard[sl],
+                g.mass[sl],
+                soft,
+                plan,
+                want_grad,
+                dest,
             )
             total += loss.sum()
-            if grad is not None:
+            if grad is not None and dest is None:
                 take_grad(rows, grad)
     return total * plan.scale
 
@@ -281,6 +310,7 @@ class _FusedLinearLoss(torch.autograd.Function):
             lambda rows: F.linear(_rows_of(hidden, rows), weight, bias),
             take,
             any((need_h, need_w, need_b)),
+            min_rows=plan.fused_chunk_rows,
         )
         ctx.grads = [grad_h, grad_w, grad_b]
         return loss.to(_compute_dtype(hidden.dtype))
@@ -475,6 +505,7 @@ class LocationLoss:
             cfg.beta,
             cfg.h,
             cfg.chunk_elements,
+            cfg.fused_chunk_rows,
         )
 
     def _location_targets(self, index, continuous, loc_rows):

@@ -5,7 +5,14 @@ import torch
 import torch.nn.functional as F
 
 from loctune.codecs import LocationSpace
-from loctune.losses import LocationLoss, LossConfig, build_loss, fused_linear_loss
+from loctune.losses import (
+    LocationLoss,
+    LossConfig,
+    build_loss,
+    fused_linear_loss,
+    list_losses,
+    loss_config,
+)
 from loctune.targets import TargetSpec, make_targets
 
 V, N_LOC, LOC0 = 40, 16, 20  # vocabulary, location tokens at ids 20..35
@@ -33,7 +40,9 @@ def dense_targets(labels, spec, cfg=None):
         if y >= LOC0 and spec is not None:
             row = make_targets(spec, torch.tensor([y - LOC0]), SPACE)[0].double()
             if cfg is not None:
-                row = row * cfg.soft_weight + cfg.hard_weight * F.one_hot(torch.tensor(y - LOC0), N_LOC)
+                row = row * cfg.soft_weight + cfg.hard_weight * F.one_hot(
+                    torch.tensor(y - LOC0), N_LOC
+                )
                 if cfg.name == "gem":
                     row = row / row.sum()
             t[i, LOC0 : LOC0 + N_LOC] = row
@@ -76,8 +85,15 @@ def grads(fn, logits):
     return loss.detach(), logits.grad.clone()
 
 
-@pytest.mark.parametrize("spec", [TargetSpec("one_hot"), TargetSpec("distance_inverse", power=2),
-                                  TargetSpec("gaussian", sigma=1.5), TargetSpec("label_smoothing")])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        TargetSpec("one_hot"),
+        TargetSpec("distance_inverse", power=2),
+        TargetSpec("gaussian", sigma=1.5),
+        TargetSpec("label_smoothing"),
+    ],
+)
 def test_soft_ce_matches_dense_reference(spec):
     logits, labels = batch()
     ours = LocationLoss(LossConfig("soft_ce", targets=spec, chunk_elements=4 * V), LOC_IDS, SPACE)
@@ -89,7 +105,9 @@ def test_soft_ce_matches_dense_reference(spec):
 
 def test_dist2_mixture_is_ce_plus_weighted_soft_ce():
     logits, labels = batch(1)
-    cfg = LossConfig("soft_ce", targets=TargetSpec("gaussian", sigma=1.0), hard_weight=1.0, soft_weight=0.1)
+    cfg = LossConfig(
+        "soft_ce", targets=TargetSpec("gaussian", sigma=1.0), hard_weight=1.0, soft_weight=0.1
+    )
     ours = LocationLoss(cfg, LOC_IDS, SPACE)
     l1, g1 = grads(lambda: ours(logits, labels), logits)
     l2, g2 = grads(lambda: ref_soft_ce(logits, labels, cfg.targets, cfg), logits)
@@ -102,7 +120,11 @@ def test_dist2_mixture_is_ce_plus_weighted_soft_ce():
 @pytest.mark.parametrize("scope", ["location", "all"])
 def test_gem_matches_official_formula(h, spec, scope):
     logits, labels = batch(2)
-    ours = LocationLoss(LossConfig("gem", targets=spec, beta=0.7, h=h, gem_scope=scope, chunk_elements=5 * V), LOC_IDS, SPACE)
+    ours = LocationLoss(
+        LossConfig("gem", targets=spec, beta=0.7, h=h, gem_scope=scope, chunk_elements=5 * V),
+        LOC_IDS,
+        SPACE,
+    )
     l1, g1 = grads(lambda: ours(logits, labels), logits)
     l2, g2 = grads(lambda: ref_gem(logits, labels, spec, 0.7, h, scope), logits)
     torch.testing.assert_close(l1.double(), l2)
@@ -112,18 +134,24 @@ def test_gem_matches_official_formula(h, spec, scope):
 def test_gem_linear_gradient_is_q_minus_t():
     logits, labels = batch(3)
     spec = TargetSpec("distance_inverse")
-    ours = LocationLoss(LossConfig("gem", targets=spec, beta=0.5, h="linear", gem_scope="all"), LOC_IDS, SPACE)
+    ours = LocationLoss(
+        LossConfig("gem", targets=spec, beta=0.5, h="linear", gem_scope="all"), LOC_IDS, SPACE
+    )
     _, g = grads(lambda: ours(logits, labels), logits)
     z, lab = logits.detach()[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1)
     valid = lab != -100
-    expected = (torch.softmax(z / 0.5, -1) - dense_targets(lab, spec)) * valid[:, None] / valid.sum()
+    expected = (
+        (torch.softmax(z / 0.5, -1) - dense_targets(lab, spec)) * valid[:, None] / valid.sum()
+    )
     torch.testing.assert_close(g[:, :-1].reshape(-1, V), expected)
 
 
 def test_one_hot_soft_ce_equals_ce_and_torch():
     logits, labels = batch(4)
     ce = LocationLoss(LossConfig("ce"), LOC_IDS, SPACE)(logits, labels)
-    soft = LocationLoss(LossConfig("soft_ce", targets=TargetSpec("one_hot")), LOC_IDS, SPACE)(logits, labels)
+    soft = LocationLoss(LossConfig("soft_ce", targets=TargetSpec("one_hot")), LOC_IDS, SPACE)(
+        logits, labels
+    )
     torch_ce = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1))
     torch.testing.assert_close(ce, soft)
     torch.testing.assert_close(ce.double(), torch_ce)
@@ -131,7 +159,12 @@ def test_one_hot_soft_ce_equals_ce_and_torch():
 
 def test_gem_beta_one_linear_has_ce_gradient():
     logits, labels = batch(5)
-    _, g_gem = grads(lambda: build_loss("gem", LOC_IDS, SPACE, beta=1.0, h="linear", gem_scope="all")(logits, labels), logits)
+    _, g_gem = grads(
+        lambda: build_loss("gem", LOC_IDS, SPACE, beta=1.0, h="linear", gem_scope="all")(
+            logits, labels
+        ),
+        logits,
+    )
     _, g_ce = grads(lambda: build_loss("ce", LOC_IDS, SPACE)(logits, labels), logits)
     torch.testing.assert_close(g_gem, g_ce)
 
@@ -143,7 +176,9 @@ def test_no_shift_and_num_items_in_batch():
     ref = F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1))
     torch.testing.assert_close(unshifted.double(), ref)
     total = F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1), reduction="sum")
-    torch.testing.assert_close(loss(logits, labels, shift=False, num_items_in_batch=100).double(), total / 100)
+    torch.testing.assert_close(
+        loss(logits, labels, shift=False, num_items_in_batch=100).double(), total / 100
+    )
 
 
 def test_trainer_compute_loss_func_signature():
@@ -155,19 +190,28 @@ def test_trainer_compute_loss_func_signature():
     out = Out()
     out.logits = logits
     fn = LocationLoss(LossConfig("ce"), LOC_IDS, SPACE).compute_loss_func(shift=True)
-    ref = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), reduction="sum") / 9
+    ref = (
+        F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), reduction="sum")
+        / 9
+    )
     torch.testing.assert_close(fn(out, labels, num_items_in_batch=9).double(), ref)
 
 
-def test_bf16_logits_give_fp32_loss_and_bf16_grad():
+@pytest.mark.parametrize("name", ["distance_inverse", "gem_soft"])
+@pytest.mark.parametrize("all_supervised", [False, True])  # gathered rows / in-place views
+def test_bf16_logits_give_fp32_loss_and_bf16_grad(name, all_supervised):
     logits, labels = batch(8)
+    labels = labels.clamp(min=0) if all_supervised else labels
     lb = logits.detach().to(torch.bfloat16).requires_grad_()
-    loss = LocationLoss(LossConfig("gem", targets=TargetSpec("distance_inverse")), LOC_IDS, SPACE)(lb, labels)
-    loss.backward()
-    assert loss.dtype == torch.float32 and lb.grad.dtype == torch.bfloat16
-    ref = LocationLoss(LossConfig("gem", targets=TargetSpec("distance_inverse")), LOC_IDS, SPACE)(
-        lb.detach().double(), labels)
-    assert abs(loss.item() - ref.item()) < 1e-3
+    loss = build_loss(name, LOC_IDS, SPACE)
+    value = loss(lb, labels)
+    value.backward()
+    assert value.dtype == torch.float32 and lb.grad.dtype == torch.bfloat16
+    wide = lb.detach().double().requires_grad_()
+    ref = loss(wide, labels)
+    ref.backward()
+    assert abs(value.item() - ref.item()) < 1e-5
+    torch.testing.assert_close(lb.grad.double(), wide.grad, atol=2e-4, rtol=1e-2)
 
 
 def test_two_bin_uses_continuous_coordinates():
@@ -189,7 +233,9 @@ def test_fused_linear_equals_unfused():
     weight = torch.randn(V, 8, generator=g, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, V, (50,), generator=g)
     labels[:5] = -100
-    cfg = LossConfig("gem", targets=TargetSpec("distance_inverse"), chunk_elements=16 * V)
+    cfg = LossConfig(
+        "gem", targets=TargetSpec("distance_inverse"), chunk_elements=1, fused_chunk_rows=16
+    )
     loss = LocationLoss(cfg, LOC_IDS, SPACE)
     a = fused_linear_loss(loss, hidden, weight, labels)
     ga = torch.autograd.grad(a, [hidden, weight])
@@ -203,3 +249,103 @@ def test_fused_linear_equals_unfused():
 def test_needs_location_tokens_for_soft_losses():
     with pytest.raises(ValueError, match="location tokens"):
         LocationLoss(LossConfig("soft_ce"), [], None)
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("ce", {}),
+        ("distance_inverse", {}),
+        ("gem", {"gem_scope": "all"}),
+        ("gem_soft", {"h": "linear"}),
+        ("dist2", {}),
+    ],
+)
+def test_fully_supervised_chunks_write_gradient_in_place(name, overrides):
+    """No ignored positions: one group, chunks are views of the logits and of the gradient."""
+    logits, labels = batch(10)
+    labels = labels.clamp(min=0)
+    cfg = loss_config(name, chunk_elements=3 * V, **overrides)
+    ours = LocationLoss(cfg, LOC_IDS, SPACE)
+    l1, g1 = grads(lambda: ours(logits, labels, shift=False), logits)
+    chunk_free = LocationLoss(loss_config(name, **overrides), LOC_IDS, SPACE)
+    l2, g2 = grads(lambda: chunk_free(logits.double(), labels, shift=False), logits)
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(g1, g2)
+    # the references shift: give them one extra position at each end
+    padded_labels = F.pad(labels, (1, 0), value=-100)
+
+    def ref():
+        padded = F.pad(logits, (0, 0, 0, 1))
+        if cfg.name == "gem":
+            return ref_gem(padded, padded_labels, cfg.targets, cfg.beta, cfg.h, cfg.gem_scope)
+        return ref_soft_ce(padded, padded_labels, cfg.targets, cfg)
+
+    l3, g3 = grads(ref, logits)
+    torch.testing.assert_close(l1, l3)
+    torch.testing.assert_close(g1, g3)
+
+
+def test_fused_linear_with_bias_shift_and_mixed_groups():
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 9, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(V, generator=g, dtype=torch.float64, requires_grad=True)
+    _, labels = batch(11, b=2, s=9)
+    loss = build_loss(
+        "gem_soft", LOC_IDS, SPACE, chunk_elements=1, fused_chunk_rows=4
+    )  # CE text + GEM loc
+    a = loss.fused_linear(hidden, weight, labels, bias=bias, shift=True, num_items_in_batch=7)
+    b = loss(hidden @ weight.T + bias, labels, shift=True, num_items_in_batch=7)
+    torch.testing.assert_close(a, b)
+    for x, y in zip(
+        torch.autograd.grad(a, [hidden, weight, bias]),
+        torch.autograd.grad(b, [hidden, weight, bias]),
+        strict=True,
+    ):
+        torch.testing.assert_close(x, y)
+
+
+def test_upstream_gradient_scales_and_second_backward_is_refused():
+    logits, labels = batch(12)
+    loss = build_loss("distance_inverse", LOC_IDS, SPACE)
+    _, g1 = grads(lambda: loss(logits, labels), logits)
+    _, g3 = grads(lambda: loss(logits, labels) * 3, logits)
+    torch.testing.assert_close(g3, 3 * g1)
+    value = loss(logits, labels)
+    value.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        value.backward()
+    with torch.no_grad():
+        torch.testing.assert_close(loss(logits, labels), value.detach())
+
+
+def test_presets_and_overrides():
+    assert {"ce", "soft_ce", "gem", "gem_soft", "dist2", "two_bin", "label_smoothing"} <= set(
+        list_losses()
+    )
+    dist2 = loss_config("dist2")
+    assert (dist2.name, dist2.targets.kind, dist2.hard_weight, dist2.soft_weight) == (
+        "soft_ce",
+        "gaussian",
+        1.0,
+        0.1,
+    )
+    cfg = loss_config("gem_soft", beta=0.5, power=4.0)
+    assert cfg.beta == 0.5 and cfg.targets.power == 4.0 and cfg.targets.kind == "distance_inverse"
+    with pytest.raises(KeyError, match="unknown loss"):
+        loss_config("nope")
+    with pytest.raises(TypeError, match="powr"):
+        loss_config("gem", powr=3)
+    with pytest.raises(ValueError, match="gem_scope"):
+        LossConfig("gem", gem_scope="text")
+
+
+def test_bad_labels_are_named():
+    logits, labels = batch(13)
+    loss = build_loss("ce", LOC_IDS, SPACE)
+    with pytest.raises(ValueError, match="labels"):
+        loss(logits, labels[:, :-1])
+    labels[0, 3] = V
+    with pytest.raises(ValueError, match=r"-100 or in \[0, 40\)"):
+        loss(logits, labels)
