@@ -1,0 +1,73 @@
+"""Few-shot visual inspection: readers, synthetic products, tiling, multi-scale, a baseline.
+
+Records are ``loctune.types.Sample`` with ``task="inspection"`` (see
+``records``); ``by_product`` groups them into the unit of a few-shot episode.
+"""
+
+from loctune.inspect.baseline import (
+    AnomalyPrediction,
+    FewShotResult,
+    PatchCore,
+    RandomConvFeatures,
+    evaluate_few_shot,
+)
+from loctune.inspect.deeppcb import load_deeppcb
+from loctune.inspect.folder import folder_categories, load_inspection_folder
+from loctune.inspect.metrics import accuracy, auroc, f1, point_in_boxes
+from loctune.inspect.multiscale import MultiScaleEncoder
+from loctune.inspect.records import by_product, inspection_prompt, inspection_sample
+from loctune.inspect.regions import label_components, largest_region, mask_to_boxes
+from loctune.inspect.synthetic import (
+    DEFECT_TYPES,
+    TEST_PRODUCTS,
+    TRAIN_PRODUCTS,
+    render_synthetic,
+    synthetic_inspection_set,
+)
+from loctune.inspect.tiling import (
+    TileGrid,
+    crop_samples,
+    crop_to_image,
+    detections_from_crops,
+    image_to_crop,
+    layout_description,
+    merge_detections,
+    tile_grid,
+    tile_views,
+)
+
+__all__ = [
+    "DEFECT_TYPES",
+    "TEST_PRODUCTS",
+    "TRAIN_PRODUCTS",
+    "AnomalyPrediction",
+    "FewShotResult",
+    "MultiScaleEncoder",
+    "PatchCore",
+    "RandomConvFeatures",
+    "TileGrid",
+    "accuracy",
+    "auroc",
+    "by_product",
+    "crop_samples",
+    "crop_to_image",
+    "detections_from_crops",
+    "evaluate_few_shot",
+    "f1",
+    "folder_categories",
+    "image_to_crop",
+    "inspection_prompt",
+    "inspection_sample",
+    "label_components",
+    "largest_region",
+    "layout_description",
+    "load_deeppcb",
+    "load_inspection_folder",
+    "mask_to_boxes",
+    "merge_detections",
+    "point_in_boxes",
+    "render_synthetic",
+    "synthetic_inspection_set",
+    "tile_grid",
+    "tile_views",
+]

@@ -236,6 +236,7 @@ def evaluate_few_shot(
 
     The good examples come from ``support`` (e.g. the training split), or,
     when None, are the first ``k`` good queries, which are then not scored.
+    Queries sharing a ``meta["pair_id"]`` with a shot are never scored.
     """
     support_groups = by_product(support if support is not None else queries)
     predicted, truth, hits = [], [], []
@@ -245,11 +246,14 @@ def evaluate_few_shot(
         if shots is None or len(shots.good) < k:
             raise ValueError(f"product {product!r}: fewer than k={k} good support images")
         shots_good = shots.good[:k]
+        # Shots taken from the queries are not scored, nor are images paired with them
+        # (a DeepPCB board whose own template is in the bank would be too easy).
         shot_ids = {s.image_id for s in shots_good} if support is None else set()
+        shot_pairs = {s.meta["pair_id"] for s in shots_good if "pair_id" in s.meta}
         detector = make_detector().fit([s.load_image() for s in shots_good])
         p_scores, p_truth = [], []
         for sample in group.good + group.defective:
-            if sample.image_id in shot_ids:
+            if sample.image_id in shot_ids or sample.meta.get("pair_id") in shot_pairs:
                 continue
             prediction = detector.predict(sample.load_image())
             p_scores.append(prediction.score)
