@@ -2,10 +2,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from loctune.data.validate import DataError
-from loctune.inspect.baseline import PatchCore, RandomConvFeatures, evaluate_few_shot
+from loctune.inspect.baseline import (
+    PatchCore,
+    RandomConvFeatures,
+    evaluate_few_shot,
+    greedy_coreset,
+)
 from loctune.inspect.deeppcb import load_deeppcb, read_deeppcb_boxes
 from loctune.inspect.folder import load_inspection_folder
 from loctune.inspect.metrics import accuracy, auroc, f1, point_in_boxes
@@ -228,12 +234,14 @@ def test_patchcore_separates_good_from_defective_on_unseen_products():
     assert result.pointing > 0.25
 
 
-def test_patchcore_box_finds_a_large_defect():
+@pytest.mark.parametrize("tiles", [None, (2, 2)])
+def test_patchcore_box_finds_a_large_defect(tiles):
     good = [render_synthetic("tile", i, None, size=64)[0] for i in range(3)]
     query, _ = render_synthetic("tile", 9, None, size=64)
     pixels = np.asarray(query).copy()
     pixels[20:30, 34:44] = (20, 200, 20)
-    detector = PatchCore(RandomConvFeatures(stride=2), input_size=64).fit(good)
+    extractor = RandomConvFeatures(stride=2)
+    detector = PatchCore(extractor, input_size=64, tiles=tiles, overlap=0.25).fit(good)
     prediction = detector.predict(Image.fromarray(pixels))
     assert prediction.defective and prediction.score_map.shape == (64, 64)
     assert point_in_boxes(prediction.peak, [(34, 20, 44, 30)])
@@ -241,3 +249,9 @@ def test_patchcore_box_finds_a_large_defect():
     assert x1 <= 36 and y1 <= 22 and x2 >= 42 and y2 >= 28
     with pytest.raises(ValueError, match="two good images"):
         PatchCore().fit(good[:1])
+
+
+def test_coreset_covers_every_cluster():
+    clusters = torch.cat([torch.randn(50, 4) * 0.01 + c for c in (0.0, 5.0, -5.0)])
+    chosen = greedy_coreset(clusters, 3)
+    assert sorted((chosen // 50).tolist()) == [0, 1, 2]
