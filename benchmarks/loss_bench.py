@@ -38,7 +38,7 @@ LOSSES = {  # case name -> loctune preset and overrides
     "ce (ours)": ("ce", {}),
     "soft_ce distance_inverse": ("distance_inverse", {}),
     "gem (all positions)": ("gem", {"gem_scope": "all"}),
-    "gem + distance_inverse": ("gem_soft", {}),
+    "gem + distance_inverse": ("gem_distance_inverse", {}),
 }
 FUSED = {
     "fused ce": "ce (ours)",

@@ -45,11 +45,11 @@ def load_samples(spec: str, split: str, n: int | None = None, image_size: int = 
 
 
 def _loss_from_args(args, loss):
-    from loctune.compare import method_config
+    from loctune.losses import loss_config
     from loctune.targets import TargetSpec
 
     if args.method:
-        loss = method_config(args.method)
+        loss = loss_config(args.method)
     if args.loss:
         loss = replace(loss, name=args.loss)
     if args.targets:

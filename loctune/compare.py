@@ -16,27 +16,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from loctune import report
-from loctune.losses import LossConfig
-from loctune.targets import TargetSpec
+from loctune.losses import loss_config
 from loctune.types import Sample
-
-# Named supervision methods. Keys are what configs, the CLI and the report use.
-METHODS: dict[str, LossConfig] = {
-    "ce": LossConfig(name="ce"),
-    "label_smoothing": LossConfig(name="soft_ce", targets=TargetSpec(kind="label_smoothing", smoothing=0.1)),
-    "distance_inverse": LossConfig(name="soft_ce", targets=TargetSpec(kind="distance_inverse", power=2.0, scale=1.0)),
-    "gaussian": LossConfig(name="soft_ce", targets=TargetSpec(kind="gaussian", sigma=1.0)),
-    "two_bin": LossConfig(name="soft_ce", targets=TargetSpec(kind="two_bin")),
-    "gem": LossConfig(name="gem"),
-    "gem_distance_inverse": LossConfig(name="gem", targets=TargetSpec(kind="distance_inverse", power=2.0, scale=1.0)),
-}
-
-
-def method_config(name: str) -> LossConfig:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise KeyError(f"unknown method {name!r}; available: {sorted(METHODS)}") from None
 
 
 @dataclass
@@ -56,6 +37,7 @@ class CompareConfig:
     codec: str = "rowcol"
     grid: int = 32
     image_size: int = 64
+    max_objects: int = 5  # synthetic scenes: 2..max_objects shapes
     steps: int = 1000
     batch_size: int = 32
     lr: float = 1e-3
@@ -73,7 +55,7 @@ def _loaders(cfg: CompareConfig) -> tuple[list[Sample], list[Sample], list[Sampl
     if cfg.data == "synthetic":
         from loctune.data.synthetic import SyntheticConfig, make_grounding_split
 
-        sc = SyntheticConfig(image_size=cfg.image_size)
+        sc = SyntheticConfig(image_size=cfg.image_size, max_objects=cfg.max_objects)
         pool = make_grounding_split("train", max(cfg.sizes), seed=cfg.data_seed, config=sc)
         val = make_grounding_split("val", cfg.n_val, seed=cfg.data_seed, config=sc)
         test = make_grounding_split("test", cfg.n_test, seed=cfg.data_seed, config=sc)
@@ -139,7 +121,8 @@ def run_cell(cfg: CompareConfig, method: str, size: int, seed: int, pool, val, t
         eval_every=cfg.eval_every,
         save_every=cfg.eval_every,
         seed=seed,
-        loss=method_config(method),
+        loss=loss_config(method),
+        progress=progress,
     )
     t0 = time.time()
     train(
@@ -190,9 +173,10 @@ def write_report(cfg: CompareConfig, rows: list[dict], test: Sequence[Sample]) -
         report.markdown_table(rows, cfg.metric, cfg.methods),
         "",
     ]
-    for extra in ("miou", "ev_acc50", "unparseable_rate", "loc_entropy"):
-        if any(extra in r for r in rows):
-            lines += [f"### {extra}", "", report.markdown_table(rows, extra, cfg.methods), ""]
+    for extra, higher_is_better in (("miou", True), ("ev_acc50", True), ("ap50", True),
+                                    ("unparseable_rate", False), ("loc_entropy", False)):
+        if extra != cfg.metric and any(extra in r for r in rows):
+            lines += [f"### {extra}", "", report.markdown_table(rows, extra, cfg.methods, bold=higher_is_better), ""]
     if eff:
         target, largest = eff[0]["target"], eff[0]["baseline_size"]
         lines += [

@@ -559,7 +559,7 @@ for _name, _config in {
     "two_bin": LossConfig("soft_ce", TargetSpec("two_bin")),
     "dist2": LossConfig("soft_ce", TargetSpec("gaussian"), hard_weight=1.0, soft_weight=0.1),
     "gem": LossConfig("gem"),
-    "gem_soft": LossConfig("gem", TargetSpec("distance_inverse")),
+    "gem_distance_inverse": LossConfig("gem", TargetSpec("distance_inverse")),
 }.items():
     register_loss(_name, _config)
 
@@ -570,7 +570,7 @@ def list_losses() -> list[str]:
 
 def loss_config(name: str, **overrides) -> LossConfig:
     """Preset ``name`` with ``overrides``: LossConfig fields, or TargetSpec fields
-    (``power=3``) applied to its targets, e.g. ``loss_config("gem_soft", beta=0.5, power=4)``."""
+    (``power=3``) applied to its targets, e.g. ``loss_config("gem_distance_inverse", beta=0.5, power=4)``."""
     if name not in _PRESETS:
         raise KeyError(f"unknown loss {name!r}; available: {list_losses()}")
     config = _PRESETS[name]
@@ -591,5 +591,5 @@ def loss_config(name: str, **overrides) -> LossConfig:
 def build_loss(
     name: str, loc_token_ids: Sequence[int], space: LocationSpace | None, **overrides
 ) -> LocationLoss:
-    """``build_loss("gem_soft", ids, space, power=3)``: a preset bound to a vocabulary."""
+    """``build_loss("gem_distance_inverse", ids, space, power=3)``: a preset bound to a vocabulary."""
     return LocationLoss(loss_config(name, **overrides), loc_token_ids, space)

@@ -76,8 +76,8 @@ def labels_to_reach(sizes: Sequence[int], means: Sequence[float], target: float)
     return None
 
 
-def markdown_table(rows: Sequence[dict], metric: str, methods: Sequence[str]) -> str:
-    """Methods x sizes, ``mean ± std`` per cell, the best mean per size in bold."""
+def markdown_table(rows: Sequence[dict], metric: str, methods: Sequence[str], bold: bool = True) -> str:
+    """Methods x sizes, ``mean ± std`` per cell, the highest mean per size in bold (``bold``)."""
     agg = aggregate(rows, metric)
     sizes = sorted({s for _, s in agg})
     lines = [
@@ -93,7 +93,7 @@ def markdown_table(rows: Sequence[dict], metric: str, methods: Sequence[str]) ->
                 continue
             mean, std, n = agg[(m, s)]
             cell = f"{mean:.3f} ± {std:.3f}"
-            cells.append(f"**{cell}**" if best[s] is not None and mean == best[s] else cell)
+            cells.append(f"**{cell}**" if bold and best[s] is not None and mean == best[s] else cell)
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -197,7 +197,7 @@ def test_trainer_compute_loss_func_signature():
     torch.testing.assert_close(fn(out, labels, num_items_in_batch=9).double(), ref)
 
 
-@pytest.mark.parametrize("name", ["distance_inverse", "gem_soft"])
+@pytest.mark.parametrize("name", ["distance_inverse", "gem_distance_inverse"])
 @pytest.mark.parametrize("all_supervised", [False, True])  # gathered rows / in-place views
 def test_bf16_logits_give_fp32_loss_and_bf16_grad(name, all_supervised):
     logits, labels = batch(8)
@@ -257,7 +257,7 @@ def test_needs_location_tokens_for_soft_losses():
         ("ce", {}),
         ("distance_inverse", {}),
         ("gem", {"gem_scope": "all"}),
-        ("gem_soft", {"h": "linear"}),
+        ("gem_distance_inverse", {"h": "linear"}),
         ("dist2", {}),
     ],
 )
@@ -293,7 +293,7 @@ def test_fused_linear_with_bias_shift_and_mixed_groups():
     bias = torch.randn(V, generator=g, dtype=torch.float64, requires_grad=True)
     _, labels = batch(11, b=2, s=9)
     loss = build_loss(
-        "gem_soft", LOC_IDS, SPACE, chunk_elements=1, fused_chunk_rows=4
+        "gem_distance_inverse", LOC_IDS, SPACE, chunk_elements=1, fused_chunk_rows=4
     )  # CE text + GEM loc
     a = loss.fused_linear(hidden, weight, labels, bias=bias, shift=True, num_items_in_batch=7)
     b = loss(hidden @ weight.T + bias, labels, shift=True, num_items_in_batch=7)
@@ -321,7 +321,7 @@ def test_upstream_gradient_scales_and_second_backward_is_refused():
 
 
 def test_presets_and_overrides():
-    assert {"ce", "soft_ce", "gem", "gem_soft", "dist2", "two_bin", "label_smoothing"} <= set(
+    assert {"ce", "soft_ce", "gem", "gem_distance_inverse", "dist2", "two_bin", "label_smoothing"} <= set(
         list_losses()
     )
     dist2 = loss_config("dist2")
@@ -331,7 +331,7 @@ def test_presets_and_overrides():
         1.0,
         0.1,
     )
-    cfg = loss_config("gem_soft", beta=0.5, power=4.0)
+    cfg = loss_config("gem_distance_inverse", beta=0.5, power=4.0)
     assert cfg.beta == 0.5 and cfg.targets.power == 4.0 and cfg.targets.kind == "distance_inverse"
     with pytest.raises(KeyError, match="unknown loss"):
         loss_config("nope")
