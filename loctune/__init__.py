@@ -1,1 +1,51 @@
-"""loctune: geometry-aware supervision of location tokens for VLM fine-tuning."""
+"""loctune: geometry-aware supervision of location tokens for fine-tuning VLMs on detection.
+
+The public API, imported lazily so that ``import loctune`` (and the CLI's
+``--help``) does not pay for torch/transformers until a name is used::
+
+    from loctune import get_codec, LossConfig, train, evaluate
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "loctune.types": ("Sample", "Detection", "DecodeResult", "Box"),
+    "loctune.boxes": ("iou", "iou_matrix", "clip"),
+    "loctune.codecs": ("Codec", "LocationSpace", "get_codec", "list_codecs", "register_codec"),
+    "loctune.targets": ("TargetSpec", "make_targets"),
+    "loctune.losses": (
+        "LossConfig", "LocationLoss", "build_loss", "loss_config", "list_losses", "register_loss",
+        "fused_linear_loss",
+    ),
+    "loctune.models": ("VLMAdapter", "Generation", "load_model"),
+    "loctune.models.small_vlm": ("SmallVLM", "SmallVLMConfig", "small_vlm_config"),
+    "loctune.models.small_vlm_adapter": ("SmallVLMAdapter",),
+    "loctune.models.hf": ("load_adapter", "HFAdapter", "LoadOptions", "LoraOptions"),
+    "loctune.data": ("load_dataset", "raccoon", "SampleSet", "ValidationReport", "DataError", "split_samples"),
+    "loctune.data.synthetic": ("SyntheticConfig", "make_grounding_split", "make_detection_split"),
+    "loctune.train": ("train", "TrainConfig", "TrainResult", "load_weights"),
+    "loctune.config": ("load_config", "apply_overrides", "save_config"),
+    "loctune.evaluate": ("evaluate", "evaluate_generations", "EvalResult", "GenerationDecoder"),
+    "loctune.metrics": ("grounding_metrics", "coco_detection_metrics", "location_entropy"),
+    "loctune.compare": ("CompareConfig", "run_compare", "demo_config"),
+    "loctune.visualize": ("draw_detections",),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'loctune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
