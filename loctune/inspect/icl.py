@@ -567,3 +567,33 @@ def evaluate_in_context(
             p = predictions[-1]
             print(f"[{n}/{len(queries)}] {query.image_id}: {p.text!r} (score {p.score:.3f})")
     return ICLEvaluation(inspection_metrics(predictions, queries), predictions)
+
+
+# ---------------------------------------------------------------------- data for the CLI
+
+
+def read_inspection_data(spec: str) -> list[Sample]:
+    """Samples of an inspection data spec: ``synthetic`` or a folder in the MVTec layout.
+
+    A folder is read in every split it has (``train`` and/or ``test``), so
+    its test images can be scored with examples drawn from both splits;
+    ``meta["split"]`` tells them apart. ``synthetic`` is the built-in
+    evaluation products (8 good and 8 defective 256 px images each).
+    """
+    from loctune.inspect.folder import LAYOUT, SPLITS, folder_categories, load_inspection_folder
+
+    if spec == "synthetic":
+        from loctune.inspect.synthetic import synthetic_inspection_set
+
+        return synthetic_inspection_set("test")
+    root = Path(spec)
+    is_category = any((root / split).is_dir() for split in SPLITS)
+    categories = [root] if is_category else [root / c for c in folder_categories(root)]
+    samples = []
+    for category in categories:
+        for split in SPLITS:
+            if (category / split).is_dir():
+                samples += load_inspection_folder(category, split=split)
+    if not samples:
+        raise FileNotFoundError(f"{root}: no inspection images; expected the layout {LAYOUT}")
+    return samples
