@@ -180,6 +180,56 @@ def _run_and_show(cfg) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    """Few-shot inspection by in-context examples: verdicts for images, or ``--eval`` metrics."""
+    from loctune.inspect.icl import (
+        ExampleSelector,
+        Tiling,
+        evaluate_in_context,
+        inspect_in_context,
+        read_inspection_data,
+    )
+    from loctune.inspect.records import by_product, inspection_sample
+    from loctune.models import load_model
+
+    if args.eval != bool(args.data) or args.eval == bool(args.examples or args.query):
+        raise SystemExit("inspect: give --examples DIR --query IMAGE..., or --data DIR --eval")
+    options = {k: v for k, v in (("dtype", args.dtype), ("codec", args.codec)) if v}
+    adapter = load_model(args.model, **options)
+    tiling = Tiling.parse(args.tile, args.overlap) if args.tile else None
+    out = increment_run_dir(args.project, args.name)
+    if args.eval:
+        samples = read_inspection_data(args.data)
+        queries = [s for s in samples if s.meta.get("split", "test") == "test"][: args.n]
+        result = evaluate_in_context(adapter, queries, samples, args.k, args.select, args.metric,
+                                     tiling=tiling, seed=args.seed,
+                                     max_new_tokens=args.max_new_tokens, progress=True)
+        result.save(out)
+        print(json.dumps(result.metrics, indent=1))
+        print(f"metrics.json and predictions.json saved to {out}")
+        return 0
+    examples = read_inspection_data(args.examples)
+    products = list(by_product(examples))
+    product = args.product or products[0]
+    if product not in products or (len(products) > 1 and not args.product):
+        raise SystemExit(f"inspect: --product must name one of the example products {products}")
+    selector = ExampleSelector([s for s in examples if s.meta["product"] == product], args.k,
+                               args.select, args.metric, seed=args.seed)
+    records = []
+    for path in args.query:
+        query = inspection_sample(str(path), product, image_id=Path(path).stem)
+        pred = inspect_in_context(adapter, query, selector.select(query), tiling,
+                                  args.max_new_tokens)
+        records.append({"image": str(path), **pred.to_json()})
+        verdict = f"defective: {pred.defect_type}" if pred.defective else "good"
+        boxes = " ".join(str([round(c) for c in d.box]) for d in pred.detections)
+        print(f"{path}: {verdict} (score {pred.score:.3f}) {boxes}".rstrip())
+    out.mkdir(parents=True)
+    (out / "predictions.json").write_text(json.dumps(records, indent=1))
+    print(f"predictions.json saved to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loctune", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -238,6 +288,28 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("overrides", nargs="*", help="key=value CompareConfig overrides")
     d.set_defaults(func=cmd_demo)
+
+    ins = sub.add_parser("inspect", help="few-shot inspection with good/defective examples in context")
+    ins.add_argument("--model", required=True, help="multi-image chat VLM: SmolVLM/Idefics3, Qwen2-VL")
+    ins.add_argument("--examples", help="folder (MVTec layout) of good and defective examples")
+    ins.add_argument("--query", nargs="+", help="images to inspect, with --examples")
+    ins.add_argument("--product", help="which product of --examples the queries are")
+    ins.add_argument("--data", help="folder (MVTec layout) or 'synthetic', with --eval")
+    ins.add_argument("--eval", action="store_true", help="score the test images of --data")
+    ins.add_argument("--n", type=int, help="--eval: first n test images only")
+    ins.add_argument("--k", type=int, default=2, help="good and defective examples each")
+    ins.add_argument("--select", default="balanced", choices=["random", "balanced", "nearest"])
+    ins.add_argument("--metric", default="cosine", choices=["cosine", "dot"],
+                     help="similarity for --select nearest")
+    ins.add_argument("--tile", help="ROWSxCOLS: global view plus crops per image, e.g. 2x2")
+    ins.add_argument("--overlap", type=float, default=0.0, help="crop overlap fraction")
+    ins.add_argument("--seed", type=int, default=0)
+    ins.add_argument("--dtype", help="fp32, bf16, fp16")
+    ins.add_argument("--codec", help="box codec, e.g. qwen2vl for Qwen2-VL's own format")
+    ins.add_argument("--max-new-tokens", type=int, default=64)
+    ins.add_argument("--project", default="runs/inspect")
+    ins.add_argument("--name", default="exp")
+    ins.set_defaults(func=cmd_inspect)
     return p
 
 
