@@ -11,8 +11,13 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from loctune.types import Sample
 
 
 def increment_run_dir(project: str, name: str) -> Path:
@@ -25,30 +30,74 @@ def increment_run_dir(project: str, name: str) -> Path:
     return path
 
 
-def load_samples(spec: str, split: str, n: int | None = None, image_size: int = 64) -> list:
-    """Samples of a dataset spec: ``synthetic``, ``synthetic-detection``, ``raccoon`` or a path."""
-    if spec in ("synthetic", "synthetic-detection"):
+#: synthetic dataset specs and the task they generate
+SYNTHETIC_TASKS = {"synthetic": "grounding", "synthetic-detection": "detection"}
+SYNTHETIC_SIZES = {"train": 1000, "val": 200, "test": 500}
+#: share of the training images held out as "val" when a dataset has no val split
+VAL_FRACTION = 0.1
+
+
+class UsageError(ValueError):
+    """Bad command-line input, reported in one line rather than a traceback."""
+
+
+def load_splits(
+    spec: str, sizes: Mapping[str, int | None], image_size: int = 64
+) -> dict[str, list[Sample]]:
+    """The splits named in ``sizes`` of a dataset spec, each cut to its size (None: all).
+
+    ``spec`` is ``synthetic``, ``synthetic-detection``, ``raccoon`` or an annotation
+    path (see :func:`loctune.data.load_dataset`). A dataset's own split
+    (``meta["split"]``) is used as it is; a dataset without one is whichever split
+    is asked for. When ``train`` and ``val`` are asked for and the data has no val
+    split, ``val`` is carved from the training images (:data:`VAL_FRACTION`, by
+    image, seed 0), so the CLI never scores an image it trained on.
+    """
+    if spec in SYNTHETIC_TASKS:
         from loctune.data.synthetic import make_split
 
-        task = "detection" if spec.endswith("detection") else "grounding"
-        default = {"train": 1000, "val": 200, "test": 500}.get(split, 200)
-        return make_split(task, split, n or default, image_size=image_size)
+        return {
+            split: make_split(SYNTHETIC_TASKS[spec], split,
+                              SYNTHETIC_SIZES.get(split, 200) if n is None else n,
+                              image_size=image_size)
+            for split, n in sizes.items()
+        }
+    from loctune.data import dataset_splits, load_dataset, raccoon, split_by_image
+
     if spec == "raccoon":
-        from loctune.data import raccoon
-
-        samples = raccoon(split)
+        samples = raccoon("all").samples
+    elif not Path(spec).exists():
+        raise FileNotFoundError(
+            f"--data {spec}: no such file or directory (expected a data.yaml, COCO .json, "
+            f"VOC folder, .csv or .jsonl, or one of {[*SYNTHETIC_TASKS, 'raccoon']})"
+        )
     else:
-        from loctune.data import load_dataset
-
-        samples = load_dataset(spec, split=split)
-    return samples[:n] if n else samples
+        samples = load_dataset(spec).samples
+    own = dataset_splits(samples)
+    carve_val = "train" in sizes and "val" in sizes
+    if own is None:
+        parts = {split: list(samples) for split in sizes if not (carve_val and split == "val")}
+    else:
+        parts = own
+    if carve_val and "val" not in parts and "train" in parts:
+        parts |= split_by_image(parts["train"], {"train": 1 - VAL_FRACTION, "val": VAL_FRACTION})
+    missing = [split for split in sizes if split not in parts]
+    if missing:
+        raise UsageError(
+            f"--data {spec}: no {' or '.join(map(repr, missing))} split; it has {sorted(parts)}"
+        )
+    return {split: parts[split] if n is None else parts[split][:n] for split, n in sizes.items()}
 
 
 def _loss_from_args(args, loss):
-    from loctune.losses import loss_config
+    from loctune.losses import list_losses, loss_config
     from loctune.targets import TargetSpec
 
     if args.method:
+        if args.method not in list_losses():
+            raise UsageError(
+                f"--method {args.method!r} is unknown; available: {', '.join(list_losses())}"
+            )
         loss = loss_config(args.method)
     if args.loss:
         loss = replace(loss, name=args.loss)
@@ -63,18 +112,21 @@ def cmd_train(args) -> int:
     from loctune.train import TrainConfig, train
 
     cfg = load_config(TrainConfig, args.config) if args.config else TrainConfig()
+    # --resume continues the named run; a fresh run never overwrites one (exp, exp2, ...)
+    run_dir = Path(args.project) / args.name if args.resume else increment_run_dir(
+        args.project, args.name
+    )
     cfg = replace(
         cfg,
-        run_dir=str(increment_run_dir(args.project, args.name)),
+        run_dir=str(run_dir),
         loss=_loss_from_args(args, cfg.loss),
         **{k: v for k, v in dict(steps=args.steps, epochs=args.epochs, batch_size=args.batch,
                                  lr=args.lr, mixed_precision=args.mixed_precision).items() if v is not None},
     )
     cfg = apply_overrides(cfg, args.overrides)
-    train_samples = load_samples(args.data, "train", args.n_train)
-    val_samples = load_samples(args.data, "val", args.n_val)
+    splits = load_splits(args.data, {"train": args.n_train, "val": args.n_val})
+    train_samples, val_samples = splits["train"], splits["val"]
     adapter = _open_model(args, train_samples)
-    run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "train_config.yaml")
     print(f"training {args.model} on {args.data}: {len(train_samples)} train / {len(val_samples)} val -> {run_dir}")
@@ -82,7 +134,13 @@ def cmd_train(args) -> int:
         adapter,
         train_samples,
         cfg,
-        eval_fn=(lambda a: evaluate(a, val_samples, progress=False).metrics) if val_samples else None,
+        eval_fn=(
+            lambda a: evaluate(
+                a, val_samples, max_new_tokens=args.max_new_tokens, progress=False
+            ).metrics
+        )
+        if val_samples
+        else None,
         resume=args.resume,
     )
     adapter.save_pretrained(str(run_dir / "model"))
@@ -117,8 +175,8 @@ def cmd_eval(args) -> int:
     from loctune.evaluate import evaluate
     from loctune.models import load_model
 
+    samples = load_splits(args.data, {args.split: args.n})[args.split]
     adapter = load_model(args.model)
-    samples = load_samples(args.data, args.split, args.n)
     result = evaluate(adapter, samples, batch_size=args.batch, max_new_tokens=args.max_new_tokens)
     out = increment_run_dir(args.project, args.name)
     result.save(out)
@@ -242,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--project", default=f"runs/{sp.prog.split()[-1]}")
         sp.add_argument("--name", default="exp")
         sp.add_argument("--batch", type=int, default=None if sp.prog.endswith("train") else 8)
-        sp.add_argument("--max-new-tokens", type=int, default=64)
+        sp.add_argument("--max-new-tokens", type=int,
+                        help="generation length (default: room for the most boxes in the data)")
 
     t = sub.add_parser("train", help="fine-tune a model with loctune's supervision")
     common_model(t)
@@ -314,8 +373,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    from loctune.data.validate import DataError
+
+    parser = build_parser()
+    # key=value overrides may sit anywhere among the options, as in Ultralytics' CLI;
+    # argparse only gathers the first run of them into the positional.
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or "overrides" not in args]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    try:
+        return args.func(args)
+    except (UsageError, DataError, FileNotFoundError) as err:
+        print(f"loctune {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
