@@ -479,7 +479,8 @@ class SmallVLM(nn.Module):
         """Greedy decoding; prompts may be padded on either side.
 
         Rows are first re-packed to left padding so every row's next token sits
-        at the last column. ``use_cache=False`` recomputes the whole sequence at
+        at the last column. Generation stops early when the context
+        (``max_positions``) is full. ``use_cache=False`` recomputes the whole sequence at
         each step (a reference for the cached path).
         """
         b = input_ids.shape[0]
@@ -506,8 +507,10 @@ class SmallVLM(nn.Module):
             done |= token == eos_token_id
             if bool(done.all()):
                 break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             next_position = positions[:, -1:] + 1
+            if int(next_position.max()) >= self.config.max_positions:
+                break  # the context is full: return what was generated, as a truncated answer
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             positions = torch.cat([positions, next_position], dim=1)
             if use_cache:
                 out = self(
