@@ -8,16 +8,19 @@ in every annotation format the CLI reads.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 from loctune.cli import VAL_FRACTION, increment_run_dir, load_splits, main
 from loctune.models import load_model
+from loctune.models.hf import adapter_class
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -158,6 +161,15 @@ def train(model: str, data: Path | str, project: Path, *extra: str) -> Path:
     return project / "exp"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models are overhead-bound: more threads only fight over a shared CPU (5x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """Tiny checkpoint per family, built on first use and shared by the module."""
@@ -196,7 +208,7 @@ def test_train_eval_predict_on_a_hub_family(family, checkpoints, tmp_path, capsy
     logged = losses(run)
     assert len(logged) == 3 and all(math.isfinite(x) for x in logged)
     reopened = load_model(str(run / "model"))
-    assert reopened.family == family
+    assert reopened.family == adapter_class(family).family
 
     assert main(["eval", "--model", str(run / "model"), "--data", str(data), "--split", "train",
                  "--project", str(tmp_path / "eval"), "--batch", "2",
@@ -217,12 +229,13 @@ def test_train_eval_predict_on_a_hub_family(family, checkpoints, tmp_path, capsy
 
 
 def test_train_lowers_the_loss(checkpoints, tmp_path):
-    """Fifteen steps at lr 1e-3 on the same two images: the logged loss falls."""
+    """Fifteen steps at lr 3e-3 on the same two images: the logged loss falls at every step."""
     data = write_jsonl(tmp_path / "data", splits="ttvv")
     run = train(checkpoints["paligemma"], data, tmp_path / "runs", "--steps", "15", "--lr",
-                "1e-3", "--method", "distance_inverse", "log_every=1")
+                "3e-3", "--method", "distance_inverse", "log_every=1")
     logged = losses(run)
-    assert len(logged) == 15 and logged[-1] < 0.7 * logged[0]
+    assert len(logged) == 15 and logged[-1] < 0.9 * logged[0]
+    assert all(b < a for a, b in itertools.pairwise(logged))  # one fixed batch, every step
     evals = [r for r in records(run / "metrics.jsonl") if "eval/acc50" in r]
     assert [r["step"] for r in evals] == [15]  # scored on the val split at the end
 
