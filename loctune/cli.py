@@ -326,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="generate, decode and score on a split")
     common_model(e)
-    e.add_argument("--split", default="test")
+    e.add_argument("--split", default="test",
+                   help="split to score; a file without splits is scored whole")
     e.add_argument("--n", type=int)
     e.set_defaults(func=cmd_eval)
 

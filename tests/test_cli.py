@@ -273,6 +273,16 @@ def test_val_is_carved_from_train_by_image_when_the_data_has_none(tmp_path):
     assert len(load_splits(str(path), {"train": 3, "val": 1})["val"]) == 1
 
 
+RACCOON = Path(__file__).resolve().parents[2] / "shared" / "data" / "raccoon"
+
+
+@pytest.mark.skipif(not RACCOON.is_dir(), reason=f"raccoon data not found at {RACCOON}")
+def test_raccoon_keeps_its_test_split_and_carves_val_from_train():
+    parts = load_splits("raccoon", {"train": None, "val": None})
+    assert (len(parts["train"]), len(parts["val"])) == (144, 16)  # its 160 training images
+    assert len(load_splits("raccoon", {"test": None})["test"]) == 40
+
+
 def test_a_split_the_data_lacks_is_named(tmp_path, capsys):
     data = write_yolo(tmp_path / "data")
     code = main(["eval", "--model", "small:tiny", "--data", str(data), "--split", "test",
