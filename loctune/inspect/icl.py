@@ -425,23 +425,7 @@ def inspect_in_context(
     _check_chat_adapter(adapter)
     prompt = build_prompt(examples, query, adapter.codec, tiling)
     forced, good_id, bad_id = _verdict_tokens(adapter)
-    inputs = _model_inputs(adapter, prompt, forced)
-    model = adapter.model
-    was_training = model.training
-    model.eval()
-    try:
-        out = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            output_logits=True,
-            return_dict_in_generate=True,
-            eos_token_id=adapter.stop_token_ids,
-            pad_token_id=adapter.tokenizer.pad_token_id,
-        )
-    finally:
-        model.train(was_training)
+    out = adapter.greedy(_model_inputs(adapter, prompt, forced), max_new_tokens)
     first = out.logits[0][0].float()
     score = float(torch.sigmoid(first[bad_id] - first[good_id]))
     new = out.sequences[0, -len(out.logits) :].tolist()

@@ -459,15 +459,12 @@ class HFAdapter(VLMAdapter):
         return {i for i in ids if i is not None}
 
     @torch.no_grad()
-    def generate(self, samples: list[Sample], max_new_tokens: int = 32) -> list[Generation]:
-        """Greedy answers; probabilities are the full-vocabulary softmax of the raw logits."""
-        if not samples:
-            return []
-        inputs = self.model_inputs(self.collate(samples, train=False))
+    def greedy(self, inputs: dict[str, Any], max_new_tokens: int):
+        """``model.generate`` greedily with raw logits per step, in eval mode, restoring the mode."""
         was_training = self.model.training
         self.model.eval()
         try:
-            out = self.model.generate(
+            return self.model.generate(
                 **inputs,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
@@ -479,6 +476,13 @@ class HFAdapter(VLMAdapter):
             )
         finally:
             self.model.train(was_training)
+
+    @torch.no_grad()
+    def generate(self, samples: list[Sample], max_new_tokens: int = 32) -> list[Generation]:
+        """Greedy answers; probabilities are the full-vocabulary softmax of the raw logits."""
+        if not samples:
+            return []
+        out = self.greedy(self.model_inputs(self.collate(samples, train=False)), max_new_tokens)
         steps = len(out.logits)
         new_tokens = out.sequences[:, -steps:]
         stops = set(self.stop_token_ids)
