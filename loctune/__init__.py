@@ -34,6 +34,11 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "loctune.metrics": ("grounding_metrics", "coco_detection_metrics", "location_entropy"),
     "loctune.compare": ("CompareConfig", "run_compare", "demo_config"),
     "loctune.visualize": ("draw_detections",),
+    "loctune.inspect": (
+        "synthetic_inspection_set", "load_inspection_folder", "load_deeppcb", "tile_views",
+        "detections_from_crops", "MultiScaleEncoder", "PatchCore", "evaluate_few_shot",
+        "inspect_in_context", "evaluate_in_context", "ExampleSelector",
+    ),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -1,4 +1,4 @@
-"""`loctune train | eval | predict | compare | demo`: a thin layer over the Python API.
+"""`loctune train | eval | predict | compare | demo | inspect`: a thin layer over the Python API.
 
 Every subcommand accepts trailing ``key=value`` overrides of its config
 dataclass (``lr=3e-4``, ``loss.targets.power=3``), in the spirit of

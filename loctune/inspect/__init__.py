@@ -13,6 +13,16 @@ from loctune.inspect.baseline import (
 )
 from loctune.inspect.deeppcb import load_deeppcb
 from loctune.inspect.folder import folder_categories, load_inspection_folder
+from loctune.inspect.icl import (
+    ExampleSelector,
+    ICLEvaluation,
+    ICLPrediction,
+    Tiling,
+    build_prompt,
+    evaluate_in_context,
+    inspect_in_context,
+    parse_answer,
+)
 from loctune.inspect.metrics import accuracy, auroc, f1, point_in_boxes
 from loctune.inspect.multiscale import MultiScaleEncoder
 from loctune.inspect.records import by_product, inspection_prompt, inspection_sample
@@ -37,6 +47,14 @@ from loctune.inspect.tiling import (
 )
 
 __all__ = [
+    "ExampleSelector",
+    "ICLEvaluation",
+    "ICLPrediction",
+    "Tiling",
+    "build_prompt",
+    "evaluate_in_context",
+    "inspect_in_context",
+    "parse_answer",
     "DEFECT_TYPES",
     "TEST_PRODUCTS",
     "TRAIN_PRODUCTS",
