@@ -256,20 +256,20 @@ def demo_config(out_dir: str = "runs/demo") -> CompareConfig:
     """The reduced comparison `loctune demo` runs: <= 10 minutes on 2 CPU cores.
 
     The ``tiny`` model on 32 px scenes of 2-3 shapes with a 16-bin row/column
-    codec trains about four times faster than the ``small`` preset; two methods,
-    two labelled-set sizes, two seeds.
+    codec trains about five times faster than the ``small`` preset; three
+    methods, two labelled-set sizes, two seeds.
     """
     return replace(
         CompareConfig(out_dir=out_dir),
-        methods=["ce", "distance_inverse"],
+        methods=["ce", "distance_inverse", "gem_distance_inverse"],
         sizes=[100, 1000],
         seeds=[0, 1],
         model_preset="tiny",
         image_size=32,
         grid=16,
         max_objects=3,
-        steps=300,
-        eval_every=150,
+        steps=600,
+        eval_every=300,
         n_val=100,
         n_test=300,
     )
