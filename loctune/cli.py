@@ -161,7 +161,7 @@ def _open_model(args, train_samples):
 
     options = {}
     if args.lora:
-        options["lora"] = {"r": args.lora}
+        options["lora"] = {"r": args.lora, "qlora": args.qlora}
     if args.freeze_vision:
         options["freeze_vision"] = True
     if args.dtype:
@@ -315,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"])
     t.add_argument("--lora", type=int, metavar="RANK", help="train a LoRA adapter of this rank")
     t.add_argument("--freeze-vision", action="store_true")
-    t.add_argument("--dtype", help="bfloat16, float16, float32")
+    t.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights dtype of a hub model")
+    t.add_argument("--qlora", action="store_true", help="with --lora: load the base model in 4 bit (CUDA)")
     t.add_argument("--codec", help="override the family's codec (small VLM: rowcol or patch)")
     t.add_argument("--grid", type=int, default=32, help="small VLM: location grid size")
     t.add_argument("--n-train", type=int)
