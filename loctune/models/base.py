@@ -25,13 +25,16 @@ class Generation:
     ``token_logprobs[i]`` is log p of ``token_ids[i]`` under the model;
     ``loc_probs[i]`` is the model's distribution restricted to the location
     tokens at step i (probabilities under the full-vocabulary softmax, so rows
-    sum to the location mass), or None when not recorded.
+    sum to the location mass), or None when not recorded. ``first_logprobs``
+    is the full-vocabulary distribution of the first step, for scoring answers
+    that one token decides (good vs defective), or None when not recorded.
     """
 
     text: str
     token_ids: list[int]
     token_logprobs: list[float]
     loc_probs: torch.Tensor | None = None  # [len(token_ids), n_loc]
+    first_logprobs: torch.Tensor | None = None  # [V]
 
 
 class VLMAdapter(ABC):

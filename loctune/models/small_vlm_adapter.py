@@ -1,15 +1,19 @@
 """The small VLM behind the :class:`VLMAdapter` interface: samples in, logits/generations out.
 
-A sequence is ``<image>*n <bos> prompt <sep> answer <eos>``, where ``answer``
-is what the codec writes for the sample's boxes. Training batches are padded
-on the right; prompt-only batches for generation on the left.
+A sample's sequence is ``<image>*n <bos> prompt <sep> answer <eos>``, where
+``answer`` is what the codec writes for the sample's boxes. Any interleaving
+of images, text and answers (several images per sequence, e.g. in-context
+examples each followed by its answer, then a query) goes through
+:meth:`SmallVLMAdapter.collate_sequences`; samples are the one-image case.
+Training batches are padded on the right; prompt-only batches for generation
+on the left.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +25,38 @@ from loctune.codecs import Codec, get_codec
 from loctune.models.base import Generation, VLMAdapter
 from loctune.models.small_vlm import SmallVLM, SmallVLMConfig, small_vlm_config
 from loctune.models.tokenizer import WordTokenizer
-from loctune.types import Sample
+from loctune.types import Box, Sample
 
 ADAPTER_FILE = "adapter.json"
 IGNORE_INDEX = -100
+
+
+@dataclass
+class Answer:
+    """Supervised text of an interleaved sequence; an eos follows it.
+
+    ``boxes`` are the boxes the text writes, in its order, each with the size
+    (width, height) of the image it is written on (a crop's, for a tiled
+    answer), so location tokens get their continuous positions and the text
+    is checked against the codec.
+    """
+
+    text: str
+    boxes: Sequence[tuple[Box, tuple[int, int]]] = ()
+
+
+#: one piece of an interleaved sequence: an image, plain text (may hold ``<bos>``-style
+#: special tokens) or an answer
+Part = Image.Image | str | Answer
+
+
+@dataclass
+class _Encoded:
+    """Ids of one sequence, its images in order, and (start, ids, continuous) per answer."""
+
+    ids: list[int] = field(default_factory=list)
+    images: list[Image.Image] = field(default_factory=list)
+    answers: list[tuple[int, list[int], list[tuple[float, ...]]]] = field(default_factory=list)
 
 
 def preprocess_image(
@@ -120,82 +152,117 @@ class SmallVLMAdapter(VLMAdapter):
 
     # -- batches ------------------------------------------------------------------------
 
-    def prompt_ids(self, sample: Sample) -> list[int]:
-        tok = self.tokenizer
-        return (
-            [tok.image_id] * self.config.n_image_tokens
-            + [tok.bos_id]
-            + tok.encode(sample.prompt)
-            + [tok.sep_id]
-        )
+    def sample_parts(self, sample: Sample, train: bool = True) -> list[Part]:
+        """A sample as a sequence: ``image <bos> prompt <sep>``, then its answer when ``train``."""
+        parts: list[Part] = [sample.load_image(), "<bos>", sample.prompt, "<sep>"]
+        if train:
+            text = self.codec.encode(sample.boxes, sample.labels, sample.image_size)
+            parts.append(Answer(text, [(box, sample.image_size) for box in sample.boxes]))
+        return parts
 
-    def answer(self, sample: Sample) -> tuple[list[int], list[tuple[float, ...]]]:
+    def _answer_ids(self, answer: Answer, name: str) -> tuple[list[int], list[tuple[float, ...]]]:
         """Answer ids (with eos) and the continuous position of each location token in them."""
-        size = sample.image_size
-        text = self.codec.encode(sample.boxes, sample.labels, size)
-        ids = self.tokenizer.encode(text) + [self.tokenizer.eos_id]
+        ids = self.tokenizer.encode(answer.text) + [self.tokenizer.eos_id]
         if self.tokenizer.unk_id in ids:
-            unknown = [p for p in self.tokenizer.split(text) if p not in self.tokenizer.token_to_id]
+            unknown = [
+                p for p in self.tokenizer.split(answer.text) if p not in self.tokenizer.token_to_id
+            ]
             raise ValueError(
-                f"sample {sample.image_id!r}: answer {text!r} has words outside the "
+                f"{name}: answer {answer.text!r} has words outside the "
                 f"vocabulary {unknown}; build the adapter with these texts"
             )
         written = [self._loc_lookup[i] for i in ids if i in self._loc_lookup]
-        expected = [k for box in sample.boxes for k in self.codec.box_to_locations(box, size)]
+        expected = [k for box, size in answer.boxes for k in self.codec.box_to_locations(box, size)]
         if written != expected:
             raise ValueError(
-                f"sample {sample.image_id!r}: codec {self.codec.name!r} wrote locations "
-                f"{written} but box_to_locations gives {expected}; the codec must write "
-                "boxes in the given order"
+                f"{name}: codec {self.codec.name!r} wrote locations "
+                f"{written} but box_to_locations gives {expected}; the answer must write "
+                "its boxes in the order of Answer.boxes"
             )
         continuous = [
-            tuple(v) for box in sample.boxes for v in self.codec.box_to_continuous(box, size)
+            tuple(v) for box, size in answer.boxes for v in self.codec.box_to_continuous(box, size)
         ]
         return ids, continuous
+
+    def _encode(self, parts: Sequence[Part], name: str) -> _Encoded:
+        tok, n_image = self.tokenizer, self.config.n_image_tokens
+        out = _Encoded()
+        for part in parts:
+            if isinstance(part, Image.Image):
+                out.images.append(part)
+                out.ids += [tok.image_id] * n_image
+            elif isinstance(part, Answer):
+                ids, continuous = self._answer_ids(part, name)
+                out.answers.append((len(out.ids), ids, continuous))
+                out.ids += ids
+            elif isinstance(part, str):
+                out.ids += tok.encode(part)
+            else:
+                raise TypeError(
+                    f"{name}: a sequence part must be a PIL image, a str or an Answer, "
+                    f"got {type(part).__name__}"
+                )
+        return out
 
     def collate(self, samples: list[Sample], train: bool = True) -> dict[str, torch.Tensor]:
         """Training batch (right-padded, with labels) or, with ``train=False``, left-padded prompts."""
         if not samples:
             raise ValueError("collate needs at least one sample")
-        cfg = self.config
-        pixel_values = torch.stack(
-            [
-                preprocess_image(s.load_image(), cfg.image_size, cfg.image_mean, cfg.image_std)
-                for s in samples
-            ]
+        return self.collate_sequences(
+            [self.sample_parts(s, train) for s in samples],
+            train,
+            names=[f"sample {s.image_id!r}" for s in samples],
         )
-        prompts = [self.prompt_ids(s) for s in samples]
+
+    def collate_sequences(
+        self,
+        sequences: Sequence[Sequence[Part]],
+        train: bool = True,
+        names: Sequence[str] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Batch of interleaved sequences (images, text and answers in any order and number).
+
+        Each image becomes ``n_image_tokens`` placeholders where it stands, and
+        ``pixel_values`` holds the images row by row, in order, which is the order
+        the model fills the placeholders in. With ``train``, rows are padded on the
+        right and ``labels`` are -100 everywhere except the ids of every
+        :class:`Answer` (its eos included), where ``loc_continuous`` also holds
+        the location tokens' continuous positions. Without, rows are padded on
+        the left for generation and answers are read as plain text.
+        """
+        if not sequences:
+            raise ValueError("collate_sequences needs at least one sequence")
+        names = (
+            list(names) if names is not None else [f"sequence {i}" for i in range(len(sequences))]
+        )
+        encoded = [self._encode(parts, name) for parts, name in zip(sequences, names, strict=True)]
+        cfg = self.config
+        images = [im for e in encoded for im in e.images]
+        if not images:
+            raise ValueError(f"{names[0]}...: the batch has no image")
+        pixel_values = torch.stack(
+            [preprocess_image(im, cfg.image_size, cfg.image_mean, cfg.image_std) for im in images]
+        )
+        ids, mask = _pad([e.ids for e in encoded], self.tokenizer.pad_id, left=not train)
+        self._check_length(names, ids.shape[1])
+        batch = {"pixel_values": pixel_values, "input_ids": ids, "attention_mask": mask}
         if not train:
-            ids, mask = _pad(prompts, self.tokenizer.pad_id, left=True)
-            self._check_length(samples, ids.shape[1])
-            return {"pixel_values": pixel_values, "input_ids": ids, "attention_mask": mask}
-        answers = [self.answer(s) for s in samples]
-        sequences = [p + a for p, (a, _) in zip(prompts, answers, strict=True)]
-        ids, mask = _pad(sequences, self.tokenizer.pad_id, left=False)
-        self._check_length(samples, ids.shape[1])
+            return batch
         labels = torch.full_like(ids, IGNORE_INDEX)
         dim = self.codec.space.dim if self.codec.space is not None else 1
         loc_continuous = torch.full((*ids.shape, dim), float("nan"))
-        for row, (prompt, (answer_ids, continuous)) in enumerate(
-            zip(prompts, answers, strict=True)
-        ):
-            start = len(prompt)
-            labels[row, start : start + len(answer_ids)] = torch.tensor(answer_ids)
-            loc_positions = [start + j for j, i in enumerate(answer_ids) if i in self._loc_lookup]
-            if continuous:
-                loc_continuous[row, loc_positions] = torch.tensor(continuous, dtype=torch.float32)
-        return {
-            "pixel_values": pixel_values,
-            "input_ids": ids,
-            "attention_mask": mask,
-            "labels": labels,
-            "loc_continuous": loc_continuous,
-        }
+        for row, e in enumerate(encoded):
+            for start, answer_ids, continuous in e.answers:
+                labels[row, start : start + len(answer_ids)] = torch.tensor(answer_ids)
+                positions = [start + j for j, i in enumerate(answer_ids) if i in self._loc_lookup]
+                if continuous:
+                    loc_continuous[row, positions] = torch.tensor(continuous, dtype=torch.float32)
+        return {**batch, "labels": labels, "loc_continuous": loc_continuous}
 
-    def _check_length(self, samples: list[Sample], length: int) -> None:
+    def _check_length(self, names: Sequence[str], length: int) -> None:
         if length > self.config.max_positions:
             raise ValueError(
-                f"batch of {[s.image_id for s in samples][:4]} needs {length} positions, "
+                f"batch of {list(names)[:4]} needs {length} positions, "
                 f"the model has max_positions={self.config.max_positions}"
             )
 
@@ -205,8 +272,23 @@ class SmallVLMAdapter(VLMAdapter):
         return self.model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"]).logits
 
     def generate(self, samples: list[Sample], max_new_tokens: int = 32) -> list[Generation]:
+        return self.generate_sequences(
+            [self.sample_parts(s, train=False) for s in samples],
+            max_new_tokens,
+            names=[f"sample {s.image_id!r}" for s in samples],
+        )
+
+    def generate_sequences(
+        self,
+        sequences: Sequence[Sequence[Part]],
+        max_new_tokens: int = 32,
+        names: Sequence[str] | None = None,
+    ) -> list[Generation]:
+        """Greedy continuations of interleaved sequences (each ends where the answer starts)."""
         device = next(self.model.parameters()).device
-        batch = {k: v.to(device) for k, v in self.collate(samples, train=False).items()}
+        batch = {
+            k: v.to(device) for k, v in self.collate_sequences(sequences, False, names).items()
+        }
         was_training = self.model.training
         self.model.eval()
         try:
@@ -222,7 +304,7 @@ class SmallVLMAdapter(VLMAdapter):
             self.model.train(was_training)
         loc_ids = torch.tensor(self._loc_ids, device=device)
         generations = []
-        for row in range(len(samples)):
+        for row in range(len(sequences)):
             n = int(out.lengths[row])
             ids = out.sequences[row, :n]
             logprobs = out.logprobs[row, :n]
@@ -233,6 +315,7 @@ class SmallVLMAdapter(VLMAdapter):
                     token_ids=ids.tolist(),
                     token_logprobs=logprobs.gather(1, ids[:, None]).squeeze(1).tolist(),
                     loc_probs=logprobs[:, loc_ids].exp().cpu(),
+                    first_logprobs=logprobs[0].cpu() if n else None,
                 )
             )
         return generations
