@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -44,17 +44,51 @@ def read_csv(path: str | Path) -> list[dict]:
     return out
 
 
-def aggregate(rows: Sequence[dict], metric: str) -> dict[tuple[str, int], tuple[float, float, int]]:
-    """``(method, size) -> (mean, sample std, n seeds)`` of ``metric``."""
+def aggregate(
+    rows: Sequence[dict], metric: str, by: str = "size"
+) -> dict[tuple[str, int], tuple[float, float, int]]:
+    """``(method, rows' by-value) -> (mean, sample std, n seeds)`` of ``metric``; NaNs skipped.
+
+    ``by`` is the swept quantity: ``size`` (labelled examples) for a comparison,
+    ``k`` (in-context examples) for the inspection study.
+    """
     groups: dict[tuple[str, int], list[float]] = defaultdict(list)
     for r in rows:
         v = r.get(metric)
         if isinstance(v, (int, float)) and not math.isnan(v):
-            groups[(r["method"], int(r["size"]))].append(float(v))
+            groups[(r["method"], int(r[by]))].append(float(v))
     return {
         k: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v))
         for k, v in groups.items()
     }
+
+
+def summary_table(
+    rows: Sequence[dict],
+    metrics: Mapping[str, str],
+    methods: Mapping[str, str],
+    by: str = "k",
+) -> str:
+    """One line per (value of ``by``, method) with ``mean ± std`` of every metric, "–" where
+    a method has none; ``metrics`` and ``methods`` map row keys to column and row names."""
+    aggs = {metric: aggregate(rows, metric, by) for metric in metrics}
+    values = sorted({int(r[by]) for r in rows})
+    lines = [
+        f"| {by} | method | " + " | ".join(metrics.values()) + " |",
+        "|---:|---|" + "---:|" * len(metrics),
+    ]
+    for value in values:
+        for method, name in methods.items():
+            cells = []
+            for metric in metrics:
+                if (method, value) in aggs[metric]:
+                    mean, std, _ = aggs[metric][(method, value)]
+                    cells.append(f"{mean:.3f} ± {std:.3f}")
+                else:
+                    cells.append("–")
+            if any(c != "–" for c in cells):
+                lines.append(f"| {value} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def labels_to_reach(sizes: Sequence[int], means: Sequence[float], target: float) -> float | None:
@@ -120,13 +154,24 @@ def data_efficiency(rows: Sequence[dict], metric: str, methods: Sequence[str], b
     return out
 
 
-def plot_accuracy_vs_labels(rows: Sequence[dict], metric: str, methods: Sequence[str], path: str | Path) -> None:
+def plot_accuracy_vs_labels(
+    rows: Sequence[dict],
+    metric: str,
+    methods: Sequence[str],
+    path: str | Path,
+    by: str = "size",
+    xlabel: str = "labelled training examples",
+    log_x: bool = True,
+    labels: Mapping[str, str] | None = None,
+) -> None:
+    """Mean ± std of ``metric`` against ``by`` (log axis unless ``log_x`` is False), a line
+    per method, named by ``labels`` where given."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    agg = aggregate(rows, metric)
+    agg = aggregate(rows, metric, by)
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for m in methods:
         sizes = sorted(s for mm, s in agg if mm == m)
@@ -134,9 +179,11 @@ def plot_accuracy_vs_labels(rows: Sequence[dict], metric: str, methods: Sequence
             continue
         mean = [agg[(m, s)][0] for s in sizes]
         std = [agg[(m, s)][1] for s in sizes]
-        ax.errorbar(sizes, mean, yerr=std, marker="o", capsize=3, label=m)
-    ax.set_xscale("log")
-    ax.set_xlabel("labelled training examples")
+        label = labels.get(m, m) if labels else m
+        ax.errorbar(sizes, mean, yerr=std, marker="o", capsize=3, label=label)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -39,9 +39,10 @@ model first), from the same forward pass that starts the greedy answer.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,8 +54,8 @@ from PIL import Image
 
 from loctune.boxes import iou_matrix
 from loctune.codecs import Codec
-from loctune.inspect.baseline import RandomConvFeatures, image_to_tensor
-from loctune.inspect.metrics import accuracy, auroc, f1
+from loctune.inspect.baseline import PatchCore, RandomConvFeatures, image_to_tensor
+from loctune.inspect.metrics import accuracy, auroc, f1, point_in_boxes
 from loctune.inspect.records import GOOD, by_product, is_defective
 from loctune.inspect.tiling import (
     TileGrid,
@@ -64,7 +65,7 @@ from loctune.inspect.tiling import (
     tile_grid,
     tile_views,
 )
-from loctune.types import Detection, Sample
+from loctune.types import Box, Detection, Sample
 
 DEFECTIVE = "defective"
 STRATEGIES = ("random", "balanced", "nearest")
@@ -114,19 +115,31 @@ class Tiling:
 
 def answer_text(sample: Sample, codec: Codec, tiling: Tiling | None = None) -> str:
     """What the model should answer for an inspection sample (see the module docstring)."""
+    return answer_target(sample, codec, tiling)[0]
+
+
+def answer_target(
+    sample: Sample, codec: Codec, tiling: Tiling | None = None
+) -> tuple[str, list[tuple[Box, tuple[int, int]]]]:
+    """:func:`answer_text` and the boxes it writes, in text order, each with the size of
+    the image it is written on (the crop's, when tiled): what location targets need."""
     if not is_defective(sample):
-        return GOOD
+        return GOOD, []
     text = f"{DEFECTIVE}: {sample.meta['defect_type']}"
     if not sample.boxes:
-        return text
+        return text, []
     if tiling is None:
-        return f"{text} {codec.encode(sample.boxes, sample.labels, sample.image_size)}"
+        size = sample.image_size
+        encoded = codec.encode(sample.boxes, sample.labels, size)
+        return f"{text} {encoded}", [(box, size) for box in sample.boxes]
+    written = []
     grid = tiling.grid(sample.image_size)
     for number, crop in enumerate(grid.crops, start=tiling.first_crop):
         boxes, labels = image_to_crop(sample.boxes, sample.labels, crop)
         if boxes:
             text += f" image {number}: {codec.encode(boxes, labels, crop.size)}"
-    return text
+            written += [(box, crop.size) for box in boxes]
+    return text, written
 
 
 @dataclass
@@ -197,13 +210,19 @@ class ICLPrompt:
     images: list[Image.Image]
 
 
-def _user_turn(sample: Sample, tiling: Tiling | None) -> tuple[dict[str, Any], list[Image.Image]]:
+def turn_images(sample: Sample, tiling: Tiling | None) -> tuple[list[Image.Image], str]:
+    """The images one turn shows for a sample (the image, or global view + crops) and,
+    when tiled, the text describing their layout ("" otherwise)."""
     image = sample.load_image()
     if tiling is None:
-        images, text = [image], sample.prompt
-    else:
-        views = tile_views(image, tiling.rows, tiling.cols, tiling.overlap, tiling.global_size)
-        images, text = views.images, f"{views.layout} {sample.prompt}"
+        return [image], ""
+    views = tile_views(image, tiling.rows, tiling.cols, tiling.overlap, tiling.global_size)
+    return views.images, views.layout
+
+
+def _user_turn(sample: Sample, tiling: Tiling | None) -> tuple[dict[str, Any], list[Image.Image]]:
+    images, layout = turn_images(sample, tiling)
+    text = f"{layout} {sample.prompt}" if layout else sample.prompt
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
     return {"role": "user", "content": content}, images
 
@@ -266,6 +285,8 @@ def _interleave(good: Sequence[Sample], defective: Sequence[Sample]) -> list[Sam
 class ExampleSelector:
     """Picks ``k`` good and ``k`` defective examples for a query from a pool of one product.
 
+    ``k=0`` selects nothing (a zero-shot query).
+
     ``"random"``: uniformly within each class. ``"balanced"``: defective
     examples cycle through the defect types (random within a type), so ``k``
     examples cover ``min(k, types)`` types. ``"nearest"``: the ``k`` most
@@ -290,12 +311,19 @@ class ExampleSelector:
             raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
         if metric not in SIMILARITIES:
             raise ValueError(f"metric: expected one of {SIMILARITIES}, got {metric!r}")
-        if k < 1:
-            raise ValueError(f"k: expected a positive number of examples per class, got {k}")
+        if k < 0:
+            raise ValueError(f"k: expected a number of examples per class >= 0, got {k}")
         self.pool = list(pool)
         self.k, self.strategy, self.metric, self.seed = k, strategy, metric, seed
-        self.embed = embed if embed is not None else PooledFeatures()
+        self._embed = embed
         self._pool_embeddings: torch.Tensor | None = None
+
+    @property
+    def embed(self) -> Embedder:
+        """The embedding for ``"nearest"``; the default is built on first use only."""
+        if self._embed is None:
+            self._embed = PooledFeatures()
+        return self._embed
 
     def _candidates(self, query: Sample) -> tuple[list[int], list[int]]:
         pair = query.meta.get("pair_id")
@@ -314,6 +342,8 @@ class ExampleSelector:
         return good, defective
 
     def select(self, query: Sample) -> list[Sample]:
+        if self.k == 0:
+            return []
         good, defective = self._candidates(query)
         rng = random.Random(f"{self.seed}:{query.image_id}")
         if self.strategy == "nearest":
@@ -372,14 +402,43 @@ class ICLPrediction:
         return asdict(self)
 
 
+def _is_small_vlm(adapter: Any) -> bool:
+    from loctune.models.small_vlm_adapter import SmallVLMAdapter
+
+    return isinstance(adapter, SmallVLMAdapter)
+
+
 def _check_chat_adapter(adapter: Any) -> None:
     from loctune.models.hf.chat import ChatAdapter
 
     if not isinstance(adapter, ChatAdapter):
         raise TypeError(
-            "in-context inspection needs a multi-image chat VLM (SmolVLM/Idefics3, Qwen2-VL); "
-            f"got {type(adapter).__name__}"
+            "in-context inspection needs a multi-image chat VLM (SmolVLM/Idefics3, Qwen2-VL) "
+            f"or loctune's small VLM; got {type(adapter).__name__}"
         )
+
+
+def prediction_from_answer(
+    query: Sample,
+    examples: Sequence[Sample],
+    text: str,
+    score: float,
+    codec: Codec,
+    tiling: Tiling | None = None,
+) -> ICLPrediction:
+    """A generated answer parsed into a prediction; without a readable verdict the score decides."""
+    parsed = parse_answer(text, codec, query.image_size, tiling)
+    return ICLPrediction(
+        image_id=query.image_id,
+        text=text,
+        defective=parsed.defective if parsed.defective is not None else score >= 0.5,
+        score=score,
+        defect_type=parsed.defect_type,
+        detections=parsed.detections,
+        malformed=parsed.malformed,
+        n_malformed_boxes=parsed.n_malformed_boxes,
+        examples=[e.image_id for e in examples],
+    )
 
 
 def _verdict_tokens(adapter: Any) -> tuple[list[int], int, int]:
@@ -421,7 +480,16 @@ def inspect_in_context(
     tiling: Tiling | None = None,
     max_new_tokens: int = 64,
 ) -> ICLPrediction:
-    """Greedy answer of a chat adapter for ``query`` after ``examples``, parsed and scored."""
+    """Greedy answer for ``query`` after ``examples``, parsed and scored.
+
+    Chat adapters get a turn-pair prompt; loctune's small VLM an episode
+    (:mod:`loctune.inspect.episodes`), the layout it was trained on.
+    """
+    if _is_small_vlm(adapter):
+        from loctune.inspect.episodes import Episode, predict_episodes
+
+        episode = Episode(list(examples), query, tiling)
+        return predict_episodes(adapter, [episode], max_new_tokens)[0]
     _check_chat_adapter(adapter)
     prompt = build_prompt(examples, query, adapter.codec, tiling)
     forced, good_id, bad_id = _verdict_tokens(adapter)
@@ -434,18 +502,7 @@ def inspect_in_context(
     text = adapter.tokenizer.decode(
         forced + new, skip_special_tokens=False, clean_up_tokenization_spaces=False
     ).strip()
-    parsed = parse_answer(text, adapter.codec, query.image_size, tiling)
-    return ICLPrediction(
-        image_id=query.image_id,
-        text=text,
-        defective=parsed.defective if parsed.defective is not None else score >= 0.5,
-        score=score,
-        defect_type=parsed.defect_type,
-        detections=parsed.detections,
-        malformed=parsed.malformed,
-        n_malformed_boxes=parsed.n_malformed_boxes,
-        examples=[e.image_id for e in examples],
-    )
+    return prediction_from_answer(query, examples, text, score, adapter.codec, tiling)
 
 
 # ---------------------------------------------------------------------- evaluation
@@ -475,14 +532,26 @@ def _localised(prediction: ICLPrediction, truth: Sample) -> bool:
     return bool(iou_matrix([prediction.detections[0].box], truth.boxes).max() >= 0.5)
 
 
+def _pointed(prediction: ICLPrediction, truth: Sample) -> bool:
+    """Pointing hit: the centre of the first predicted box lies in some true box."""
+    if not prediction.detections:
+        return False
+    x1, y1, x2, y2 = prediction.detections[0].box
+    return point_in_boxes(((x1 + x2) / 2, (y1 + y2) / 2), truth.boxes)
+
+
 def inspection_metrics(
     predictions: Sequence[ICLPrediction], queries: Sequence[Sample]
 ) -> dict[str, Any]:
-    """Image-level accuracy, F1, AUROC (per product and mean) and localisation Acc@0.5.
+    """Image-level accuracy, F1, AUROC (per product and mean) and defect localisation.
 
-    Acc@0.5 is over defective queries with true boxes, a query without a
-    predicted box counting as a miss; ``type_accuracy`` over defective
-    queries, the predicted type compared with ``meta["defect_type"]``.
+    Localisation is over defective queries with true boxes, a query without a
+    predicted box counting as a miss: ``loc_acc50`` (Acc@0.5: the first box has
+    IoU >= 0.5 with a true box) and ``loc_pointing`` (the first box's centre
+    lies in a true box, which stays meaningful for defects a few pixels wide,
+    where one location bin already costs most of the IoU). ``type_accuracy``
+    is over defective queries, the predicted type compared with
+    ``meta["defect_type"]``.
     """
     truth = [is_defective(q) for q in queries]
     decided = [p.defective for p in predictions]
@@ -501,6 +570,9 @@ def inspection_metrics(
         "loc_acc50": float(np.mean([_localised(p, q) for p, q in boxed]))
         if boxed
         else float("nan"),
+        "loc_pointing": float(np.mean([_pointed(p, q) for p, q in boxed]))
+        if boxed
+        else float("nan"),
         "type_accuracy": (
             float(np.mean([p.defect_type == q.meta["defect_type"] for p, q in defective]))
             if defective
@@ -512,6 +584,60 @@ def inspection_metrics(
         "malformed_boxes": int(sum(p.n_malformed_boxes for p in predictions)),
         "n_queries": len(predictions),
     }
+
+
+def select_examples(
+    queries: Sequence[Sample],
+    support: Sequence[Sample] | None = None,
+    k: int = 2,
+    strategy: str = "balanced",
+    metric: str = "cosine",
+    embed: Embedder | None = None,
+    seed: int = 0,
+) -> list[list[Sample]]:
+    """The examples shown with each query: ``k`` good and ``k`` defective of its product.
+
+    Examples come from ``support`` (default: the queries themselves, the query
+    and its pair never shown as its own example). One selector per product,
+    so nearest-neighbour embeddings of the pool are computed once; the draws
+    depend on (``seed``, query id) only, so every method given the same
+    arguments sees the same examples.
+    """
+    pools = {
+        p: g.good + g.defective
+        for p, g in by_product(support if support is not None else queries).items()
+    }
+    selectors: dict[str, ExampleSelector] = {}
+    chosen = []
+    for query in queries:
+        product = query.meta["product"]
+        if product not in pools:
+            raise ValueError(f"query {query.image_id}: no support examples of product {product!r}")
+        if product not in selectors:
+            selectors[product] = ExampleSelector(pools[product], k, strategy, metric, embed, seed)
+        chosen.append(selectors[product].select(query))
+    return chosen
+
+
+def _answers(
+    adapter: Any,
+    queries: Sequence[Sample],
+    chosen: Sequence[Sequence[Sample]],
+    tiling: Tiling | None,
+    max_new_tokens: int,
+    batch_size: int,
+) -> Iterator[ICLPrediction]:
+    """Predictions in query order: one prompt at a time for chat adapters, batched for the small VLM."""
+    if not _is_small_vlm(adapter):
+        for query, examples in zip(queries, chosen, strict=True):
+            yield inspect_in_context(adapter, query, examples, tiling, max_new_tokens)
+        return
+    from loctune.inspect.episodes import Episode, predict_episodes
+
+    episodes = [Episode(list(ex), q, tiling) for q, ex in zip(queries, chosen, strict=True)]
+    for start in range(0, len(episodes), batch_size):
+        batch = episodes[start : start + batch_size]
+        yield from predict_episodes(adapter, batch, max_new_tokens, batch_size)
 
 
 def evaluate_in_context(
@@ -526,31 +652,70 @@ def evaluate_in_context(
     seed: int = 0,
     max_new_tokens: int = 64,
     progress: bool = False,
+    batch_size: int = 16,
 ) -> ICLEvaluation:
-    """Answer every query after examples of its product and score the answers.
+    """Answer every query after examples of its product (:func:`select_examples`) and score.
 
-    Examples come from ``support`` (default: the queries themselves, the query
-    and its pair never shown as its own example). One selector per product,
-    so nearest-neighbour embeddings of the pool are computed once.
+    ``batch_size`` queries are answered at once by the small VLM; chat
+    adapters answer one prompt at a time.
     """
-    pools = {
-        p: g.good + g.defective
-        for p, g in by_product(support if support is not None else queries).items()
-    }
-    selectors: dict[str, ExampleSelector] = {}
+    chosen = select_examples(queries, support, k, strategy, metric, embed, seed)
     predictions = []
-    for n, query in enumerate(queries, start=1):
-        product = query.meta["product"]
-        if product not in pools:
-            raise ValueError(f"query {query.image_id}: no support examples of product {product!r}")
-        if product not in selectors:
-            selectors[product] = ExampleSelector(pools[product], k, strategy, metric, embed, seed)
-        examples = selectors[product].select(query)
-        predictions.append(inspect_in_context(adapter, query, examples, tiling, max_new_tokens))
+    answers = _answers(adapter, queries, chosen, tiling, max_new_tokens, batch_size)
+    for n, (query, p) in enumerate(zip(queries, answers, strict=True), start=1):
+        predictions.append(p)
         if progress:
-            p = predictions[-1]
             print(f"[{n}/{len(queries)}] {query.image_id}: {p.text!r} (score {p.score:.3f})")
     return ICLEvaluation(inspection_metrics(predictions, queries), predictions)
+
+
+def evaluate_patchcore_in_context(
+    queries: Sequence[Sample],
+    support: Sequence[Sample] | None = None,
+    k: int = 2,
+    make_detector: Callable[[], PatchCore] = PatchCore,
+    strategy: str = "balanced",
+    metric: str = "cosine",
+    embed: Embedder | None = None,
+    seed: int = 0,
+) -> ICLEvaluation:
+    """The PatchCore baseline under the in-context protocol, for a like-for-like comparison.
+
+    Each query is scored by a detector fit on the good ones among the examples
+    :func:`select_examples` gives it, i.e. the same good shots an in-context
+    model sees with the same arguments (the defective examples are not used).
+    The threshold is calibrated on those shots by leave-one-out
+    (:meth:`PatchCore.fit`), which needs ``k >= 2``; with ``k = 1`` accuracy,
+    F1 and localisation are NaN and only the threshold-free AUROC is
+    reported. A flagged query's box is the largest region above the
+    threshold. PatchCore names no defect type: ``type_accuracy`` is NaN.
+    """
+    if k < 1:
+        raise ValueError(f"k: PatchCore needs at least one good shot, got k={k}")
+    chosen = select_examples(queries, support, k, strategy, metric, embed, seed)
+    predictions = []
+    for query, examples in zip(queries, chosen, strict=True):
+        good = [e for e in examples if not is_defective(e)]
+        threshold = None if len(good) >= 2 else math.inf
+        detector = make_detector().fit([e.load_image() for e in good], threshold=threshold)
+        found = detector.predict(query.load_image())
+        predictions.append(
+            ICLPrediction(
+                image_id=query.image_id,
+                text="",
+                defective=found.defective,
+                score=found.score,
+                defect_type="",
+                detections=[Detection("defect", found.box)] if found.box is not None else [],
+                malformed=False,
+                n_malformed_boxes=0,
+                examples=[e.image_id for e in good],
+            )
+        )
+    metrics = {**inspection_metrics(predictions, queries), "type_accuracy": float("nan")}
+    if k < 2:
+        metrics.update(dict.fromkeys(("accuracy", "f1", "loc_acc50", "loc_pointing"), float("nan")))
+    return ICLEvaluation(metrics, predictions)
 
 
 # ---------------------------------------------------------------------- data for the CLI
