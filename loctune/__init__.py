@@ -38,6 +38,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "synthetic_inspection_set", "load_inspection_folder", "load_deeppcb", "tile_views",
         "detections_from_crops", "MultiScaleEncoder", "PatchCore", "evaluate_few_shot",
         "inspect_in_context", "evaluate_in_context", "ExampleSelector",
+        "EpisodeAdapter", "training_episodes", "predict_episodes", "evaluate_patchcore_in_context",
+        "InspectStudyConfig", "run_inspect_study",
     ),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

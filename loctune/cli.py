@@ -1,4 +1,4 @@
-"""`loctune train | eval | predict | compare | demo | inspect`: a thin layer over the Python API.
+"""`loctune train | eval | predict | compare | demo | inspect | inspect-study`: a thin layer over the Python API.
 
 Every subcommand accepts trailing ``key=value`` overrides of its config
 dataclass (``lr=3e-4``, ``loss.targets.power=3``), in the spirit of
@@ -228,14 +228,25 @@ def cmd_demo(args) -> int:
     return _run_and_show(apply_overrides(demo_config(args.out), args.overrides))
 
 
-def _run_and_show(cfg) -> int:
-    from loctune.compare import run_compare
-
+def _run_and_show(cfg, run=None) -> int:
+    """Run a study (default: a comparison), print its report's tables and the time taken."""
+    if run is None:
+        from loctune.compare import run_compare as run
     t0 = time.time()
-    path = run_compare(cfg)
+    path = run(cfg)
     print(path.read_text().split("![")[0])
     print(f"finished in {(time.time() - t0) / 60:.1f} min; report: {path}")
     return 0
+
+
+def cmd_inspect_study(args) -> int:
+    from loctune.config import apply_overrides, load_config
+    from loctune.inspect.study import InspectStudyConfig, run_inspect_study
+
+    cfg = load_config(InspectStudyConfig, args.config) if args.config else InspectStudyConfig()
+    if args.out:
+        cfg = replace(cfg, out_dir=args.out)
+    return _run_and_show(apply_overrides(cfg, args.overrides), run_inspect_study)
 
 
 def cmd_inspect(args) -> int:
@@ -351,7 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     ins = sub.add_parser("inspect", help="few-shot inspection with good/defective examples in context")
-    ins.add_argument("--model", required=True, help="multi-image chat VLM: SmolVLM/Idefics3, Qwen2-VL")
+    ins.add_argument("--model", required=True,
+                     help="multi-image chat VLM (SmolVLM/Idefics3, Qwen2-VL) or a small VLM "
+                          "trained on episodes (inspect-study's s<seed>/model)")
     ins.add_argument("--examples", help="folder (MVTec layout) of good and defective examples")
     ins.add_argument("--query", nargs="+", help="images to inspect, with --examples")
     ins.add_argument("--product", help="which product of --examples the queries are")
@@ -371,6 +384,14 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--project", default="runs/inspect")
     ins.add_argument("--name", default="exp")
     ins.set_defaults(func=cmd_inspect)
+
+    st = sub.add_parser("inspect-study",
+                        help="train the small VLM on inspection episodes; report accuracy vs "
+                             "in-context examples, with and without tiling, against PatchCore")
+    st.add_argument("--config", help="YAML/JSON InspectStudyConfig")
+    st.add_argument("--out", help="report directory (default runs/inspect_study)")
+    st.add_argument("overrides", nargs="*", help="key=value InspectStudyConfig overrides")
+    st.set_defaults(func=cmd_inspect_study)
     return p
 
 

@@ -1,4 +1,5 @@
-"""Few-shot visual inspection: readers, synthetic products, tiling, multi-scale, a baseline.
+"""Few-shot visual inspection: readers, synthetic products, tiling, multi-scale, a baseline,
+in-context inspection by chat VLMs and by the small VLM trained on episodes, and the study.
 
 Records are ``loctune.types.Sample`` with ``task="inspection"`` (see
 ``records``); ``by_product`` groups them into the unit of a few-shot episode.
@@ -12,6 +13,14 @@ from loctune.inspect.baseline import (
     evaluate_few_shot,
 )
 from loctune.inspect.deeppcb import load_deeppcb
+from loctune.inspect.episodes import (
+    EncoderFeatures,
+    Episode,
+    EpisodeAdapter,
+    episode_parts,
+    predict_episodes,
+    training_episodes,
+)
 from loctune.inspect.folder import folder_categories, load_inspection_folder
 from loctune.inspect.icl import (
     ExampleSelector,
@@ -20,13 +29,16 @@ from loctune.inspect.icl import (
     Tiling,
     build_prompt,
     evaluate_in_context,
+    evaluate_patchcore_in_context,
     inspect_in_context,
     parse_answer,
+    select_examples,
 )
 from loctune.inspect.metrics import accuracy, auroc, f1, point_in_boxes
 from loctune.inspect.multiscale import MultiScaleEncoder
 from loctune.inspect.records import by_product, inspection_prompt, inspection_sample
 from loctune.inspect.regions import label_components, largest_region, mask_to_boxes
+from loctune.inspect.study import InspectStudyConfig, run_inspect_study
 from loctune.inspect.synthetic import (
     DEFECT_TYPES,
     TEST_PRODUCTS,
@@ -47,6 +59,16 @@ from loctune.inspect.tiling import (
 )
 
 __all__ = [
+    "EncoderFeatures",
+    "Episode",
+    "EpisodeAdapter",
+    "InspectStudyConfig",
+    "episode_parts",
+    "evaluate_patchcore_in_context",
+    "predict_episodes",
+    "run_inspect_study",
+    "select_examples",
+    "training_episodes",
     "ExampleSelector",
     "ICLEvaluation",
     "ICLPrediction",

@@ -1,0 +1,423 @@
+"""The in-context inspection study: can loctune's small VLM learn to inspect from examples?
+
+For every seed the small VLM is trained on episodes of the training product
+types (:func:`~loctune.inspect.episodes.training_episodes`, through
+:func:`loctune.train.train`); then every image of the held-out product types
+is a query, answered after ``k`` good and ``k`` defective examples of its
+type for each ``k`` of ``eval_k``, without and with tiling. The PatchCore
+baseline is scored on the same good shots, on the trained VLM's vision
+encoder features and on fixed random convolutions, at the same resolution.
+
+A seed's model (``s<seed>/model``) and every evaluation cell
+(``s<seed>/<method>/k<k>/metrics.json``) are written when finished and
+skipped on rerun; an interrupted training resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from loctune import report
+from loctune.inspect.baseline import PatchCore, RandomConvFeatures
+from loctune.inspect.episodes import EncoderFeatures, EpisodeAdapter, training_episodes
+from loctune.inspect.icl import (
+    ICLEvaluation,
+    Tiling,
+    answer_text,
+    evaluate_in_context,
+    evaluate_patchcore_in_context,
+)
+from loctune.inspect.records import inspection_sample
+from loctune.inspect.synthetic import (
+    DEFECT_TYPES,
+    TEST_PRODUCTS,
+    TRAIN_PRODUCTS,
+    synthetic_inspection_set,
+)
+from loctune.models.small_vlm_adapter import ADAPTER_FILE, SmallVLMAdapter
+from loctune.models.tokenizer import WordTokenizer
+from loctune.types import Sample
+
+CONFIG_FILE = "inspect_study_config.json"
+#: config fields that may change between runs of one study without invalidating its parts
+_RERUNNABLE = ("out_dir", "seeds", "eval_k", "eval_batch_size")
+#: row key -> name in the report, in report order
+METHODS = {
+    "vlm": "small VLM",
+    "vlm_tiled": "small VLM + tiling",
+    "patchcore_vlm": "PatchCore, VLM encoder",
+    "patchcore_vlm_tiled": "PatchCore, VLM encoder + tiling",
+    "patchcore_conv": "PatchCore, random conv",
+    "patchcore_conv_tiled": "PatchCore, random conv + tiling",
+}
+FEATURES = ("vlm", "conv")
+METRICS = {
+    "accuracy": "accuracy",
+    "f1": "F1",
+    "auroc": "AUROC",
+    "loc_acc50": "Acc@0.5",
+    "loc_pointing": "pointing",
+}
+
+
+@dataclass
+class InspectStudyConfig:
+    """One study; the defaults run in about 20 minutes on one CPU thread.
+
+    ``k`` counts examples per class (``k`` good and ``k`` defective). Images
+    are rendered at ``render_size`` and shown to the model at ``image_size``
+    (defects 1-4 px wide shrink to a fraction of a pixel); tiling shows a
+    global view plus ``tile_rows x tile_cols`` crops, each also at
+    ``image_size``. Training steps over groups of ``group_size`` episodes that
+    share ``k`` and tiling.
+    """
+
+    out_dir: str = "runs/inspect_study"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    eval_k: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8])
+    # data: TRAIN_PRODUCTS for training, TEST_PRODUCTS (unseen types) for evaluation
+    data_seed: int = 0
+    render_size: int = 128
+    n_train: int = 32  # good and defective images per training product
+    n_test: int = 16  # good and defective images per test product: the queries and their examples
+    # model (small VLM preset, overridden) and box codec
+    model_preset: str = "small"
+    image_size: int = 32
+    patch_size: int = 8
+    pixel_shuffle: int = 2
+    vision_width: int = 64
+    vision_depth: int = 2
+    n_bins: int = 32
+    tile_rows: int = 2
+    tile_cols: int = 2
+    # training
+    train_k: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 6, 8])
+    tiled_fraction: float = 0.5
+    supervise_examples: bool = True
+    steps: int = 600
+    group_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 30
+    method: str = "distance_inverse"  # loss preset, see loctune.losses.list_losses()
+    save_every: int = 100
+    # evaluation
+    eval_batch_size: int = 16
+    max_new_tokens: int = 48
+    patchcore_features: list[str] = field(default_factory=lambda: list(FEATURES))
+
+    def __post_init__(self):
+        for name in ("seeds", "eval_k", "train_k"):
+            if not getattr(self, name):
+                raise ValueError(f"InspectStudyConfig.{name} must not be empty")
+        for name in ("eval_k", "train_k"):
+            if min(getattr(self, name)) < 0:
+                raise ValueError(f"InspectStudyConfig.{name} must hold numbers >= 0")
+        needed = max(self.eval_k) + 1
+        if self.n_test < needed:
+            raise ValueError(
+                f"InspectStudyConfig.n_test ({self.n_test}) must be >= max(eval_k) + 1 = "
+                f"{needed}: every query needs k examples of each class besides itself"
+            )
+        if self.n_train < max(self.train_k) + 1:
+            raise ValueError(
+                f"InspectStudyConfig.n_train ({self.n_train}) must be >= max(train_k) + 1"
+            )
+        unknown = sorted(set(self.patchcore_features) - set(FEATURES))
+        if unknown:
+            raise ValueError(
+                f"InspectStudyConfig.patchcore_features: unknown {unknown}; choose from {FEATURES}"
+            )
+
+    @property
+    def tiling(self) -> Tiling:
+        return Tiling(self.tile_rows, self.tile_cols, global_size=self.image_size)
+
+
+def run_inspect_study(
+    cfg: InspectStudyConfig, progress: bool = True, log: Callable[[str], None] = print
+) -> Path:
+    """Run every missing part of the study, then (re)write its report; returns report.md."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_config(cfg, out / CONFIG_FILE)
+    train_set = synthetic_inspection_set(
+        "train", cfg.n_train, cfg.n_train, seed=cfg.data_seed, size=cfg.render_size
+    )
+    test_set = synthetic_inspection_set(
+        "test", cfg.n_test, cfg.n_test, seed=cfg.data_seed, size=cfg.render_size
+    )
+    rows: list[dict[str, Any]] = []
+    for seed in cfg.seeds:
+        log(f"seed {seed}: model")
+        adapter = trained_model(cfg, seed, train_set, progress)
+        log(f"seed {seed}: evaluation on {len(test_set)} queries of {', '.join(TEST_PRODUCTS)}")
+        rows += evaluate_seed(cfg, seed, adapter, test_set, progress)
+        report.write_csv(rows, out / "results.csv")
+    return write_report(cfg, rows, len(test_set))
+
+
+def _check_config(cfg: InspectStudyConfig, path: Path) -> None:
+    """Save the config; refuse one that differs from the saved one in what results depend on."""
+    now = asdict(cfg)
+    if path.exists():
+        saved = json.loads(path.read_text())
+        changed = sorted(k for k in now if k not in _RERUNNABLE and saved.get(k) != now[k])
+        if changed:
+            raise ValueError(
+                f"{path}: this study was run with other settings ({', '.join(changed)}); "
+                "its finished parts would not match. Use another out_dir."
+            )
+    path.write_text(json.dumps(now, indent=2))
+
+
+def _seed_dir(cfg: InspectStudyConfig, seed: int) -> Path:
+    return Path(cfg.out_dir) / f"s{seed}"
+
+
+def build_model(cfg: InspectStudyConfig, seed: int, samples: Sequence[Sample]) -> SmallVLMAdapter:
+    """A fresh small VLM whose vocabulary holds the answers of ``samples`` (the training
+    set) and whose context fits the longest possible episode: ``max(k)`` examples per
+    class, tiled, every answer as long as a defect spanning all crops makes it."""
+    from loctune.codecs import get_codec
+
+    codec_kwargs = {"n_bins": cfg.n_bins, "strict": False}
+    codec = get_codec("bins", **codec_kwargs)
+    tiling = cfg.tiling
+    answers = [answer_text(s, codec, t) for s in samples for t in (None, tiling)]
+    longest_type = max(DEFECT_TYPES, key=lambda t: len(WordTokenizer.split(t)))
+    size = cfg.render_size
+    everywhere = inspection_sample(
+        Image.new("RGB", (size, size)), "bound", [(0, 0, size, size)], [longest_type]
+    )
+    longest_answer = len(WordTokenizer.split(answer_text(everywhere, codec, tiling))) + 1  # eos
+    image_tokens = (cfg.image_size // cfg.patch_size // cfg.pixel_shuffle) ** 2
+    views = 1 + cfg.tile_rows * cfg.tile_cols
+    turns = 2 * max(*cfg.train_k, *cfg.eval_k) + 1
+    max_positions = 1 + turns * (views * image_tokens + 1 + longest_answer)
+    torch.manual_seed(seed)
+    return SmallVLMAdapter.build(
+        codec,
+        texts=answers,
+        config=cfg.model_preset,
+        codec_kwargs=codec_kwargs,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        pixel_shuffle=cfg.pixel_shuffle,
+        vision_width=cfg.vision_width,
+        vision_depth=cfg.vision_depth,
+        max_positions=max_positions,
+    )
+
+
+def trained_model(
+    cfg: InspectStudyConfig, seed: int, train_set: Sequence[Sample], progress: bool = True
+) -> SmallVLMAdapter:
+    """The seed's trained model: reopened when saved, else trained (resuming a checkpoint)."""
+    from loctune.losses import loss_config
+    from loctune.train import TrainConfig, train
+
+    seed_dir = _seed_dir(cfg, seed)
+    model_dir = seed_dir / "model"
+    if (model_dir / ADAPTER_FILE).is_file():
+        return SmallVLMAdapter.from_pretrained(model_dir)
+    adapter = build_model(cfg, seed, train_set)
+    groups = training_episodes(
+        train_set,
+        n_groups=cfg.steps,
+        group_size=cfg.group_size,
+        k_choices=cfg.train_k,
+        tiling=cfg.tiling,
+        tiled_fraction=cfg.tiled_fraction,
+        seed=seed,
+    )
+    tcfg = TrainConfig(
+        run_dir=str(seed_dir / "train"),
+        steps=cfg.steps,
+        batch_size=1,  # one item is a group of episodes
+        lr=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        save_every=cfg.save_every,
+        seed=seed,
+        loss=loss_config(cfg.method),
+        progress=progress,
+    )
+    t0 = time.perf_counter()
+    train(EpisodeAdapter(adapter, cfg.supervise_examples), groups, tcfg, resume=True)
+    adapter.save_pretrained(model_dir)
+    (seed_dir / "train_time.json").write_text(
+        json.dumps(
+            {"seconds": time.perf_counter() - t0, "parameters": adapter.model.num_parameters()}
+        )
+    )
+    return adapter
+
+
+def _cell(directory: Path, run: Callable[[], ICLEvaluation]) -> dict[str, Any]:
+    """An evaluation cell's metrics: read back when finished, else computed and saved."""
+    done = directory / "metrics.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    result = run()
+    result.save(directory)
+    return result.metrics
+
+
+def evaluate_seed(
+    cfg: InspectStudyConfig,
+    seed: int,
+    adapter: SmallVLMAdapter,
+    test_set: Sequence[Sample],
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Rows ``{method, k, seed, metrics...}`` of every method at every k for one seed."""
+    from tqdm.auto import tqdm
+
+    seed_dir = _seed_dir(cfg, seed)
+    tiles = (cfg.tile_rows, cfg.tile_cols)
+    encoder = EncoderFeatures(adapter.model).eval()
+    extractors = {"vlm": lambda: encoder, "conv": lambda: RandomConvFeatures(seed=seed)}
+    cells: list[tuple[str, int, Callable[[], ICLEvaluation]]] = []
+    for k in cfg.eval_k:
+        for tiled in (False, True):
+            suffix = "_tiled" if tiled else ""
+            cells.append((f"vlm{suffix}", k, _vlm_run(cfg, adapter, test_set, k, tiled, seed)))
+            if k == 0:
+                continue  # PatchCore needs good shots
+            for features in cfg.patchcore_features:
+
+                def make_detector(features=features, tiled=tiled) -> PatchCore:
+                    return PatchCore(
+                        extractors[features](),
+                        input_size=cfg.image_size,
+                        tiles=tiles if tiled else None,
+                    )
+
+                run = _patchcore_run(test_set, k, make_detector, seed)
+                cells.append((f"patchcore_{features}{suffix}", k, run))
+    rows = []
+    for method, k, run in tqdm(cells, desc=f"seed {seed} eval", disable=not progress):
+        metrics = _cell(seed_dir / method / f"k{k}", run)
+        scalars = {m: v for m, v in metrics.items() if not isinstance(v, dict)}
+        rows.append({"method": method, "k": k, "seed": seed, **scalars})
+    return rows
+
+
+def _vlm_run(cfg, adapter, test_set, k, tiled, seed) -> Callable[[], ICLEvaluation]:
+    return lambda: evaluate_in_context(
+        adapter,
+        test_set,
+        k=k,
+        tiling=cfg.tiling if tiled else None,
+        seed=seed,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.eval_batch_size,
+    )
+
+
+def _patchcore_run(test_set, k, make_detector, seed) -> Callable[[], ICLEvaluation]:
+    return lambda: evaluate_patchcore_in_context(
+        test_set, k=k, make_detector=make_detector, seed=seed
+    )
+
+
+def write_report(cfg: InspectStudyConfig, rows: list[dict[str, Any]], n_queries: int) -> Path:
+    """report.md, results.csv, accuracy_vs_examples.png, auroc_vs_examples.png, training_loss.png."""
+    out = Path(cfg.out_dir)
+    report.write_csv(rows, out / "results.csv")
+    methods = {m: name for m, name in METHODS.items() if any(r["method"] == m for r in rows)}
+    for metric, name in (("accuracy", "accuracy"), ("auroc", "AUROC")):
+        report.plot_accuracy_vs_labels(
+            rows,
+            metric,
+            list(methods),
+            out / f"{name.lower()}_vs_examples.png",
+            by="k",
+            xlabel="in-context examples per class (k)",
+            log_x=False,
+            labels=methods,
+        )
+    curves = {}
+    for seed in cfg.seeds:
+        f = _seed_dir(cfg, seed) / "train" / "metrics.jsonl"
+        if f.exists():
+            points = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+            curves[f"seed {seed}"] = [(p["step"], p["loss"]) for p in points if "loss" in p]
+    report.plot_learning_curves(curves, "training loss", out / "training_loss.png")
+    times = [
+        json.loads(f.read_text())
+        for seed in cfg.seeds
+        if (f := _seed_dir(cfg, seed) / "train_time.json").exists()
+    ]
+    per_seed = (
+        f"{sum(t['seconds'] for t in times) / len(times) / 60:.1f} min of training per seed"
+        if times
+        else "training time not recorded"
+    )
+    params = f"{times[0]['parameters'] / 1e6:.2f} M parameters, " if times else ""
+    crop = cfg.render_size // cfg.tile_rows
+    vlm_methods = {m: n for m, n in methods.items() if m.startswith("vlm")}
+    lines = [
+        "# loctune inspect-study: in-context inspection by the small VLM",
+        "",
+        f"Trained on episodes of {', '.join(TRAIN_PRODUCTS)} ({cfg.n_train} good + {cfg.n_train} "
+        f"defective images each); evaluated on the product types it never saw, "
+        f"{', '.join(TEST_PRODUCTS)}: each of their {n_queries} images ({cfg.n_test} good + "
+        f"{cfg.n_test} defective per type) is a query, shown after k good and k defective "
+        "examples drawn from the other images of its type (defect types cycled); every "
+        "method sees the same examples at a given seed. Mean ± sample std over "
+        f"{len(cfg.seeds)} seed(s) {cfg.seeds} (initialisation, training episodes, example draws).",
+        "",
+        f"Images are rendered at {cfg.render_size} px (defects 1-4 px wide) and shown at "
+        f"{cfg.image_size} px; tiling adds {cfg.tile_rows}x{cfg.tile_cols} crops ({crop} px each, "
+        f"also shown at {cfg.image_size} px) to the global view. Small VLM: preset "
+        f"`{cfg.model_preset}` with a {cfg.vision_width}-wide, {cfg.vision_depth}-block vision "
+        f"encoder, {params}{(cfg.image_size // cfg.patch_size // cfg.pixel_shuffle) ** 2} tokens "
+        f"per image, boxes as {cfg.n_bins} bins. Training: {cfg.steps} steps of "
+        f"{cfg.group_size} episodes, k per class drawn from {cfg.train_k}, "
+        f"{cfg.tiled_fraction:.0%} tiled, loss `{cfg.method}`, lr {cfg.lr}; {per_seed}.",
+        "",
+        "accuracy and F1 of the verdict (defective is the positive class; chance: accuracy "
+        "0.5, F1 0.667 for always answering defective); AUROC of the score, averaged over "
+        "product types (small VLM: P(defective) / (P(defective) + P(good)) at the first answer "
+        "token; PatchCore: its anomaly score); localisation over defective queries, a query "
+        "judged good counting as a miss: Acc@0.5, the first predicted box has IoU >= 0.5 "
+        "with the true box, and pointing, its centre lies in the true box.",
+        "",
+        report.summary_table(rows, METRICS, methods, by="k"),
+        "",
+        "PatchCore fits its memory bank on the k good examples (the defective ones are not "
+        "used), so it has no k=0 row; its threshold is calibrated leave-one-out on those "
+        "good shots, which needs two: at k=1 only its threshold-free AUROC is given.",
+        "",
+        "### Small VLM answers",
+        "",
+        "type accuracy: the named defect type is the true one (over defective queries); "
+        "malformed: no verdict could be read from the answer.",
+        "",
+        report.summary_table(
+            rows,
+            {"type_accuracy": "type accuracy", "malformed_rate": "malformed"},
+            vlm_methods,
+            by="k",
+        ),
+        "",
+        "![accuracy vs examples](accuracy_vs_examples.png)",
+        "",
+        "![AUROC vs examples](auroc_vs_examples.png)",
+        "",
+        "![training loss](training_loss.png)",
+        "",
+        f"Config: `{CONFIG_FILE}`; per-cell metrics and predictions: "
+        "`s<seed>/<method>/k<k>/`; all rows: `results.csv`.",
+    ]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
