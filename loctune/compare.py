@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from loctune import report
 from loctune.losses import loss_config
@@ -38,6 +39,7 @@ class CompareConfig:
     grid: int = 32
     image_size: int = 64
     max_objects: int = 5  # synthetic scenes: 2..max_objects shapes
+    scene: dict[str, Any] = field(default_factory=dict)  # more SyntheticConfig fields, e.g. noise_std
     steps: int = 1000
     batch_size: int = 32
     lr: float = 1e-3
@@ -55,7 +57,10 @@ def _loaders(cfg: CompareConfig) -> tuple[list[Sample], list[Sample], list[Sampl
     if cfg.data == "synthetic":
         from loctune.data.synthetic import SyntheticConfig, make_grounding_split
 
-        sc = SyntheticConfig(image_size=cfg.image_size, max_objects=cfg.max_objects)
+        try:
+            sc = SyntheticConfig(image_size=cfg.image_size, max_objects=cfg.max_objects, **cfg.scene)
+        except TypeError as err:
+            raise ValueError(f"CompareConfig.scene: {err} (fields of SyntheticConfig expected)") from None
         pool = make_grounding_split("train", max(cfg.sizes), seed=cfg.data_seed, config=sc)
         val = make_grounding_split("val", cfg.n_val, seed=cfg.data_seed, config=sc)
         test = make_grounding_split("test", cfg.n_test, seed=cfg.data_seed, config=sc)

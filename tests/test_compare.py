@@ -41,3 +41,17 @@ def test_training_subsets_are_seeded_and_checked():
     assert training_subset(pool, 4, 0) != training_subset(pool, 4, 1)
     with pytest.raises(ValueError, match="exceeds"):
         training_subset(pool, 11, 0)
+
+
+def test_scene_overrides_reach_the_synthetic_data(tmp_path):
+    from loctune.compare import _loaders
+    from loctune.config import apply_overrides
+
+    cfg = apply_overrides(tiny_config(tmp_path), ["scene={min_objects: 1, max_objects: 1}"])
+    with pytest.raises(ValueError, match="max_objects"):
+        _loaders(cfg)  # max_objects has its own field; duplicating it is an error, not a silent pick
+    cfg = apply_overrides(tiny_config(tmp_path), ["max_objects=1", "scene.min_objects=1"])
+    pool, _, _ = _loaders(cfg)
+    assert all(len(s.meta["objects"]) == 1 for s in pool)
+    with pytest.raises(ValueError, match="CompareConfig.scene.*bogus"):
+        _loaders(apply_overrides(cfg, ["scene.bogus=1"]))
