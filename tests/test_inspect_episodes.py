@@ -161,7 +161,9 @@ def test_tiled_episode_shows_five_views_per_turn_and_supervises_the_answers(
 
 def test_training_episodes_are_class_balanced_within_one_product(pool):
     def draw():
-        return training_episodes(pool, n_groups=6, group_size=4, k_choices=(0, 1, 3), tiling=TILING)
+        return training_episodes(
+            pool, n_groups=8, group_images=15, k_choices=(0, 1, 3), tiling=TILING
+        )
 
     def ids(groups):
         return [[(e.query.image_id, [x.image_id for x in e.examples]) for e in g] for g in groups]
@@ -169,10 +171,11 @@ def test_training_episodes_are_class_balanced_within_one_product(pool):
     groups = draw()
     assert ids(groups) == ids(draw())
     for group in groups:
-        assert len(group) == 4
         ks = {len(e.examples) // 2 for e in group}
-        assert len(ks) == 1 and ks <= {0, 1, 3}
-        assert len({e.tiling for e in group}) == 1
+        tilings = {e.tiling for e in group}
+        assert len(ks) == 1 and ks <= {0, 1, 3} and len(tilings) == 1
+        turns, views = 2 * ks.pop() + 1, 5 if tilings.pop() else 1
+        assert len(group) == max(1, 15 // (turns * views))  # as many as fit in 15 images
         for e in group:
             product = e.query.meta["product"]
             assert all(x.meta["product"] == product for x in e.examples)
@@ -188,7 +191,7 @@ def test_episode_training_through_the_loop_lowers_the_loss(pool, tmp_path):
     from loctune.train import TrainConfig, train
 
     adapter = tiny_adapter(pool, seed=1)
-    group = training_episodes(pool, 1, group_size=4, k_choices=(1,), tiling=TILING, seed=3)[0]
+    group = training_episodes(pool, 1, group_images=60, k_choices=(1,), tiling=TILING, seed=3)[0]
     episodes = EpisodeAdapter(adapter)
     loss_fn = LocationLoss(loss_config("distance_inverse"), adapter.loc_token_ids, CODEC.space)
 

@@ -23,8 +23,9 @@ TINY = [
     "pixel_shuffle=1",
     "vision_width=32",
     "vision_depth=1",
+    "single_image_steps=2",
     "steps=3",
-    "group_size=2",
+    "group_images=6",
     "warmup_steps=0",
     "save_every=2",
     "max_new_tokens=10",
@@ -51,6 +52,8 @@ def test_study_command_writes_a_report_with_numbers_and_resumes(tmp_path, capsys
     saved = json.loads((out / "inspect_study_config.json").read_text())
     assert saved["steps"] == 3 and saved["out_dir"] == str(out)
     assert (out / "s1" / "model" / "adapter.json").is_file()
+    for phase in ("train_single", "train_episodes"):  # both phases went through loctune.train
+        assert '"loss"' in (out / "s1" / phase / "metrics.jsonl").read_text()
     assert "| k | method |" in capsys.readouterr().out
 
     # a rerun reuses every finished part; a saved cell is not recomputed

@@ -96,8 +96,8 @@ class EpisodeAdapter(VLMAdapter):
 
     An item is an :class:`Episode` or a group (list) of them, flattened into
     one batch: :func:`training_episodes` groups episodes of equal ``k`` and
-    tiling, and training with ``batch_size=1`` over groups keeps padding low
-    when sequence lengths differ tenfold between ``k=0`` and ``k=8`` tiled.
+    tiling, so training with ``batch_size=1`` over groups pads little although
+    sequence lengths differ a hundredfold between ``k=0`` and ``k=8`` tiled.
     The model, codec and weights are the wrapped adapter's.
     """
 
@@ -145,22 +145,25 @@ class EpisodeAdapter(VLMAdapter):
 def training_episodes(
     samples: Sequence[Sample],
     n_groups: int,
-    group_size: int = 16,
+    group_images: int = 64,
     k_choices: Sequence[int] = (0, 1, 2, 4),
     tiling: Tiling | None = None,
     tiled_fraction: float = 0.5,
     seed: int = 0,
 ) -> list[list[Episode]]:
-    """``n_groups`` groups of ``group_size`` training episodes, deterministic in ``seed``.
+    """``n_groups`` groups of training episodes, deterministic in ``seed``.
 
     A group draws ``k`` from ``k_choices`` and is tiled (with ``tiling``) with
-    probability ``tiled_fraction``. Each episode draws a product, a query that
-    is good or defective with equal chance, and ``k`` class-balanced examples of
-    that product (:class:`ExampleSelector`, ``"balanced"``: defect types cycled),
-    shown in random order.
+    probability ``tiled_fraction``; it holds as many episodes as fit in
+    ``group_images`` images (at least one), so every training step costs about
+    the same and trains about as many answers (one per turn) whatever ``k``.
+    Each episode draws a product, a query that is good or defective with equal
+    chance, and ``k`` class-balanced examples of that product
+    (:class:`ExampleSelector`, ``"balanced"``: defect types cycled), shown in
+    random order.
     """
-    if n_groups < 1 or group_size < 1:
-        raise ValueError(f"n_groups and group_size must be >= 1, got {n_groups}, {group_size}")
+    if n_groups < 1 or group_images < 1:
+        raise ValueError(f"n_groups and group_images must be >= 1, got {n_groups}, {group_images}")
     if not k_choices or min(k_choices) < 0:
         raise ValueError(f"k_choices must be non-empty numbers >= 0, got {list(k_choices)}")
     if tiled_fraction > 0 and tiling is None:
@@ -178,8 +181,9 @@ def training_episodes(
     for _ in range(n_groups):
         k = rng.choice(list(k_choices))
         group_tiling = tiling if rng.random() < tiled_fraction else None
+        views = 1 if group_tiling is None else 1 + group_tiling.rows * group_tiling.cols
         group = []
-        for _ in range(group_size):
+        for _ in range(max(1, group_images // ((2 * k + 1) * views))):
             pool = products[rng.choice(names)]
             query = rng.choice(pool.defective if rng.random() < 0.5 else pool.good)
             selector = ExampleSelector(

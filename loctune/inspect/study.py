@@ -59,6 +59,8 @@ METHODS = {
     "patchcore_conv_tiled": "PatchCore, random conv + tiling",
 }
 FEATURES = ("vlm", "conv")
+#: run directory of each training phase under s<seed>/
+PHASES = ("train_single", "train_episodes")
 METRICS = {
     "accuracy": "accuracy",
     "f1": "F1",
@@ -76,8 +78,14 @@ class InspectStudyConfig:
     are rendered at ``render_size`` and shown to the model at ``image_size``
     (defects 1-4 px wide shrink to a fraction of a pixel); tiling shows a
     global view plus ``tile_rows x tile_cols`` crops, each also at
-    ``image_size``. Training steps over groups of ``group_size`` episodes that
-    share ``k`` and tiling.
+    ``image_size``. Training has two phases through :func:`loctune.train.train`:
+    ``single_image_steps`` on single images (``k=0`` episodes, untiled), then
+    ``steps`` on episodes with ``k`` from ``train_k``, a ``tiled_fraction`` of
+    them tiled. Without the first phase the model stayed at chance in this
+    budget (on held-out images of the training types): among many images the
+    decoder must find the one it answers for before the encoder gets a useful
+    signal, which a lone image gives at once. A step is a group of episodes
+    sharing ``k`` and tiling that hold ``group_images`` images between them.
     """
 
     out_dir: str = "runs/inspect_study"
@@ -85,9 +93,9 @@ class InspectStudyConfig:
     eval_k: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8])
     # data: TRAIN_PRODUCTS for training, TEST_PRODUCTS (unseen types) for evaluation
     data_seed: int = 0
-    render_size: int = 128
-    n_train: int = 32  # good and defective images per training product
-    n_test: int = 16  # good and defective images per test product: the queries and their examples
+    render_size: int = 96
+    n_train: int = 200  # good and defective images per training product
+    n_test: int = 20  # good and defective images per test product: the queries and their examples
     # model (small VLM preset, overridden) and box codec
     model_preset: str = "small"
     image_size: int = 32
@@ -99,11 +107,12 @@ class InspectStudyConfig:
     tile_rows: int = 2
     tile_cols: int = 2
     # training
-    train_k: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 6, 8])
+    single_image_steps: int = 1000
+    train_k: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8])
     tiled_fraction: float = 0.5
     supervise_examples: bool = True
-    steps: int = 600
-    group_size: int = 16
+    steps: int = 2000
+    group_images: int = 64
     lr: float = 1e-3
     warmup_steps: int = 30
     method: str = "distance_inverse"  # loss preset, see loctune.losses.list_losses()
@@ -229,28 +238,33 @@ def trained_model(
     if (model_dir / ADAPTER_FILE).is_file():
         return SmallVLMAdapter.from_pretrained(model_dir)
     adapter = build_model(cfg, seed, train_set)
-    groups = training_episodes(
-        train_set,
-        n_groups=cfg.steps,
-        group_size=cfg.group_size,
-        k_choices=cfg.train_k,
-        tiling=cfg.tiling,
-        tiled_fraction=cfg.tiled_fraction,
-        seed=seed,
-    )
-    tcfg = TrainConfig(
-        run_dir=str(seed_dir / "train"),
-        steps=cfg.steps,
-        batch_size=1,  # one item is a group of episodes
-        lr=cfg.lr,
-        warmup_steps=cfg.warmup_steps,
-        save_every=cfg.save_every,
-        seed=seed,
-        loss=loss_config(cfg.method),
-        progress=progress,
-    )
+    episodes = EpisodeAdapter(adapter, cfg.supervise_examples)
     t0 = time.perf_counter()
-    train(EpisodeAdapter(adapter, cfg.supervise_examples), groups, tcfg, resume=True)
+    for phase, (steps, k_choices, tiled_fraction) in enumerate(_phases(cfg)):
+        if steps == 0:
+            continue
+        groups = training_episodes(
+            train_set,
+            n_groups=steps,
+            group_images=cfg.group_images,
+            k_choices=k_choices,
+            tiling=cfg.tiling,
+            tiled_fraction=tiled_fraction,
+            seed=seed + 10_000 * phase,
+        )
+        tcfg = TrainConfig(
+            run_dir=str(seed_dir / PHASES[phase]),
+            steps=steps,
+            batch_size=1,  # one item is a group of episodes
+            lr=cfg.lr,
+            warmup_steps=cfg.warmup_steps,
+            save_every=cfg.save_every,
+            seed=seed,
+            loss=loss_config(cfg.method),
+            progress=progress,
+        )
+        # a finished phase resumes at its end: its weights are loaded, nothing is retrained
+        train(episodes, groups, tcfg, resume=True)
     adapter.save_pretrained(model_dir)
     (seed_dir / "train_time.json").write_text(
         json.dumps(
@@ -258,6 +272,11 @@ def trained_model(
         )
     )
     return adapter
+
+
+def _phases(cfg: InspectStudyConfig) -> list[tuple[int, list[int], float]]:
+    """(steps, k choices, tiled fraction) of each training phase, in :data:`PHASES` order."""
+    return [(cfg.single_image_steps, [0], 0.0), (cfg.steps, cfg.train_k, cfg.tiled_fraction)]
 
 
 def _cell(directory: Path, run: Callable[[], ICLEvaluation]) -> dict[str, Any]:
@@ -346,10 +365,14 @@ def write_report(cfg: InspectStudyConfig, rows: list[dict[str, Any]], n_queries:
         )
     curves = {}
     for seed in cfg.seeds:
-        f = _seed_dir(cfg, seed) / "train" / "metrics.jsonl"
-        if f.exists():
-            points = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-            curves[f"seed {seed}"] = [(p["step"], p["loss"]) for p in points if "loss" in p]
+        offset, curve = 0, []
+        for name, (steps, _, _) in zip(PHASES, _phases(cfg), strict=True):
+            f = _seed_dir(cfg, seed) / name / "metrics.jsonl"
+            if f.exists():
+                points = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+                curve += [(offset + p["step"], p["loss"]) for p in points if "loss" in p]
+            offset += steps
+        curves[f"seed {seed}"] = curve
     report.plot_learning_curves(curves, "training loss", out / "training_loss.png")
     times = [
         json.loads(f.read_text())
@@ -380,9 +403,12 @@ def write_report(cfg: InspectStudyConfig, rows: list[dict[str, Any]], n_queries:
         f"also shown at {cfg.image_size} px) to the global view. Small VLM: preset "
         f"`{cfg.model_preset}` with a {cfg.vision_width}-wide, {cfg.vision_depth}-block vision "
         f"encoder, {params}{(cfg.image_size // cfg.patch_size // cfg.pixel_shuffle) ** 2} tokens "
-        f"per image, boxes as {cfg.n_bins} bins. Training: {cfg.steps} steps of "
-        f"{cfg.group_size} episodes, k per class drawn from {cfg.train_k}, "
-        f"{cfg.tiled_fraction:.0%} tiled, loss `{cfg.method}`, lr {cfg.lr}; {per_seed}.",
+        f"per image, boxes as {cfg.n_bins} bins. Training, each step {cfg.group_images} images "
+        f"in episodes of one k: {cfg.single_image_steps} steps on single images (k=0, "
+        f"untiled), then {cfg.steps} steps with k per class drawn from {cfg.train_k}, "
+        f"{cfg.tiled_fraction:.0%} of them tiled, "
+        f"{'every answer' if cfg.supervise_examples else 'the query answer'} supervised; "
+        f"loss `{cfg.method}`, lr {cfg.lr}; {per_seed}.",
         "",
         "accuracy and F1 of the verdict (defective is the positive class; chance: accuracy "
         "0.5, F1 0.667 for always answering defective); AUROC of the score, averaged over "
