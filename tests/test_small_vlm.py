@@ -273,3 +273,18 @@ def test_preprocess_image_is_pure_and_normalised(samples):
     assert a.shape == (3, 32, 32) and torch.equal(a, b)
     assert a.min() >= -1 and a.max() <= 1
     assert image.tobytes() == before and image.size == (64, 64)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_stem_content_is_not_drowned_by_positions_at_init(preset, samples):
+    """Regression: with PyTorch's default conv init the stem's output varied ~40x less
+    across images than the sin-cos positions, and the trained model ignored the image."""
+    torch.manual_seed(0)
+    model = SmallVLM(small_vlm_config(preset, vocab_size=100))
+    cfg = model.config
+    pixels = torch.stack(
+        [preprocess_image(s.image, cfg.image_size, cfg.image_mean, cfg.image_std) for s in samples]
+    )
+    with torch.no_grad():
+        content = model.vision.stem(pixels).flatten(2).transpose(1, 2)
+    assert content.std(0).mean() > 0.25 * model.vision.positions.std()

@@ -343,7 +343,13 @@ class SmallVLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        if isinstance(module, nn.Conv2d):
+            # Variance-preserving: with PyTorch's default the stem's output is ~40x
+            # smaller than the sin-cos positions, the encoder sees where but not
+            # what, and the decoder learns to ignore the image.
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=self.config.init_std)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
