@@ -56,6 +56,12 @@ def test_study_command_writes_a_report_with_numbers_and_resumes(tmp_path, capsys
         assert '"loss"' in (out / "s1" / phase / "metrics.jsonl").read_text()
     assert "| k | method |" in capsys.readouterr().out
 
+    # the trained model answers `loctune inspect` like a chat VLM does, tiled too
+    args = ["inspect", "--model", str(out / "s0" / "model"), "--data", "synthetic", "--eval"]
+    args += ["--n", "3", "--k", "1", "--tile", "2x2", "--project", str(tmp_path), "--name", "ev"]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n_queries"] == 3
+
     # a rerun reuses every finished part; a saved cell is not recomputed
     cell = out / "s0" / "vlm_tiled" / "k2" / "metrics.json"
     metrics = json.loads(cell.read_text())

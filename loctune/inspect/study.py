@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -170,7 +171,7 @@ def run_inspect_study(
         log(f"seed {seed}: evaluation on {len(test_set)} queries of {', '.join(TEST_PRODUCTS)}")
         rows += evaluate_seed(cfg, seed, adapter, test_set, progress)
         report.write_csv(rows, out / "results.csv")
-    return write_report(cfg, rows, len(test_set))
+    return write_report(cfg, rows, train_set, test_set)
 
 
 def _check_config(cfg: InspectStudyConfig, path: Path) -> None:
@@ -347,7 +348,27 @@ def _patchcore_run(test_set, k, make_detector, seed) -> Callable[[], ICLEvaluati
     )
 
 
-def write_report(cfg: InspectStudyConfig, rows: list[dict[str, Any]], n_queries: int) -> Path:
+def brighter_defects(samples: Sequence[Sample]) -> float:
+    """Share of defective samples whose defect (``meta["mask"]``) is brighter than the rest.
+
+    The synthetic products paint defects in the luminance opposite to the
+    product's, so this tells whether training and test defects look alike.
+    """
+    brighter = []
+    for s in samples:
+        mask = np.asarray(s.meta.get("mask", ()), dtype=bool)
+        if mask.any() and not mask.all():
+            grey = np.asarray(s.load_image().convert("L"), dtype=np.float32)
+            brighter.append(grey[mask].mean() > grey[~mask].mean())
+    return float(np.mean(brighter)) if brighter else float("nan")
+
+
+def write_report(
+    cfg: InspectStudyConfig,
+    rows: list[dict[str, Any]],
+    train_set: Sequence[Sample],
+    test_set: Sequence[Sample],
+) -> Path:
     """report.md, results.csv, accuracy_vs_examples.png, auroc_vs_examples.png, training_loss.png."""
     out = Path(cfg.out_dir)
     report.write_csv(rows, out / "results.csv")
@@ -392,11 +413,15 @@ def write_report(cfg: InspectStudyConfig, rows: list[dict[str, Any]], n_queries:
         "",
         f"Trained on episodes of {', '.join(TRAIN_PRODUCTS)} ({cfg.n_train} good + {cfg.n_train} "
         f"defective images each); evaluated on the product types it never saw, "
-        f"{', '.join(TEST_PRODUCTS)}: each of their {n_queries} images ({cfg.n_test} good + "
+        f"{', '.join(TEST_PRODUCTS)}: each of their {len(test_set)} images ({cfg.n_test} good + "
         f"{cfg.n_test} defective per type) is a query, shown after k good and k defective "
         "examples drawn from the other images of its type (defect types cycled); every "
         "method sees the same examples at a given seed. Mean ± sample std over "
         f"{len(cfg.seeds)} seed(s) {cfg.seeds} (initialisation, training episodes, example draws).",
+        "",
+        f"Defects brighter than the rest of their image: {brighter_defects(train_set):.0%} of "
+        f"the training defects, {brighter_defects(test_set):.0%} of the test defects (the "
+        "synthetic set paints a defect in the luminance opposite to its product's).",
         "",
         f"Images are rendered at {cfg.render_size} px (defects 1-4 px wide) and shown at "
         f"{cfg.image_size} px; tiling adds {cfg.tile_rows}x{cfg.tile_cols} crops ({crop} px each, "
