@@ -260,19 +260,21 @@ def _draw_predictions(cfg: CompareConfig, test: Sequence[Sample], path: Path) ->
 def demo_config(out_dir: str = "runs/demo") -> CompareConfig:
     """The reduced comparison `loctune demo` runs: <= 10 minutes on 2 CPU cores.
 
-    The ``tiny`` model on 32 px scenes of 2-3 shapes with a 16-bin row/column
-    codec trains about five times faster than the ``small`` preset; three
-    methods, two labelled-set sizes, two seeds.
+    The ``tiny`` model on 32 px scenes of one or two shapes with a 16-bin
+    row/column codec: small enough to train in seconds, and with two shapes
+    half the scenes need the referring expression. Three methods, two
+    labelled-set sizes, two seeds.
     """
     return replace(
         CompareConfig(out_dir=out_dir),
         methods=["ce", "distance_inverse", "gem_distance_inverse"],
-        sizes=[100, 1000],
+        sizes=[250, 1000],
         seeds=[0, 1],
         model_preset="tiny",
         image_size=32,
         grid=16,
-        max_objects=3,
+        max_objects=2,
+        scene={"min_objects": 1},
         steps=600,
         eval_every=300,
         n_val=100,
