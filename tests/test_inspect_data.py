@@ -94,7 +94,7 @@ def test_synthetic_set_is_deterministic_and_splits_products():
 
 
 def test_defects_are_small_and_lose_most_contrast_when_downscaled():
-    ratios, sizes = [], []
+    ratios, sizes, fulls = [], [], []
     for product in TRAIN_PRODUCTS + TEST_PRODUCTS:
         for i, defect in enumerate(DEFECT_TYPES):
             good, _ = render_synthetic(product, i, None)
@@ -106,9 +106,29 @@ def test_defects_are_small_and_lose_most_contrast_when_downscaled():
 
             ratios.append(np.abs(small(bad) - small(good)).mean(2).max() / full)
             sizes.append(mask.sum())
-            assert full > 60  # plainly visible at full resolution
+            fulls.append(full)
+    # Most are plainly visible at full resolution; the polarity is random, so a near-white
+    # defect on a bright surface (or near-black on a dark one) can be faint (down to ~16/255).
+    assert np.median(fulls) > 60 and min(fulls) > 10
     assert max(sizes) < 0.002 * 256 * 256  # under 0.2% of the image
     assert np.median(ratios) < 0.5
+
+
+def test_both_defect_polarities_occur_within_train_and_within_test_products():
+    """Brightness alone must not separate defects: no polarity confound between the splits."""
+    from loctune.inspect.study import brighter_defects
+
+    for products in (TRAIN_PRODUCTS, TEST_PRODUCTS):
+        defective = synthetic_inspection_set(products=products, n_good=0, n_defective=12, size=96)
+        share = brighter_defects(defective)
+        assert 0.25 < share < 0.75, (products, share)
+        for product in products:  # every product type gets both polarities
+            own = [s for s in defective if s.meta["product"] == product]
+            assert 0 < brighter_defects(own) < 1, product
+    # the polarity is drawn from the seeded rng: same seed, same defect
+    a = render_synthetic("tile", 5, "spot", seed=2)[0]
+    b = render_synthetic("tile", 5, "spot", seed=2)[0]
+    assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
 
 
 def test_render_rejects_unknown_names():
@@ -230,7 +250,7 @@ def test_patchcore_separates_good_from_defective_on_unseen_products():
         queries, lambda: PatchCore(RandomConvFeatures(stride=4), input_size=128), k=4
     )
     assert result.n_queries == 2 * 12
-    assert result.mean_auroc > 0.7  # about 0.8 here; chance is 0.5
+    assert result.mean_auroc > 0.65  # about 0.69 here (some defects faint); chance is 0.5
     assert result.pointing > 0.25
 
 

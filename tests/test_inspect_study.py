@@ -37,6 +37,12 @@ def test_study_command_writes_a_report_with_numbers_and_resumes(tmp_path, capsys
     assert main(["inspect-study", "--out", str(out), *TINY]) == 0
     text = (out / "report.md").read_text()
     assert "| k | method | accuracy | F1 | AUROC | Acc@0.5 | pointing |" in text
+    shares = re.search(
+        r"Defects brighter than the rest of their image: (\d+)% of the training defects, "
+        r"(\d+)% of the test defects",
+        text,
+    )
+    assert shares and all(0 <= int(v) <= 100 for v in shares.groups())
     vlm_row = re.search(r"^\| 2 \| small VLM \+ tiling \| (\d\.\d{3}) ± \d\.\d{3} \|", text, re.M)
     assert vlm_row and 0 <= float(vlm_row[1]) <= 1
     assert re.search(r"^\| 2 \| PatchCore, random conv \| \d\.\d{3} ± ", text, re.M)

@@ -351,8 +351,9 @@ def _patchcore_run(test_set, k, make_detector, seed) -> Callable[[], ICLEvaluati
 def brighter_defects(samples: Sequence[Sample]) -> float:
     """Share of defective samples whose defect (``meta["mask"]``) is brighter than the rest.
 
-    The synthetic products paint defects in the luminance opposite to the
-    product's, so this tells whether training and test defects look alike.
+    The synthetic set draws each defect's polarity (near-white or near-black) per
+    sample, so this should be near half on both splits; a large gap between training
+    and test would mean the model could learn brightness instead of the examples.
     """
     brighter = []
     for s in samples:
@@ -421,7 +422,7 @@ def write_report(
         "",
         f"Defects brighter than the rest of their image: {brighter_defects(train_set):.0%} of "
         f"the training defects, {brighter_defects(test_set):.0%} of the test defects (the "
-        "synthetic set paints a defect in the luminance opposite to its product's).",
+        "synthetic set draws each defect near-white or near-black at random, per sample).",
         "",
         f"Images are rendered at {cfg.render_size} px (defects 1-4 px wide) and shown at "
         f"{cfg.image_size} px; tiling adds {cfg.tile_rows}x{cfg.tile_cols} crops ({crop} px each, "

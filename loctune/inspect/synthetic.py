@@ -6,8 +6,11 @@ product never seen in training -- the few-shot setting. Defects (scratch,
 crack, spot, missing piece) are one to a few pixels wide on a 256 px image:
 at full resolution they are obvious, after a 4x downscale most of their
 contrast is averaged away, which is what tiling and multi-scale features are
-for. Everything is deterministic in ``seed``; image ``i`` of a product is the
-same whatever else is generated.
+for. Each defect is near-white or near-black, the polarity drawn per sample
+(about half each on every product type), so neither the training nor the
+evaluation types can be told defective by brightness alone. Everything is
+deterministic in ``seed``; image ``i`` of a product is the same whatever else
+is generated.
 """
 
 from __future__ import annotations
@@ -188,9 +191,14 @@ def render_synthetic(
     if defect_type is not None:
         rng = np.random.default_rng([seed, product_id, index, 1])
         mask = _defect_mask(defect_type, rng, size)
-        # Paint in the luminance opposite to the product's, so the defect is visible up close.
-        bright = texture.mean() < 0.45
+        # Polarity is drawn per sample, independent of the product: a defect is near-white or
+        # near-black whatever the surface, so on every product type some defects are brighter
+        # and some darker than their surroundings, and brightness alone does not mark a defect.
+        # (Painting against the product's luminance made every defect of the dark training
+        # products bright and every defect of the bright test products dark, a confound a
+        # model could learn instead of "differs from the examples".)
         tint = rng.uniform(0.0, 0.1, 3)
+        bright = rng.random() < 0.5
         colour = 0.9 + tint if bright else 0.08 + tint
         texture[mask] = 0.1 * texture[mask] + 0.9 * colour
     image = Image.fromarray((np.clip(texture, 0, 1) * 255).round().astype(np.uint8))
