@@ -20,7 +20,6 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "loctune.targets": ("TargetSpec", "make_targets"),
     "loctune.losses": (
         "LossConfig", "LocationLoss", "build_loss", "loss_config", "list_losses", "register_loss",
-        "fused_linear_loss",
     ),
     "loctune.models": ("VLMAdapter", "Generation", "load_model"),
     "loctune.models.small_vlm": ("SmallVLM", "SmallVLMConfig", "small_vlm_config"),

@@ -525,20 +525,6 @@ class LocationLoss:
         return cfg.hard_weight, t * cfg.soft_weight
 
 
-def fused_linear_loss(
-    loss: LocationLoss,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    continuous: torch.Tensor | None = None,
-    shift: bool = False,
-    num_items_in_batch=None,
-) -> torch.Tensor:
-    """Function form of :meth:`LocationLoss.fused_linear`."""
-    return loss.fused_linear(hidden, weight, labels, bias, continuous, shift, num_items_in_batch)
-
-
 # ---------------------------------------------------------------------------------------
 # registry: presets chosen by name from configs and the command line
 

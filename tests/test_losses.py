@@ -9,7 +9,6 @@ from loctune.losses import (
     LocationLoss,
     LossConfig,
     build_loss,
-    fused_linear_loss,
     list_losses,
     loss_config,
 )
@@ -237,7 +236,7 @@ def test_fused_linear_equals_unfused():
         "gem", targets=TargetSpec("distance_inverse"), chunk_elements=1, fused_chunk_rows=16
     )
     loss = LocationLoss(cfg, LOC_IDS, SPACE)
-    a = fused_linear_loss(loss, hidden, weight, labels)
+    a = loss.fused_linear(hidden, weight, labels)
     ga = torch.autograd.grad(a, [hidden, weight])
     b = loss(hidden @ weight.T, labels, shift=False)
     gb = torch.autograd.grad(b, [hidden, weight])
