@@ -2,7 +2,8 @@
 
 Logits of PaliGemma's vocabulary (257,152) for ``--tokens`` positions, 10% of
 them location tokens (1,024 location ids), forward + backward, fp32 and bf16.
-Every row is a ratio to ``F.cross_entropy`` on the same logits measured in the
+Cases marked ``[triton]`` use ``LossConfig(kernel="triton")`` (CUDA; the default
+there, with ``--kernels torch,triton``). Every row is a ratio to ``F.cross_entropy`` on the same logits measured in the
 same run; fused-linear rows are ratios to ``hidden @ W.T`` then
 ``F.cross_entropy``. Peak memory is what the step allocates beyond its inputs
 (the gradient included).
@@ -40,6 +41,7 @@ LOSSES = {  # case name -> loctune preset and overrides
     "gem (all positions)": ("gem", {"gem_scope": "all"}),
     "gem + distance_inverse": ("gem_distance_inverse", {}),
 }
+TRITON = " [triton]"  # suffix of the cases run by loctune.triton_rows
 FUSED = {
     "fused ce": "ce (ours)",
     "fused soft_ce": "soft_ce distance_inverse",
@@ -74,8 +76,10 @@ def step_fn(case: str, inputs: dict[str, torch.Tensor], chunk_elements: int) -> 
         return lambda: F.cross_entropy(inputs["logits"], labels).backward()
     if case == "matmul + F.cross_entropy":
         return lambda: F.cross_entropy(inputs["hidden"] @ inputs["weight"].T, labels).backward()
+    case, triton = case.removesuffix(TRITON), case.endswith(TRITON)
     preset, overrides = LOSSES[FUSED.get(case, case)]
-    config = loss_config(preset, chunk_elements=chunk_elements, **overrides)
+    kernel = "triton" if triton else "torch"
+    config = loss_config(preset, chunk_elements=chunk_elements, kernel=kernel, **overrides)
     loss = LocationLoss(config, inputs["loc_ids"].tolist(), LocationSpace("bins", N_LOC))
     if case in FUSED:
         return lambda: loss.fused_linear(inputs["hidden"], inputs["weight"], labels).backward()
@@ -121,7 +125,8 @@ def _rss_bytes() -> int:
 
 def cpu_peak_child(args, case: str, dtype: torch.dtype) -> int:
     """Run in a fresh process: peak resident memory of one step beyond its inputs."""
-    inputs = make_inputs(args, dtype, "cpu", fused=case in FUSED or case.startswith("matmul"))
+    fused = case.removesuffix(TRITON) in FUSED or case.startswith("matmul")
+    inputs = make_inputs(args, dtype, "cpu", fused=fused)
     step = step_fn(case, inputs, args.chunk_elements)
     before = _rss_bytes()
     step()
@@ -168,6 +173,11 @@ def main() -> None:
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--chunk-elements", type=int, default=loss_config("ce").chunk_elements)
     p.add_argument("--no-fused", action="store_true", help="skip the fused-linear cases")
+    p.add_argument(
+        "--kernels",
+        default="torch,triton" if torch.cuda.is_available() else "torch",
+        help="loctune kernels to time (LossConfig.kernel); triton needs CUDA",
+    )
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child:
@@ -175,15 +185,22 @@ def main() -> None:
         print(cpu_peak_child(args, case, DTYPES[dtype_name]))
         return
 
-    groups = [("F.cross_entropy", list(LOSSES))]
+    kernels = args.kernels.split(",")
+
+    def with_kernels(cases):
+        return [c for c in cases if "torch" in kernels] + [
+            c + TRITON for c in cases if "triton" in kernels
+        ]
+
+    groups = [("F.cross_entropy", with_kernels(LOSSES))]
     if not args.no_fused:
-        groups.append(("matmul + F.cross_entropy", list(FUSED)))
+        groups.append(("matmul + F.cross_entropy", with_kernels(FUSED)))
     print(
         f"device {args.device}, tokens {args.tokens}, vocab {args.vocab}, {N_LOC} location ids, "
         f"{args.loc_fraction:.0%} location positions, hidden {args.hidden} (fused), "
         f"median of {args.reps} reps; ratios to the baseline of each block"
     )
-    print(f"{'dtype':5} {'case':28} {'ms':>9} {'peak MiB':>10} {'time x':>7} {'mem x':>7}")
+    print(f"{'dtype':5} {'case':37} {'ms':>9} {'peak MiB':>10} {'time x':>7} {'mem x':>7}")
     cpu_peaks = {}
     if not args.device.startswith("cuda"):
         # Before this process allocates anything: a child's ru_maxrss starts from its parent's
@@ -207,7 +224,7 @@ def main() -> None:
                 rows[case] = (seconds, peak)
                 base_s, base_m = rows[baseline]
                 print(
-                    f"{dtype_name:5} {case:28} {seconds * 1e3:9.2f} {peak / 2**20:10.1f} "
+                    f"{dtype_name:5} {case:37} {seconds * 1e3:9.2f} {peak / 2**20:10.1f} "
                     f"{seconds / base_s:7.2f} {peak / max(base_m, 1):7.2f}",
                     flush=True,
                 )

@@ -32,6 +32,13 @@ is the gradient itself, in the logits' dtype, which is what backward returns.
 The soft part touches only the ``[rows, n_loc]`` location slice; no
 ``[tokens, vocab]`` target is ever built. :meth:`LocationLoss.fused_linear`
 goes further and never holds more than one chunk of logits.
+
+Two kernels compute the full-vocabulary part. ``kernel="torch"`` (reference,
+any device) runs PyTorch ops on row chunks. ``kernel="triton"`` (CUDA) runs
+:mod:`loctune.triton_rows`: one pass for per-row statistics, one that writes the
+gradient, no chunking and no full-vocabulary intermediate; the entries the
+target touches are then rewritten from fp32 values, so bf16 gradients are
+rounded once. ``kernel="auto"`` takes Triton for CUDA logits when it is installed.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from loctune.targets import TargetSpec, make_targets
 
 IGNORE = -100
 LOSS_NAMES = ("ce", "soft_ce", "gem")
+KERNELS = ("torch", "triton", "auto")
 
 
 @dataclass
@@ -62,7 +70,8 @@ class LossConfig:
     ``chunk_elements`` bounds the logits processed at once (rows x vocab; 2**26 is
     256 MiB of fp32); ``fused_chunk_rows`` is the least number of rows per chunk of
     :meth:`LocationLoss.fused_linear`, whose every chunk also reads and writes the
-    ``[V, H]`` weight gradient.
+    ``[V, H]`` weight gradient. ``kernel`` computes the full-vocabulary passes:
+    ``torch``, ``triton`` or ``auto`` (see the module docstring).
     """
 
     name: str = "ce"
@@ -74,6 +83,7 @@ class LossConfig:
     gem_scope: str = "location"
     chunk_elements: int = 1 << 26
     fused_chunk_rows: int = 1024
+    kernel: str = "torch"
 
     def __post_init__(self):
         if self.name not in LOSS_NAMES:
@@ -84,6 +94,8 @@ class LossConfig:
             raise ValueError(
                 f"LossConfig.gem_scope must be 'location' or 'all', got {self.gem_scope!r}"
             )
+        if self.kernel not in KERNELS:
+            raise ValueError(f"LossConfig.kernel must be one of {KERNELS}, got {self.kernel!r}")
         if self.beta <= 0:
             raise ValueError(f"LossConfig.beta must be > 0, got {self.beta}")
         if self.hard_weight < 0 or self.soft_weight < 0 or self.hard_weight + self.soft_weight <= 0:
@@ -127,22 +139,31 @@ class _Plan:
     """Everything the autograd functions need besides the differentiable inputs."""
 
     groups: list[_Group]
-    n_rows: int
+    ignored: torch.Tensor  # rows in no group: their gradient is zero
     scale: float  # 1 / denominator of the mean
     loc_ids: torch.Tensor
     beta: float
     h: str
     chunk_elements: int
     fused_chunk_rows: int
+    kernel: str
 
     @property
-    def covers_all_rows(self) -> bool:
-        return sum(len(g) for g in self.groups) == self.n_rows
+    def sig_k(self) -> float | None:
+        """GEM's ``w = sigmoid(sig_k x)`` on ``x = (z - zbar) / beta``; None for linear ``h``."""
+        return 0.01 * self.beta if self.h == "logsigmoid" else None
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for fp32/bf16/fp16 logits; fp64 stays fp64 (reference tests)."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def _at(x: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor) -> torch.Tensor:
+    """``x[rows][:, cols]`` for ``cols`` ``[K]``, or row-wise picks for ``cols`` ``[R, 1]``,
+    without copying whole rows (``rows=None``: every row of ``x``)."""
+    r = torch.arange(x.shape[0], device=x.device) if rows is None else rows
+    return x[r[:, None], cols]
 
 
 def _target_dot(x: torch.Tensor, label, hard, soft, loc_ids) -> torch.Tensor:
@@ -164,11 +185,15 @@ def _subtract_target(grad: torch.Tensor, label, hard, soft, loc_ids, coef: torch
 def _chunk_loss(z, mode, label, hard, mass, soft, plan: _Plan, want_grad: bool, dest=None):
     """Per-row losses of ``z`` (``[C, V]``, any float dtype; fp32 inside) and, when
     ``want_grad``, ``plan.scale`` times their gradient, written into ``dest`` (any float
-    dtype) when given, else returned as a new compute-dtype tensor.
+    dtype) when given, else returned as a new tensor.
 
     Each full-vocabulary pass costs as much as the whole soft part, so the scaling is
     the last pass and writes straight into ``dest``.
     """
+    if plan.kernel == "triton":
+        dest = z if dest is None else dest  # z is a chunk made for this call: overwrite it
+        loss = _rows_loss_triton(z, None, mode, label, hard, mass, soft, plan, want_grad, dest)
+        return loss, dest if want_grad else None
     if mode == "ce":
         logp = torch.log_softmax(z, 1, dtype=_compute_dtype(z.dtype))
         loss = -_target_dot(logp, label, hard, soft, plan.loc_ids)
@@ -182,8 +207,8 @@ def _chunk_loss(z, mode, label, hard, mass, soft, plan: _Plan, want_grad: bool, 
         # (z - zbar) / beta in one pass, promoted to the compute dtype
         sb = torch.addcmul((-zbar / plan.beta)[:, None], z, z.new_ones(()), value=1.0 / plan.beta)
         p = torch.softmax(sb, 1)  # q, then c = q * w
-        if plan.h == "logsigmoid":
-            p.mul_(torch.sigmoid(sb * (0.01 * plan.beta)))
+        if plan.sig_k is not None:
+            p.mul_(torch.sigmoid(sb * plan.sig_k))
         loss = plan.beta * torch.linalg.vecdot(p, sb)
         if not want_grad:
             return loss, None
@@ -191,7 +216,95 @@ def _chunk_loss(z, mode, label, hard, mass, soft, plan: _Plan, want_grad: bool, 
         row_scale = torch.full_like(loss, plan.scale)
     if dest is None:
         return loss, p.mul_(row_scale[:, None])
+    if dest.dtype != p.dtype:  # a mul with a narrower out= would allocate a wide temporary
+        return loss, dest.copy_(p.mul_(row_scale[:, None]))
     return loss, torch.mul(p, row_scale[:, None], out=dest)
+
+
+def _rows_loss_triton(z, rows, mode, label, hard, mass, soft, plan: _Plan, want_grad, dest):
+    """Per-row losses of rows ``rows`` of ``z`` (all when None) by :mod:`loctune.triton_rows`
+    and, when ``want_grad``, ``plan.scale`` times their gradient in the same rows of ``dest``.
+
+    CE is the ``shift = 0, beta = 1`` case of the kernels' ``x = (z - shift) / beta``:
+    ``L = m lse - zbar``, gradient ``scale (m p - τ)``. GEM: ``L = beta A / S``,
+    gradient ``scale (c - C τ)`` with ``C = B / S``.
+    """
+    triton_rows = _triton_rows(z)
+    # the logits τ touches, read before the gradient may overwrite them (fused_linear)
+    acc = _compute_dtype(z.dtype)
+    z_label = _at(z, rows, label[:, None]).squeeze(1).to(acc)
+    z_loc = _at(z, rows, plan.loc_ids).to(acc) if soft is not None else None
+    zbar = hard * z_label + ((z_loc * soft).sum(1) if soft is not None else 0.0)
+    if mode == "ce":
+        shift, beta, sig_k = None, 1.0, None
+        m, s, _, _ = triton_rows.row_stats(z, rows)
+        lse = m + s.log()
+        loss = mass * lse - zbar
+        coef, target_coef = plan.scale * mass, torch.full_like(lse, plan.scale)
+    else:
+        shift, beta, sig_k = zbar, plan.beta, plan.sig_k
+        m, s, a, b = triton_rows.row_stats(z, rows, shift, beta, sig_k, need_ab=True)
+        lse = m + s.log()
+        loss = beta * a / s
+        coef, target_coef = torch.full_like(lse, plan.scale), plan.scale * b / s
+    if want_grad:
+        triton_rows.row_grad(z, dest, lse, coef, rows, shift, beta, sig_k)
+
+        def grad_at(x):  # the kernel's value at logits x [R, K], in fp32
+            x = (x - shift[:, None]) / beta if shift is not None else x
+            g = coef[:, None] * torch.exp(x - lse[:, None])
+            return g * torch.sigmoid(sig_k * x) if sig_k is not None else g
+
+        # rewrite the entries τ touches (loc slice, then the label column) from fp32
+        label_target = hard
+        if soft is not None:
+            loc = grad_at(z_loc) - target_coef[:, None] * soft
+            _put_at(dest, rows, plan.loc_ids, loc.to(dest.dtype))
+            label_target = hard + (soft * (plan.loc_ids == label[:, None])).sum(1)
+        col = grad_at(z_label[:, None]) - (target_coef * label_target)[:, None]
+        _put_at(dest, rows, label[:, None], col.to(dest.dtype))
+    return loss
+
+
+def _put_at(x: torch.Tensor, rows, cols: torch.Tensor, values: torch.Tensor) -> None:
+    """The write of :func:`_at`: ``x[rows][:, cols] = values`` in place."""
+    r = torch.arange(x.shape[0], device=x.device) if rows is None else rows
+    x.index_put_((r[:, None], cols), values)
+
+
+def _triton_rows(z: torch.Tensor):
+    """:mod:`loctune.triton_rows`, once checked that it can run on ``z``."""
+    try:
+        from loctune import triton_rows
+    except ImportError as e:
+        raise ImportError("LossConfig.kernel='triton' needs the triton package") from e
+    if z.device.type != "cuda" and not triton_rows.INTERPRETED:
+        raise ValueError(
+            f"LossConfig.kernel='triton' runs on CUDA tensors, got logits on {z.device} "
+            "(use kernel='torch' or 'auto'; TRITON_INTERPRET=1 runs it on CPU, slowly, for tests)"
+        )
+    return triton_rows
+
+
+def _resolve_kernel(kernel: str, device: torch.device) -> str:
+    """``auto``: Triton for CUDA tensors when it is installed, else the PyTorch kernel."""
+    if kernel != "auto":
+        return kernel
+    if device.type != "cuda":
+        return "torch"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "triton"
+
+
+def _soft_rows(g: _Group, sl: slice) -> torch.Tensor | None:
+    """The ``[rows, n_loc]`` soft target part of rows ``sl`` of group ``g`` (zero where none)."""
+    if g.soft is None:
+        return None
+    ptr = g.soft_ptr[sl]
+    return g.soft[ptr.clamp(min=0)] * (ptr >= 0)[:, None]
 
 
 def _run_chunks(
@@ -201,7 +314,7 @@ def _run_chunks(
 
     ``logits_of(rows)`` gives a chunk's ``[C, V]`` logits (``rows`` is a slice or an
     index tensor); ``take_grad(rows, grad)`` receives each chunk's scaled gradient,
-    unless ``dest_of(rows)`` gave a view it was written into. Chunks hold
+    unless ``dest_of(rows)`` gave a view to write it into. Chunks hold
     ``plan.chunk_elements`` logits, and at least ``min_rows`` rows.
     """
     per_chunk = max(min_rows, plan.chunk_elements // vocab, 1)
@@ -210,10 +323,6 @@ def _run_chunks(
         for start in range(0, len(g), per_chunk):
             sl = slice(start, start + per_chunk)
             rows = sl if g.rows is None else g.rows[sl]
-            soft = None
-            if g.soft is not None:
-                ptr = g.soft_ptr[sl]
-                soft = g.soft[ptr.clamp(min=0)] * (ptr >= 0)[:, None]
             dest = dest_of(rows) if want_grad and dest_of is not None else None
             loss, grad = _chunk_loss(
                 logits_of(rows),
@@ -221,7 +330,7 @@ def _run_chunks(
                 g.label[sl],
                 g.hard[sl],
                 g.mass[sl],
-                soft,
+                _soft_rows(g, sl),
                 plan,
                 want_grad,
                 dest,
@@ -259,22 +368,32 @@ def _scale_saved(ctx, grad_out: torch.Tensor) -> list[torch.Tensor | None]:
 
 
 class _LogitsLoss(torch.autograd.Function):
-    """Mean loss of flat logits ``[N, V]``; the gradient is computed in forward, by chunks."""
+    """Mean loss of flat logits ``[N, V]``; the gradient is computed in forward."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, plan: _Plan) -> torch.Tensor:
         want = ctx.needs_input_grad[0]
-        grad = None
-        if want:
-            grad = torch.empty_like(logits) if plan.covers_all_rows else torch.zeros_like(logits)
-
-        loss = _run_chunks(
-            plan,
-            logits.shape[1],
-            lambda rows: _rows_of(logits, rows),
-            lambda rows, g: _put_rows(grad, rows, g),
-            want,
-        )
+        grad = torch.empty_like(logits) if want else None
+        if plan.kernel == "triton":  # whole groups: the kernels hold nothing of vocabulary size
+            total = sum(
+                _rows_loss_triton(
+                    logits, g.rows, g.mode, g.label, g.hard, g.mass, _soft_rows(g, slice(None)),
+                    plan, want, grad,
+                ).sum(dtype=torch.float64)
+                for g in plan.groups
+            )  # fmt: skip
+            loss = torch.as_tensor(total, device=logits.device) * plan.scale
+        else:
+            loss = _run_chunks(
+                plan,
+                logits.shape[1],
+                lambda rows: _rows_of(logits, rows),
+                lambda rows, g: _put_rows(grad, rows, g),
+                want,
+                dest_of=lambda rows: grad[rows] if isinstance(rows, slice) else None,
+            )
+        if want and plan.ignored.numel():
+            grad.index_fill_(0, plan.ignored, 0)
         ctx.grads = [grad]
         return loss.to(_compute_dtype(logits.dtype))
 
@@ -499,13 +618,14 @@ class LocationLoss:
             groups.append(_Group(mode, rows, label, row_hard, row_mass, soft, row_ptr))
         return _Plan(
             groups,
-            n,
+            (~valid).nonzero().squeeze(1),
             1.0 / max(denominator, 1.0),
             self.loc_token_ids.to(device),
             cfg.beta,
             cfg.h,
             cfg.chunk_elements,
             cfg.fused_chunk_rows,
+            _resolve_kernel(cfg.kernel, device),
         )
 
     def _location_targets(self, index, continuous, loc_rows):
