@@ -94,11 +94,13 @@ def _loss_from_args(args, loss):
     from loctune.targets import TargetSpec
 
     if args.method:
-        if args.method not in list_losses():
+        try:
+            loss = loss_config(args.method)
+        except (KeyError, TypeError, ValueError) as err:
             raise UsageError(
-                f"--method {args.method!r} is unknown; available: {', '.join(list_losses())}"
-            )
-        loss = loss_config(args.method)
+                f"--method {args.method!r}: {err.args[0]} (presets: {', '.join(list_losses())}; "
+                "a variant is preset:key=value,...)"
+            ) from None
     if args.loss:
         loss = replace(loss, name=args.loss)
     if args.targets:
@@ -317,7 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fine-tune a model with loctune's supervision")
     common_model(t)
     t.add_argument("--config", help="YAML/JSON TrainConfig")
-    t.add_argument("--method", help="named method, e.g. ce, distance_inverse, gem_distance_inverse")
+    t.add_argument(
+        "--method",
+        help="named method, e.g. ce, distance_inverse, gem_distance_inverse, gem:beta=2",
+    )
     t.add_argument("--loss", choices=["ce", "soft_ce", "gem"])
     t.add_argument("--targets", help="one_hot, distance_inverse, gaussian, label_smoothing, two_bin")
     t.add_argument("--steps", type=int)

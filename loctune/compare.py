@@ -28,6 +28,7 @@ class CompareConfig:
     out_dir: str = "runs/compare"
     data: str = "synthetic"  # "synthetic" | "raccoon"
     data_root: str | None = None  # for real data; default ../shared/data
+    # loss presets, or variants "preset:key=value,..." (e.g. "gem:beta=2")
     methods: list[str] = field(default_factory=lambda: ["ce", "distance_inverse", "gaussian", "gem", "gem_distance_inverse"])
     sizes: list[int] = field(default_factory=lambda: [100, 300, 1000, 3000])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -146,6 +147,11 @@ def run_cell(cfg: CompareConfig, method: str, size: int, seed: int, pool, val, t
 
 def run_compare(cfg: CompareConfig, progress: bool = True, log: Callable[[str], None] = print) -> Path:
     """Run every missing cell, then (re)write the report. Returns the report path."""
+    for m in cfg.methods:  # fail before the first cell trains, not at the twentieth
+        try:
+            loss_config(m)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"CompareConfig.methods: {m!r}: {err.args[0]}") from None
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare_config.json").write_text(json.dumps(asdict(cfg), indent=2))

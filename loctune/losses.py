@@ -676,7 +676,13 @@ def list_losses() -> list[str]:
 
 def loss_config(name: str, **overrides) -> LossConfig:
     """Preset ``name`` with ``overrides``: LossConfig fields, or TargetSpec fields
-    (``power=3``) applied to its targets, e.g. ``loss_config("gem_distance_inverse", beta=0.5, power=4)``."""
+    (``power=3``) applied to its targets, e.g. ``loss_config("gem_distance_inverse", beta=0.5, power=4)``.
+
+    ``name`` may carry overrides itself, ``"gem_distance_inverse:beta=2,h=linear"``, so that a
+    variant is one string wherever methods are named (compare's ``methods``, ``--method``);
+    its values are read as YAML scalars, and keyword ``overrides`` win over them.
+    """
+    name, overrides = _parse_spec(name, overrides)
     if name not in _PRESETS:
         raise KeyError(f"unknown loss {name!r}; available: {list_losses()}")
     config = _PRESETS[name]
@@ -692,6 +698,21 @@ def loss_config(name: str, **overrides) -> LossConfig:
     if target_overrides:
         config = replace(config, targets=replace(config.targets, **target_overrides))
     return config
+
+
+def _parse_spec(spec: str, overrides: dict) -> tuple[str, dict]:
+    name, sep, rest = spec.partition(":")
+    if not sep:
+        return spec, overrides
+    import yaml
+
+    parsed = {}
+    for item in rest.split(","):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"loss spec {spec!r}: expected name:key=value,key=value, got {item!r}")
+        parsed[key.strip()] = yaml.safe_load(value)
+    return name.strip(), {**parsed, **overrides}
 
 
 def build_loss(

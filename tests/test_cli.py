@@ -330,5 +330,17 @@ def test_unknown_method_lists_the_available_ones(tmp_path, capsys):
                  "--steps", "1", "--project", str(tmp_path / "runs")])
     assert code == 2
     err = capsys.readouterr().err
-    assert "--method 'l2' is unknown; available: " in err
+    assert "--method 'l2': unknown loss 'l2'; available: " in err
     assert all(name in err for name in list_losses()) and "distance_inverse" in err
+
+
+def test_method_variant_reaches_the_saved_config(tmp_path, capsys):
+    code = main(["train", "--model", "small:tiny", "--data", "synthetic", "--method",
+                 "gem_distance_inverse:beta=2,h=linear,power=3", "--steps", "1", "--n-train", "8",
+                 "--project", str(tmp_path / "runs")])
+    assert code == 0
+    saved = next((tmp_path / "runs").rglob("train_config.yaml")).read_text()
+    assert "beta: 2" in saved and "h: linear" in saved and "power: 3" in saved
+    code = main(["train", "--model", "small:tiny", "--data", "synthetic", "--method",
+                 "gem:beta", "--steps", "1", "--project", str(tmp_path / "runs2")])
+    assert code == 2 and "expected name:key=value" in capsys.readouterr().err

@@ -10,7 +10,7 @@ from loctune.compare import CompareConfig, run_compare, training_subset
 
 def tiny_config(out):
     return CompareConfig(
-        out_dir=str(out), methods=["ce", "gem_distance_inverse"], sizes=[4, 8], seeds=[0], steps=2,
+        out_dir=str(out), methods=["ce", "gem_distance_inverse:beta=2"], sizes=[4, 8], seeds=[0], steps=2,
         batch_size=4, eval_every=2, n_val=2, n_test=4, n_draw=2, model_preset="tiny", image_size=32,
         grid=8, max_objects=3,
     )
@@ -20,7 +20,9 @@ def test_compare_writes_report_and_resumes(tmp_path):
     cfg = tiny_config(tmp_path)
     path = run_compare(cfg, progress=False, log=lambda _: None)
     text = path.read_text()
-    assert "| ce |" in text and "| gem_distance_inverse |" in text and "Labels needed" in text
+    assert "| ce |" in text and "| gem_distance_inverse:beta=2 |" in text and "Labels needed" in text
+    variant = tmp_path / "runs" / "gem_distance_inverse:beta=2" / "n8" / "s0" / "config.yaml"
+    assert "beta: 2" in variant.read_text()
     for name in ("results.csv", "accuracy_vs_labels.png", "learning_curves.png", "predictions.png",
                  "compare_config.json"):
         assert (tmp_path / name).stat().st_size > 0, name
@@ -33,6 +35,15 @@ def test_compare_writes_report_and_resumes(tmp_path):
     mtime = cell.stat().st_mtime
     run_compare(cfg, progress=False, log=lambda _: None)
     assert cell.stat().st_mtime == mtime and json.loads(cell.read_text()) == before
+
+
+def test_unknown_methods_fail_before_training(tmp_path):
+    cfg = tiny_config(tmp_path)
+    for bad, why in (("gem:bta=2", "unknown loss option"), ("l2", "unknown loss 'l2'")):
+        cfg.methods = ["ce", bad]
+        with pytest.raises(ValueError, match=f"CompareConfig.methods: '{bad}': {why}"):
+            run_compare(cfg, progress=False, log=lambda _: None)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_training_subsets_are_seeded_and_checked():

@@ -348,3 +348,17 @@ def test_bad_labels_are_named():
     labels[0, 3] = V
     with pytest.raises(ValueError, match=r"-100 or in \[0, 40\)"):
         loss(logits, labels)
+
+
+def test_loss_spec_strings_carry_overrides():
+    cfg = loss_config("gem_distance_inverse:beta=2, h=linear,power=3")
+    assert (cfg.name, cfg.beta, cfg.h, cfg.targets.kind, cfg.targets.power) == (
+        "gem", 2, "linear", "distance_inverse", 3
+    )
+    assert loss_config("gem:beta=2", beta=0.5).beta == 0.5  # keywords win
+    with pytest.raises(ValueError, match="expected name:key=value"):
+        loss_config("gem:beta")
+    with pytest.raises(TypeError, match="unknown loss option"):
+        loss_config("gem:temperature=2")
+    with pytest.raises(KeyError, match="unknown loss 'gemm'"):
+        loss_config("gemm:beta=2")
