@@ -184,6 +184,17 @@ def write_report(cfg: CompareConfig, rows: list[dict], test: Sequence[Sample]) -
         report.markdown_table(rows, cfg.metric, cfg.methods),
         "",
     ]
+    if cfg.baseline in cfg.methods and len(cfg.seeds) > 1:
+        lines += [
+            f"### {cfg.metric} minus {cfg.baseline}'s, paired by seed",
+            "",
+            "A seed fixes the initialisation and the labelled subset for every method. Cells: mean ± "
+            f"std of the per-seed difference (seeds where the method beat {cfg.baseline} / seeds, "
+            "two-sided sign-test p).",
+            "",
+            report.paired_table(rows, cfg.metric, cfg.methods, cfg.baseline),
+            "",
+        ]
     for extra, higher_is_better in (("miou", True), ("ev_acc50", True), ("ap50", True),
                                     ("unparseable_rate", False), ("loc_entropy", False)):
         if extra != cfg.metric and any(extra in r for r in rows):

@@ -132,6 +132,55 @@ def markdown_table(rows: Sequence[dict], metric: str, methods: Sequence[str], bo
     return "\n".join(lines)
 
 
+def sign_test_p(wins: int, losses: int) -> float:
+    """Two-sided exact sign test: how often a fair coin splits ``wins + losses`` seeds at
+    least this unevenly (ties dropped). Needs no normality of the differences."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired_table(rows: Sequence[dict], metric: str, methods: Sequence[str], baseline: str) -> str:
+    """Methods x sizes: ``metric`` minus the baseline's on the same seed (same initialisation
+    and labelled subset), as ``mean Δ ± std Δ (wins/seeds, sign-test p)``.
+
+    Seeds move every method together (a bad initialisation or subset is bad for all), so the
+    spread of the paired difference is what says whether a method is better, not the
+    overlap of the per-method spreads.
+    """
+    values = {(r["method"], int(r["size"]), int(r["seed"])): r.get(metric) for r in rows}
+    sizes = sorted({s for _, s, _ in values})
+    lines = [
+        "| method | " + " | ".join(f"n={s}" for s in sizes) + " |",
+        "|---|" + "---:|" * len(sizes),
+    ]
+    for m in methods:
+        if m == baseline:
+            continue
+        cells = []
+        for size in sizes:
+            diffs = [
+                float(v) - float(values[(baseline, size, seed)])
+                for (mm, ss, seed), v in values.items()
+                if mm == m and ss == size and isinstance(v, (int, float))
+                and isinstance(values.get((baseline, size, seed)), (int, float))
+            ]  # fmt: skip
+            diffs = [d for d in diffs if not math.isnan(d)]
+            if not diffs:
+                cells.append("–")
+                continue
+            wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+            std = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0
+            cells.append(
+                f"{np.mean(diffs):+.3f} ± {std:.3f} ({wins}/{len(diffs)}, "
+                f"p={sign_test_p(wins, losses):.2f})"
+            )
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def data_efficiency(rows: Sequence[dict], metric: str, methods: Sequence[str], baseline: str) -> list[dict]:
     """Per method: labels needed to match the baseline's accuracy at its largest size."""
     agg = aggregate(rows, metric)

@@ -10,7 +10,7 @@ from loctune.compare import CompareConfig, run_compare, training_subset
 
 def tiny_config(out):
     return CompareConfig(
-        out_dir=str(out), methods=["ce", "gem_distance_inverse:beta=2"], sizes=[4, 8], seeds=[0], steps=2,
+        out_dir=str(out), methods=["ce", "gem_distance_inverse:beta=2"], sizes=[4, 8], seeds=[0, 1], steps=2,
         batch_size=4, eval_every=2, n_val=2, n_test=4, n_draw=2, model_preset="tiny", image_size=32,
         grid=8, max_objects=3,
     )
@@ -27,7 +27,8 @@ def test_compare_writes_report_and_resumes(tmp_path):
                  "compare_config.json"):
         assert (tmp_path / name).stat().st_size > 0, name
     rows = report.read_csv(tmp_path / "results.csv")
-    assert len(rows) == 4
+    assert len(rows) == 8
+    assert "minus ce's, paired by seed" in text and "| gem_distance_inverse:beta=2 | " in text.split("paired")[1]
     assert all(0.0 <= r["acc50"] <= 1.0 and 0.0 <= r["miou"] <= 1.0 for r in rows)
     # finished cells are reused, not retrained: their result files stay as they were
     cell = tmp_path / "runs" / "ce" / "n4" / "s0" / "result.json"

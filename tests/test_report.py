@@ -47,3 +47,17 @@ def test_csv_round_trip_and_plots(tmp_path):
     report.plot_accuracy_vs_labels(back, "acc50", ["ce", "di"], tmp_path / "a.png")
     report.plot_learning_curves({"ce": [(0, 1.0), (10, 0.5)]}, "loss", tmp_path / "l.png")
     assert (tmp_path / "a.png").stat().st_size > 1000
+
+
+def test_paired_differences_and_sign_test():
+    # per-method spreads overlap (seed effects of ±0.1) but di is ahead on every seed
+    out = []
+    for seed, shift in enumerate([-0.1, 0.0, 0.1, 0.05, -0.05, 0.08]):
+        out.append({"method": "ce", "size": 100, "seed": seed, "acc50": 0.3 + shift})
+        out.append({"method": "di", "size": 100, "seed": seed, "acc50": 0.32 + shift + 0.001 * seed})
+    out.append({"method": "di", "size": 100, "seed": 9, "acc50": 0.9})  # no ce on seed 9: unpaired
+    table = report.paired_table(out, "acc50", ["ce", "di"], "ce")
+    assert "| di | +0.023 ± 0.002 (6/6, p=0.03) |" in table and "| ce |" not in table
+    assert report.sign_test_p(6, 0) == pytest.approx(2 / 64)
+    assert report.sign_test_p(3, 3) == 1.0 and report.sign_test_p(0, 0) == 1.0
+    assert report.sign_test_p(1, 4) == pytest.approx(2 * 6 / 32)
