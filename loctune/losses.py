@@ -496,6 +496,8 @@ class LocationLoss:
         labels, continuous = self._align(labels.to(logits.device), continuous, shift)
         flat = logits.reshape(-1, logits.shape[-1])
         plan = self._plan(flat.shape[1], labels.reshape(-1), continuous, num_items_in_batch)
+        if plan.kernel == "triton":  # the kernels walk rows with unit column stride
+            flat = flat.contiguous()
         return _LogitsLoss.apply(flat, plan)
 
     def fused_linear(

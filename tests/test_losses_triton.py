@@ -34,6 +34,9 @@ CASES = [
 ]
 
 
+BLOCK = triton_rows.BLOCK
+
+
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
     """64-wide tiles: every row spans five, so the online rescaling is exercised."""
@@ -87,6 +90,19 @@ def test_triton_bf16_rounds_the_gradient_once(name):
     label_grad = g1.double().gather(-1, labels.clamp(min=0)[..., None].roll(-1, 1))
     ref_label_grad = g2.gather(-1, labels.clamp(min=0)[..., None].roll(-1, 1))
     torch.testing.assert_close(label_grad, ref_label_grad, rtol=8e-3, atol=1e-9)
+
+
+def test_triton_real_tile_width_and_strided_logits(monkeypatch):
+    """The shipped BLOCK over a vocabulary of three tiles, logits not contiguous in vocab."""
+    monkeypatch.setattr(triton_rows, "BLOCK", BLOCK)
+    g = torch.Generator().manual_seed(5)
+    vocab = 2 * BLOCK + 100
+    logits = (torch.randn(vocab, 6, generator=g) * 3).to(DEVICE).T[None]  # [1, 6, vocab], strided
+    labels = torch.tensor([[-100, 5, LOC0 + 3, 7, LOC0 + 20, vocab - 1]], device=DEVICE)
+    l1, g1 = loss_and_grad("gem_distance_inverse", {}, "triton", logits, labels)
+    l2, g2 = loss_and_grad("gem_distance_inverse", {}, "torch", logits, labels)
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(g1, g2)
 
 
 def test_triton_ce_handles_masked_vocabulary():
