@@ -208,7 +208,7 @@ def _chunk_loss(z, mode, label, hard, mass, soft, plan: _Plan, want_grad: bool, 
         sb = torch.addcmul((-zbar / plan.beta)[:, None], z, z.new_ones(()), value=1.0 / plan.beta)
         p = torch.softmax(sb, 1)  # q, then c = q * w
         if plan.sig_k is not None:
-            p.mul_(torch.sigmoid(sb * plan.sig_k))
+            p.mul_(torch.mul(sb, plan.sig_k).sigmoid_())  # one temporary, not two
         loss = plan.beta * torch.linalg.vecdot(p, sb)
         if not want_grad:
             return loss, None
