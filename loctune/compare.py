@@ -235,8 +235,7 @@ def _curves(cfg: CompareConfig, key: str) -> dict[str, list[tuple[int, float]]]:
     for m in cfg.methods:
         f = Path(cfg.out_dir) / "runs" / m / f"n{size}" / f"s{seed}" / "metrics.jsonl"
         if f.exists():
-            pts = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-            curves[f"{m} n={size}"] = [(p["step"], p[key]) for p in pts if key in p]
+            curves[f"{m} n={size}"] = [(p["step"], p[key]) for p in report.read_jsonl(f) if key in p]
     return curves
 
 

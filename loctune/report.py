@@ -8,6 +8,7 @@ nothing here trains or evaluates, so a report can be rebuilt from
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -42,6 +43,14 @@ def read_csv(path: str | Path) -> list[dict]:
                         row[k] = v
             out.append(row)
     return out
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Records of a JSON-lines file (a run's ``metrics.jsonl``); ``[]`` when it does not exist."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def aggregate(

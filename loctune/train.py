@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from loctune.config import save_config
 from loctune.losses import LossConfig
 from loctune.models.base import VLMAdapter
+from loctune.report import read_jsonl
 from loctune.types import Sample
 
 __all__ = ["SampleDataset", "TrainConfig", "TrainResult", "load_weights", "train"]
@@ -613,11 +614,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _write_csv(jsonl: Path, out: Path) -> None:
-    rows = (
-        [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-        if jsonl.exists()
-        else []
-    )
+    rows = read_jsonl(jsonl)
     columns = list(dict.fromkeys(key for row in rows for key in row))
     with out.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)

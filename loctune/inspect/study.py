@@ -389,10 +389,8 @@ def write_report(
     for seed in cfg.seeds:
         offset, curve = 0, []
         for name, (steps, _, _) in zip(PHASES, _phases(cfg), strict=True):
-            f = _seed_dir(cfg, seed) / name / "metrics.jsonl"
-            if f.exists():
-                points = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-                curve += [(offset + p["step"], p["loss"]) for p in points if "loss" in p]
+            points = report.read_jsonl(_seed_dir(cfg, seed) / name / "metrics.jsonl")
+            curve += [(offset + p["step"], p["loss"]) for p in points if "loss" in p]
             offset += steps
         curves[f"seed {seed}"] = curve
     report.plot_learning_curves(curves, "training loss", out / "training_loss.png")
