@@ -159,11 +159,15 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _at(x: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor) -> torch.Tensor:
-    """``x[rows][:, cols]`` for ``cols`` ``[K]``, or row-wise picks for ``cols`` ``[R, 1]``,
-    without copying whole rows (``rows=None``: every row of ``x``)."""
+def _index(x: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor) -> tuple:
+    """Advanced index of ``x[rows][:, cols]`` for ``cols`` ``[K]``, or of row-wise picks for
+    ``cols`` ``[R, 1]``, without copying whole rows (``rows=None``: every row of ``x``)."""
     r = torch.arange(x.shape[0], device=x.device) if rows is None else rows
-    return x[r[:, None], cols]
+    return r[:, None], cols
+
+
+def _at(x: torch.Tensor, rows, cols: torch.Tensor) -> torch.Tensor:
+    return x[_index(x, rows, cols)]
 
 
 def _target_dot(x: torch.Tensor, label, hard, soft, loc_ids) -> torch.Tensor:
@@ -268,8 +272,7 @@ def _rows_loss_triton(z, rows, mode, label, hard, mass, soft, plan: _Plan, want_
 
 def _put_at(x: torch.Tensor, rows, cols: torch.Tensor, values: torch.Tensor) -> None:
     """The write of :func:`_at`: ``x[rows][:, cols] = values`` in place."""
-    r = torch.arange(x.shape[0], device=x.device) if rows is None else rows
-    x.index_put_((r[:, None], cols), values)
+    x.index_put_(_index(x, rows, cols), values)
 
 
 def _triton_rows(z: torch.Tensor):
