@@ -22,6 +22,8 @@ Triton's interpreter; the tests use that to check them against the PyTorch path.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -118,6 +120,11 @@ def _check(z: torch.Tensor, rows: torch.Tensor | None) -> int:
     return z.shape[0] if rows is None else rows.numel()
 
 
+def _on(z: torch.Tensor):
+    """Launch on ``z``'s GPU: Triton launches on the current device, which need not be it."""
+    return torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext()
+
+
 def row_stats(
     z: torch.Tensor,
     rows: torch.Tensor | None = None,
@@ -132,12 +139,13 @@ def row_stats(
     m, s = (torch.empty(n, device=z.device, dtype=torch.float32) for _ in range(2))
     a, b = (torch.empty_like(m) for _ in range(2)) if need_ab else (m, m)
     if n:
-        _stats_kernel[(n,)](
-            z, z.stride(0), rows if rows is not None else z, shift if shift is not None else m,
-            m, s, a, b, z.shape[1], 1.0 / beta, sig_k or 0.0,
-            HAS_ROWS=rows is not None, HAS_SHIFT=shift is not None, WEIGHTED=sig_k is not None,
-            NEED_AB=need_ab, BLOCK=BLOCK, num_warps=NUM_WARPS,
-        )  # fmt: skip
+        with _on(z):
+            _stats_kernel[(n,)](
+                z, z.stride(0), rows if rows is not None else z, shift if shift is not None else m,
+                m, s, a, b, z.shape[1], 1.0 / beta, sig_k or 0.0,
+                HAS_ROWS=rows is not None, HAS_SHIFT=shift is not None, WEIGHTED=sig_k is not None,
+                NEED_AB=need_ab, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            )  # fmt: skip
     return (m, s, a, b) if need_ab else (m, s, None, None)
 
 
@@ -157,10 +165,11 @@ def row_grad(
     if out.shape != z.shape or out.stride(1) != 1:
         raise ValueError(f"gradient buffer {list(out.shape)} does not match logits {list(z.shape)}")
     if n:
-        _grad_kernel[(n,)](
-            z, z.stride(0), out, out.stride(0), rows if rows is not None else z,
-            shift if shift is not None else lse, lse, coef, z.shape[1], 1.0 / beta, sig_k or 0.0,
-            HAS_ROWS=rows is not None, HAS_SHIFT=shift is not None, WEIGHTED=sig_k is not None,
-            BLOCK=BLOCK, num_warps=NUM_WARPS,
-        )  # fmt: skip
+        with _on(z):
+            _grad_kernel[(n,)](
+                z, z.stride(0), out, out.stride(0), rows if rows is not None else z,
+                shift if shift is not None else lse, lse, coef, z.shape[1], 1.0 / beta, sig_k or 0.0,
+                HAS_ROWS=rows is not None, HAS_SHIFT=shift is not None, WEIGHTED=sig_k is not None,
+                BLOCK=BLOCK, num_warps=NUM_WARPS,
+            )  # fmt: skip
 

@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 
 from loctune import triton_rows  # noqa: E402
 from loctune.codecs import LocationSpace  # noqa: E402
-from loctune.losses import LocationLoss, loss_config  # noqa: E402
+from loctune.losses import LocationLoss, _resolve_kernel, loss_config  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 V, N_LOC, LOC0 = 300, 24, 200  # location tokens at ids 200..223
@@ -140,6 +140,9 @@ def test_triton_fused_linear_matches_torch_kernel(dtype):
 
 def test_auto_kernel_and_refusals(monkeypatch):
     logits, labels = batch(4)
+    assert loss_config("ce").kernel == "auto"  # the default: Triton on CUDA, PyTorch elsewhere
+    assert _resolve_kernel("auto", logits.device) == ("triton" if DEVICE == "cuda" else "torch")
+    assert _resolve_kernel("auto", torch.device("cpu")) == "torch"
     l1, g1 = loss_and_grad("gem_distance_inverse", {}, "auto", logits, labels)
     l2, g2 = loss_and_grad("gem_distance_inverse", {}, "torch", logits, labels)
     torch.testing.assert_close(l1, l2)
