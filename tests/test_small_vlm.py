@@ -184,6 +184,24 @@ def test_padding_side_does_not_change_generation():
         assert torch.allclose(alone.logprobs[0], right.logprobs[i, :k], atol=1e-4)
 
 
+def test_generation_never_emits_an_image_placeholder():
+    """A generated <image> would need pixel values; an untrained model may prefer it."""
+    torch.manual_seed(0)
+    model = SmallVLM(small_vlm_config("tiny", vocab_size=30)).eval()
+    image_id = model.config.image_token_id
+
+    def prefer_image(module, args, out):
+        out.logits[..., image_id] += 1e4
+
+    model.register_forward_hook(prefer_image)
+    ids, mask, pixels = prompts(2, 30, model.config.n_image_tokens, [2, 4])
+    for use_cache in (True, False):
+        gen = model.generate(ids, pixels, mask, eos_token_id=2, pad_token_id=0,
+                             max_new_tokens=5, use_cache=use_cache)
+        assert gen.sequences.shape == (2, 5) and not (gen.sequences == image_id).any()
+        assert torch.isfinite(gen.logprobs.gather(2, gen.sequences[..., None])).all()
+
+
 def test_generate_fills_generation_fields(samples):
     adapter = build()
     gens = adapter.generate(samples[:3], max_new_tokens=6)

@@ -503,8 +503,11 @@ class SmallVLM(nn.Module):
         done = torch.zeros(b, dtype=torch.bool, device=ids.device)
         lengths = torch.zeros(b, dtype=torch.long, device=ids.device)
         out = self(ids, pixel_values, mask, positions, use_cache=use_cache)
+        # an <image> placeholder would need pixel values it cannot have: never emit one
+        placeholder = torch.tensor([self.config.image_token_id], device=ids.device)
         for _ in range(max_new_tokens):
-            step_logprobs = out.logits[:, -1].float().log_softmax(-1)
+            logits = out.logits[:, -1].float().index_fill(1, placeholder, float("-inf"))
+            step_logprobs = logits.log_softmax(-1)
             token = step_logprobs.argmax(-1)
             token = torch.where(done, torch.full_like(token, pad_token_id), token)
             lengths += (~done).long()
