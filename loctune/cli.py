@@ -128,7 +128,7 @@ def cmd_train(args) -> int:
     cfg = apply_overrides(cfg, args.overrides)
     splits = load_splits(args.data, {"train": args.n_train, "val": args.n_val})
     train_samples, val_samples = splits["train"], splits["val"]
-    adapter = _open_model(args, train_samples)
+    adapter = _open_model(args, train_samples, seed=cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "train_config.yaml")
     print(f"training {args.model} on {args.data}: {len(train_samples)} train / {len(val_samples)} val -> {run_dir}")
@@ -151,14 +151,14 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _open_model(args, train_samples):
-    """``small`` builds a fresh small VLM; anything else is a checkpoint or hub id."""
+def _open_model(args, train_samples, seed: int):
+    """``small`` builds a fresh small VLM (weights from ``seed``); else a checkpoint or hub id."""
     if args.model.startswith("small"):
         from loctune.models.small_vlm_adapter import SmallVLMAdapter
 
         preset = args.model.partition(":")[2] or "small"
         return SmallVLMAdapter.build(args.codec or "rowcol", samples=train_samples, config=preset,
-                                     codec_kwargs={"grid": args.grid})
+                                     codec_kwargs={"grid": args.grid}, seed=seed)
     from loctune.models import load_model
 
     options = {}

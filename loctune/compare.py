@@ -88,7 +88,6 @@ def training_subset(pool: Sequence[Sample], size: int, seed: int) -> list[Sample
 
 def _make_adapter(cfg: CompareConfig, seed: int, pool: Sequence[Sample]):
     """A fresh small VLM (initialised from ``seed``) whose vocabulary covers the task's words."""
-    import torch
 
     from loctune.models.small_vlm_adapter import SmallVLMAdapter
 
@@ -97,7 +96,6 @@ def _make_adapter(cfg: CompareConfig, seed: int, pool: Sequence[Sample]):
         from loctune.data.synthetic import synthetic_vocabulary
 
         texts = [" ".join(synthetic_vocabulary())]
-    torch.manual_seed(seed)
     return SmallVLMAdapter.build(
         cfg.codec,
         texts=texts,
@@ -105,6 +103,7 @@ def _make_adapter(cfg: CompareConfig, seed: int, pool: Sequence[Sample]):
         config=cfg.model_preset,
         codec_kwargs={"grid": cfg.grid},
         image_size=cfg.image_size,
+        seed=seed,
     )
 
 

@@ -17,6 +17,7 @@ are stitched back, so small defects are seen at native resolution.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -72,6 +73,17 @@ class RandomConvFeatures(nn.Module):
         return F.avg_pool2d(
             torch.cat(pooled, dim=1), 3, stride=1, padding=1, count_include_pad=False
         )
+
+
+def _device_of(extractor: FeatureExtractor) -> torch.device:
+    """Where a module extractor's weights are (e.g. a VLM encoder on the GPU); CPU otherwise.
+
+    Features come back to the CPU: the bank and its nearest-neighbour search are small.
+    """
+    if isinstance(extractor, nn.Module):
+        for t in itertools.chain(extractor.parameters(), extractor.buffers()):
+            return t.device
+    return torch.device("cpu")
 
 
 @dataclass
@@ -133,7 +145,7 @@ class PatchCore:
                 for x1, y1, x2, y2 in boxes
             ]
         )
-        return self.extractor(views), boxes
+        return self.extractor(views.to(_device_of(self.extractor))).float().cpu(), boxes
 
     @staticmethod
     def _patches(features: torch.Tensor) -> torch.Tensor:

@@ -255,8 +255,11 @@ class EncoderFeatures(nn.Module):
         cfg = model.config
         self.vision = model.vision
         self.grid = cfg.grid_size
-        self.register_buffer("mean", torch.tensor(cfg.image_mean)[:, None, None], persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.image_std)[:, None, None], persistent=False)
+        device = next(model.vision.parameters()).device  # the encoder may be on the GPU already
+        for name, value in (("mean", cfg.image_mean), ("std", cfg.image_std)):
+            self.register_buffer(
+                name, torch.tensor(value, device=device)[:, None, None], persistent=False
+            )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         tokens = self.vision((images - self.mean) / self.std)

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from loctune import report
@@ -212,7 +211,6 @@ def build_model(cfg: InspectStudyConfig, seed: int, samples: Sequence[Sample]) -
     views = 1 + cfg.tile_rows * cfg.tile_cols
     turns = 2 * max(*cfg.train_k, *cfg.eval_k) + 1
     max_positions = 1 + turns * (views * image_tokens + 1 + longest_answer)
-    torch.manual_seed(seed)
     return SmallVLMAdapter.build(
         codec,
         texts=answers,
@@ -224,6 +222,7 @@ def build_model(cfg: InspectStudyConfig, seed: int, samples: Sequence[Sample]) -
         vision_width=cfg.vision_width,
         vision_depth=cfg.vision_depth,
         max_positions=max_positions,
+        seed=seed,
     )
 
 

@@ -119,12 +119,15 @@ class SmallVLMAdapter(VLMAdapter):
         samples: Iterable[Sample] = (),
         config: SmallVLMConfig | str = "small",
         codec_kwargs: Mapping[str, Any] | None = None,
+        seed: int | None = None,
         **config_overrides: Any,
     ) -> SmallVLMAdapter:
         """A fresh model whose vocabulary covers ``texts`` and the prompts/answers of ``samples``.
 
         ``codec`` is a registered name (built with ``codec_kwargs``) or an
         instance; ``config`` a :class:`SmallVLMConfig` or a preset name.
+        ``seed`` fixes the initial weights without touching the global RNG, so a
+        run is reproducible from its config; None draws them from the global RNG.
         """
         if isinstance(codec, str):
             spec = {"name": codec, **(codec_kwargs or {})}
@@ -140,7 +143,11 @@ class SmallVLMAdapter(VLMAdapter):
         overrides = dict(
             config_overrides, vocab_size=len(tokenizer), image_token_id=tokenizer.image_id
         )
-        return cls(SmallVLM(replace(base, **overrides)), tokenizer, codec, spec)
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            model = SmallVLM(replace(base, **overrides))
+        return cls(model, tokenizer, codec, spec)
 
     @property
     def config(self) -> SmallVLMConfig:
@@ -268,8 +275,14 @@ class SmallVLMAdapter(VLMAdapter):
 
     # -- model calls ----------------------------------------------------------------------
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"]).logits
+        """Logits for a collated batch, moved to the model's device (as the HF adapters do)."""
+        inputs = (batch[k].to(self.device) for k in ("input_ids", "pixel_values", "attention_mask"))
+        return self.model(*inputs).logits
 
     def generate(self, samples: list[Sample], max_new_tokens: int = 32) -> list[Generation]:
         return self.generate_sequences(
@@ -285,7 +298,7 @@ class SmallVLMAdapter(VLMAdapter):
         names: Sequence[str] | None = None,
     ) -> list[Generation]:
         """Greedy continuations of interleaved sequences (each ends where the answer starts)."""
-        device = next(self.model.parameters()).device
+        device = self.device
         batch = {
             k: v.to(device) for k, v in self.collate_sequences(sequences, False, names).items()
         }
