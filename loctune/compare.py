@@ -88,7 +88,6 @@ def training_subset(pool: Sequence[Sample], size: int, seed: int) -> list[Sample
 
 def _make_adapter(cfg: CompareConfig, seed: int, pool: Sequence[Sample]):
     """A fresh small VLM (initialised from ``seed``) whose vocabulary covers the task's words."""
-
     from loctune.models.small_vlm_adapter import SmallVLMAdapter
 
     texts: list[str] = []
