@@ -173,6 +173,11 @@ def _at(x: torch.Tensor, rows, cols: torch.Tensor) -> torch.Tensor:
     return x[_index(x, rows, cols)]
 
 
+def _put_at(x: torch.Tensor, rows, cols: torch.Tensor, values: torch.Tensor) -> None:
+    """The write of :func:`_at`: ``x[rows][:, cols] = values`` in place."""
+    x.index_put_(_index(x, rows, cols), values)
+
+
 def _target_dot(x: torch.Tensor, label, hard, soft, loc_ids) -> torch.Tensor:
     """``Σ_k τ_k x_k`` per row, touching only the label column and the location slice."""
     acc = _compute_dtype(x.dtype)
@@ -271,11 +276,6 @@ def _rows_loss_triton(z, rows, mode, label, hard, mass, soft, plan: _Plan, want_
         col = grad_at(z_label[:, None]) - (target_coef * label_target)[:, None]
         _put_at(dest, rows, label[:, None], col.to(dest.dtype))
     return loss
-
-
-def _put_at(x: torch.Tensor, rows, cols: torch.Tensor, values: torch.Tensor) -> None:
-    """The write of :func:`_at`: ``x[rows][:, cols] = values`` in place."""
-    x.index_put_(_index(x, rows, cols), values)
 
 
 def _triton_rows(z: torch.Tensor):

@@ -63,13 +63,22 @@ def aggregate(
     """
     groups: dict[tuple[str, int], list[float]] = defaultdict(list)
     for r in rows:
-        v = r.get(metric)
-        if isinstance(v, (int, float)) and not math.isnan(v):
-            groups[(r["method"], int(r[by]))].append(float(v))
-    return {
-        k: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v))
-        for k, v in groups.items()
-    }
+        v = _number(r.get(metric))
+        if v is not None:
+            groups[(r["method"], int(r[by]))].append(v)
+    return {k: (*_mean_std(v), len(v)) for k, v in groups.items()}
+
+
+def _number(value) -> float | None:
+    """A metric cell as a float; None when it is missing, not a number, or NaN."""
+    if isinstance(value, (int, float)) and not math.isnan(value):
+        return float(value)
+    return None
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample std (0 for a single value)."""
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
 def summary_table(
@@ -159,7 +168,7 @@ def paired_table(rows: Sequence[dict], metric: str, methods: Sequence[str], base
     spread of the paired difference is what says whether a method is better, not the
     overlap of the per-method spreads.
     """
-    values = {(r["method"], int(r["size"]), int(r["seed"])): r.get(metric) for r in rows}
+    values = {(r["method"], int(r["size"]), int(r["seed"])): _number(r.get(metric)) for r in rows}
     sizes = sorted({s for _, s, _ in values})
     lines = [
         "| method | " + " | ".join(f"n={s}" for s in sizes) + " |",
@@ -170,21 +179,18 @@ def paired_table(rows: Sequence[dict], metric: str, methods: Sequence[str], base
             continue
         cells = []
         for size in sizes:
-            diffs = [
-                float(v) - float(values[(baseline, size, seed)])
-                for (mm, ss, seed), v in values.items()
-                if mm == m and ss == size and isinstance(v, (int, float))
-                and isinstance(values.get((baseline, size, seed)), (int, float))
-            ]  # fmt: skip
-            diffs = [d for d in diffs if not math.isnan(d)]
+            diffs = []
+            for (method, n, seed), v in values.items():
+                base = values.get((baseline, n, seed))
+                if method == m and n == size and v is not None and base is not None:
+                    diffs.append(v - base)
             if not diffs:
                 cells.append("–")
                 continue
             wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
-            std = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0
+            mean, std = _mean_std(diffs)
             cells.append(
-                f"{np.mean(diffs):+.3f} ± {std:.3f} ({wins}/{len(diffs)}, "
-                f"p={sign_test_p(wins, losses):.2f})"
+                f"{mean:+.3f} ± {std:.3f} ({wins}/{len(diffs)}, p={sign_test_p(wins, losses):.2f})"
             )
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
