@@ -1,4 +1,4 @@
-"""`loctune train | eval | predict | compare | demo | inspect | inspect-study`: a thin layer over the Python API.
+"""`loctune train | eval | predict | pretrain | compare | demo | inspect | inspect-study`: a thin CLI.
 
 Every subcommand accepts trailing ``key=value`` overrides of its config
 dataclass (``lr=3e-4``, ``loss.targets.power=3``), in the spirit of
@@ -160,7 +160,18 @@ def _open_model(args, train_samples, seed: int):
         return SmallVLMAdapter.build(args.codec or "rowcol", samples=train_samples, config=preset,
                                      codec_kwargs={"grid": args.grid}, seed=seed)
     from loctune.models import load_model
+    from loctune.models.small_vlm_adapter import ADAPTER_FILE, SmallVLMAdapter
 
+    if (Path(args.model) / ADAPTER_FILE).is_file():
+        # a pretrained small VLM (loctune pretrain): stage 3 on the target set; the target's
+        # words join the vocabulary, and the target joins the checkpoint's record of its data
+        adapter = SmallVLMAdapter.from_pretrained(args.model)
+        added = adapter.extend_vocabulary(train_samples)
+        if added:
+            print(f"added {len(added)} words to the vocabulary: {' '.join(added[:10])}")
+        config = adapter.model.config
+        adapter.model.config = replace(config, trained_on=(*config.trained_on, args.data))
+        return adapter
     options = {}
     if args.lora:
         options["lora"] = {"r": args.lora, "qlora": args.qlora}
@@ -239,6 +250,16 @@ def _run_and_show(cfg, run=None) -> int:
     print(path.read_text().split("![")[0])
     print(f"finished in {(time.time() - t0) / 60:.1f} min; report: {path}")
     return 0
+
+
+def cmd_pretrain(args) -> int:
+    from loctune.config import apply_overrides, load_config
+    from loctune.pretrain import PretrainConfig, run_pretrain
+
+    cfg = load_config(PretrainConfig, args.config) if args.config else PretrainConfig()
+    if args.out:
+        cfg = replace(cfg, out_dir=args.out)
+    return _run_and_show(apply_overrides(cfg, args.overrides), run_pretrain)
 
 
 def cmd_inspect_study(args) -> int:
@@ -360,6 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", help="report directory (default runs/compare)")
     c.add_argument("overrides", nargs="*", help="key=value CompareConfig overrides")
     c.set_defaults(func=cmd_compare)
+
+    pt = sub.add_parser("pretrain", help="stages 1-2 (projector alignment, multi-task) on the "
+                        "synthetic source corpus, into a checkpoint for train/eval/predict")
+    pt.add_argument("--config", help="YAML/JSON PretrainConfig")
+    pt.add_argument("--out", help="output directory (default runs/pretrain)")
+    pt.add_argument("overrides", nargs="*", help="key=value PretrainConfig overrides")
+    pt.set_defaults(func=cmd_pretrain)
 
     d = sub.add_parser("demo", help="a reduced compare on built-in data (<= 10 min on 2 CPU cores)")
     d.add_argument("--out", default="runs/demo")

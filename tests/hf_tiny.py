@@ -9,7 +9,6 @@ with the family's special tokens added the way the real checkpoints have them.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -26,18 +25,6 @@ CORPUS = [
     "User: Assistant: user assistant system 0 1 2 3 4 5 6 7 8 9 10 100 512 999",
     "An image of a snowman warming himself by a fire.",
 ]
-
-
-#: packages a family's processor cannot be built without (transformers 5.x)
-REQUIREMENTS: dict[str, list[str]] = {
-    "qwen2_vl": ["torchvision"],  # its processor insists on a video processor
-    "qwen2_5_vl": ["torchvision"],
-}
-
-
-def missing_requirements(model_type: str) -> list[str]:
-    """Packages ``TINY_BUILDERS[model_type]`` needs that are not installed."""
-    return [m for m in REQUIREMENTS.get(model_type, []) if importlib.util.find_spec(m) is None]
 
 
 def tiny_image(width: int = 40, height: int = 30, seed: int = 0) -> Image.Image:

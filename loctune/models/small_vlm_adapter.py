@@ -128,26 +128,73 @@ class SmallVLMAdapter(VLMAdapter):
         instance; ``config`` a :class:`SmallVLMConfig` or a preset name.
         ``seed`` fixes the initial weights without touching the global RNG, so a
         run is reproducible from its config; None draws them from the global RNG.
+        Pretrained parts named by the config (a timm backbone, a ``text_model``)
+        are loaded with their weights; a ``text_model`` brings its own tokenizer,
+        to which the codec's location tokens are added.
         """
         if isinstance(codec, str):
             spec = {"name": codec, **(codec_kwargs or {})}
             codec = get_codec(codec, **(codec_kwargs or {}))
         else:
             spec = {"name": codec.name, **(codec_kwargs or {})}
-        corpus = list(texts)
-        for s in samples:
-            corpus.append(s.prompt)
-            corpus.append(codec.encode(s.boxes, s.labels, s.image_size))
-        tokenizer = WordTokenizer.from_texts(corpus, extra_tokens=codec.location_tokens)
         base = small_vlm_config(config) if isinstance(config, str) else config
-        overrides = dict(
-            config_overrides, vocab_size=len(tokenizer), image_token_id=tokenizer.image_id
-        )
+        base = replace(base, **config_overrides)
         with torch.random.fork_rng(devices=[], enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
-            model = SmallVLM(replace(base, **overrides))
+            if base.text_model:
+                from loctune.models.text_lm import (
+                    LMTokenizer,
+                    init_added_embeddings,
+                    load_causal_lm,
+                )
+
+                lm, hf_tokenizer = load_causal_lm(base.text_model)
+                tokenizer = LMTokenizer(hf_tokenizer, extra_tokens=codec.location_tokens)
+                init_added_embeddings(lm, tokenizer, tokenizer.added)
+                base = replace(
+                    base,
+                    text_width=lm.config.hidden_size,
+                    max_positions=lm.config.max_position_embeddings,
+                    text_config=lm.config.to_dict(),
+                )
+            else:
+                lm = None
+                corpus = list(texts)
+                for s in samples:
+                    corpus.append(s.prompt)
+                    corpus.append(_answer_text(s, codec))
+                tokenizer = WordTokenizer.from_texts(corpus, extra_tokens=codec.location_tokens)
+            model_config = replace(
+                base, vocab_size=len(tokenizer), image_token_id=tokenizer.image_id
+            )
+            model = SmallVLM(model_config, text_lm=lm, pretrained_vision=True)
+            if codec.space is not None:
+                model.init_location_embeddings(
+                    tokenizer.convert_tokens_to_ids(codec.location_tokens),
+                    codec.space.coords(),
+                    keep=0.5 if lm is not None else 0.0,
+                )
         return cls(model, tokenizer, codec, spec)
+
+    def extend_vocabulary(self, samples: Iterable[Sample], texts: Iterable[str] = ()) -> list[str]:
+        """Add the words of ``samples``' prompts and answers that the vocabulary lacks.
+
+        A pretrained checkpoint meets new words on a new task ("raccoon"); they start
+        at the mean embedding. A ``text_model``'s tokenizer is open and needs none.
+        Returns the added words.
+        """
+        if not isinstance(self.tokenizer, WordTokenizer):
+            return []
+        corpus = list(texts)
+        for s in samples:
+            corpus += [s.prompt, _answer_text(s, self.codec)]
+        known = self.tokenizer.token_to_id
+        new = sorted({p for text in corpus for p in WordTokenizer.split(text)} - set(known))
+        if new:
+            self.tokenizer = WordTokenizer([*self.tokenizer.vocab, *new])
+            self.model.resize_token_embeddings(len(self.tokenizer))
+        return new
 
     @property
     def config(self) -> SmallVLMConfig:
@@ -160,9 +207,15 @@ class SmallVLMAdapter(VLMAdapter):
     # -- batches ------------------------------------------------------------------------
 
     def sample_parts(self, sample: Sample, train: bool = True) -> list[Part]:
-        """A sample as a sequence: ``image <bos> prompt <sep>``, then its answer when ``train``."""
+        """A sample as a sequence: ``image <bos> prompt <sep>``, then its answer when ``train``.
+
+        The answer is the codec's text for the boxes, or ``meta["answer"]`` for tasks
+        answered in words (captions, counts).
+        """
         parts: list[Part] = [sample.load_image(), "<bos>", sample.prompt, "<sep>"]
-        if train:
+        if train and "answer" in sample.meta:  # a text answer (caption, count): no boxes
+            parts.append(Answer(sample.meta["answer"]))
+        elif train:
             text = self.codec.encode(sample.boxes, sample.labels, sample.image_size)
             parts.append(Answer(text, [(box, sample.image_size) for box in sample.boxes]))
         return parts
@@ -353,7 +406,12 @@ class SmallVLMAdapter(VLMAdapter):
         """
         path = Path(path)
         model = SmallVLM.from_pretrained(path, map_location=map_location)
-        tokenizer = WordTokenizer.from_pretrained(path)
+        if model.config.text_model:
+            from loctune.models.text_lm import LMTokenizer
+
+            tokenizer = LMTokenizer.from_pretrained(path)
+        else:
+            tokenizer = WordTokenizer.from_pretrained(path)
         adapter_file = path / ADAPTER_FILE
         try:
             with open(adapter_file) as f:
@@ -377,6 +435,13 @@ class SmallVLMAdapter(VLMAdapter):
                 f"{len(trained_tokens)} ({trained_tokens[:2]}...)"
             )
         return cls(model, tokenizer, codec, {"name": name, **spec})
+
+
+def _answer_text(sample: Sample, codec: Codec) -> str:
+    """What a sample's answer says: ``meta["answer"]`` (captions, counts) or its boxes' text."""
+    if "answer" in sample.meta:
+        return sample.meta["answer"]
+    return codec.encode(sample.boxes, sample.labels, sample.image_size)
 
 
 def _pad(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:

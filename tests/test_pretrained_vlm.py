@@ -1,0 +1,178 @@
+"""The small VLM on a pretrained timm backbone: features, cache, vocabulary, saving, pretraining."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from loctune.data.synthetic import make_split
+from loctune.models.small_vlm import SmallVLM, sincos_features, sincos_positions_2d
+from loctune.models.small_vlm_adapter import SmallVLMAdapter
+
+# The pretrained preset at 64 px: a 4x4 stride-16 grid, 2x2 pixel shuffle -> 4 image tokens.
+SMALL = dict(image_size=64, text_width=64, text_depth=1, text_heads=2, max_positions=96)
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return [
+        *make_split("grounding", "train", 4, image_size=64),
+        *make_split("detection", "train", 2, image_size=64),
+        *make_split("caption", "train", 2, image_size=64),
+        *make_split("counting", "train", 2, image_size=64),
+    ]
+
+
+@pytest.fixture(scope="module")
+def adapter(samples):
+    return SmallVLMAdapter.build(
+        "rowcol", samples=samples, config="pretrained", codec_kwargs={"grid": 8}, seed=0, **SMALL
+    )
+
+
+def test_backbone_holds_the_packaged_imagenet_weights(adapter):
+    from loctune.models.backbones import packaged_state_dict
+
+    stem = packaged_state_dict()["conv_stem.weight"]
+    assert torch.equal(adapter.model.vision.backbone.conv_stem.weight, stem)
+    # rebuilding without pretrained parts (what from_pretrained does) starts elsewhere
+    fresh = SmallVLM(adapter.config)
+    assert not torch.equal(fresh.vision.backbone.conv_stem.weight, stem)
+
+
+def test_two_stages_merge_on_the_finest_grid(adapter):
+    vision = adapter.model.vision
+    assert vision.width == 112 + 320
+    pixels = torch.randn(2, 3, 64, 64)
+    tokens = vision.encode(pixels)
+    assert tokens.shape == (2, 16, 432)  # 4x4 grid at stride 16
+    s16, s32 = vision.backbone(pixels)
+    # the stride-32 map (2x2) is repeated over the 2x2 stride-16 cells it covers
+    assert torch.equal(tokens[0, 0, 112:], s32[0, :, 0, 0])
+    assert torch.equal(tokens[0, 5, 112:], s32[0, :, 0, 0])
+    assert torch.equal(tokens[0, 15, 112:], s32[0, :, 1, 1])
+    assert torch.equal(tokens[0, 6, :112], s16[0, :, 1, 2])
+
+
+def test_batch_norm_statistics_stay_pretrained_in_training_mode(adapter):
+    model = adapter.model
+    model.train()
+    bn = model.vision.backbone.bn1
+    before = bn.running_mean.clone()
+    model.unfreeze(["vision"])
+    model.vision(torch.randn(4, 3, 64, 64) * 3)
+    model.freeze(["vision"])
+    assert not bn.training and torch.equal(bn.running_mean, before)
+
+
+def test_feature_cache_hits_misses_and_invalidation(adapter, samples):
+    model = adapter.model
+    vision = model.vision
+    model.freeze(["vision"])
+    vision.cache.clear()
+    vision.cache.hits = vision.cache.misses = 0
+    batch = adapter.collate(samples[:4])
+    first = vision(batch["pixel_values"])
+    again = vision(batch["pixel_values"])
+    assert (vision.cache.hits, vision.cache.misses) == (4, 4)
+    torch.testing.assert_close(again, first)
+    torch.testing.assert_close(first, vision.encode(batch["pixel_values"]))
+    # other pre-processing (another normalisation) of the same images misses
+    vision(batch["pixel_values"] * 0.9)
+    assert vision.cache.misses == 8
+    # new weights invalidate every entry
+    with torch.no_grad():
+        vision.backbone.conv_stem.weight.mul_(1.01)
+    changed = vision(batch["pixel_values"])
+    assert vision.cache.misses == 12 and not torch.allclose(changed, first)
+    # a trainable backbone bypasses the cache and gets gradients
+    model.unfreeze(["vision"])
+    vision(batch["pixel_values"][:1]).sum().backward()
+    assert vision.cache.misses == 12 and vision.backbone.conv_stem.weight.grad is not None
+    model.zero_grad(set_to_none=True)
+    model.freeze(["vision"])
+
+
+def test_cache_is_bounded():
+    from loctune.models.timm_encoder import FeatureCache
+
+    cache = FeatureCache(max_mb=1)
+    encode = lambda x: x.flatten(1)[:, None, :].repeat(1, 64, 1)  # noqa: E731  64 KiB per image
+    cache(torch.randn(40, 1, 16, 16), encode, version=0)
+    assert cache.bytes <= 2**20 and 0 < len(cache.entries) < 40
+
+
+def test_location_tokens_start_as_a_smooth_code_of_their_position(adapter):
+    loc = adapter.loc_token_ids
+    emb = adapter.model.input_embeddings().weight.detach()[loc]
+    sim = torch.nn.functional.cosine_similarity(emb[:1], emb, dim=1)
+    assert sim[1] > sim[4] > sim[7]  # neighbouring bins closer than far ones
+    assert sincos_positions_2d(4, 16).shape == (16, 16)
+    torch.testing.assert_close(sincos_features(torch.tensor([[0.0, 0.0]]), 8)[0, :2], torch.zeros(2))
+
+
+def test_caption_and_counting_answers_are_supervised_text(adapter, samples):
+    caption = next(s for s in samples if s.task == "caption")
+    count = next(s for s in samples if s.task == "counting")
+    assert caption.meta["answer"].startswith("a ") and not caption.boxes
+    assert count.meta["answer"].isdigit() and count.prompt.startswith("count ")
+    batch = adapter.collate([caption, count])
+    supervised = batch["labels"][1][batch["labels"][1] != -100].tolist()
+    tok = adapter.tokenizer
+    assert tok.decode(supervised) == count.meta["answer"] and supervised[-1] == tok.eos_id
+
+
+def test_save_reload_extend_vocabulary_and_record(adapter, samples, tmp_path):
+    adapter.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["vision_stem"] == "timm" and config["vision_stages"] == [3, 4]
+    again = SmallVLMAdapter.from_pretrained(tmp_path / "m")
+    batch = adapter.collate(samples[:2])
+    adapter.model.eval(), again.model.eval()
+    torch.testing.assert_close(again.forward(batch), adapter.forward(batch))
+    # a target set with new words: they join the vocabulary, old ids and logits stay
+    new = replace(samples[0], prompt="the raccoon", labels=["raccoon"])
+    added = again.extend_vocabulary([new])
+    assert added == ["raccoon"]
+    assert again.tokenizer.encode("the raccoon")[1] == len(again.tokenizer) - 1
+    torch.testing.assert_close(again.forward(batch)[..., : len(adapter.tokenizer)],
+                               adapter.forward(batch))
+    again.collate([new])  # no longer outside the vocabulary
+    assert again.extend_vocabulary([new]) == []
+
+
+def test_pretrain_stages_resume_and_record_sources(tmp_path):
+    from loctune.cli import main
+    from loctune.pretrain import SOURCE_NAME
+
+    out = tmp_path / "pt"
+    args = [
+        "pretrain", "--out", str(out), "model_overrides.image_size=64",
+        "model_overrides.text_width=64", "model_overrides.text_depth=1",
+        "model_overrides.text_heads=2", "model_overrides.max_positions=96", "grid=8",
+        "source.image_size=64", "source.caption=16", "source.grounding=16",
+        "source.detection=8", "source.counting=8", "source.n_test=4",
+        "align.steps=2", "align.batch_size=8", "multitask.steps=3", "multitask.batch_size=8",
+        "multitask.warmup_steps=0", "align.warmup_steps=0", "align.progress=false",
+        "multitask.progress=false",
+    ]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) >= {"grounding", "detection", "grounding_mean_box"}
+    assert 0 <= metrics["grounding"]["acc50"] <= 1
+    saved = json.loads((out / "model" / "config.json").read_text())
+    assert saved["trained_on"] == [SOURCE_NAME]
+    # stage 1 trained the projector (and the own decoder), never the backbone
+    stage1 = SmallVLMAdapter.from_pretrained(out / "align" / "model").model
+    final = SmallVLMAdapter.from_pretrained(out / "model").model
+    fresh = SmallVLMAdapter.build("rowcol", samples=make_split("caption", "train", 2, image_size=64),
+                                  config="pretrained", codec_kwargs={"grid": 8}, seed=0, **SMALL).model
+    assert torch.equal(stage1.vision.backbone.conv_stem.weight, fresh.vision.backbone.conv_stem.weight)
+    assert torch.equal(final.vision.backbone.conv_stem.weight, fresh.vision.backbone.conv_stem.weight)
+    assert not torch.equal(stage1.projector.proj[0].weight, final.projector.proj[0].weight)
+    # a rerun skips both finished stages and scores again
+    mtime = (out / "model" / "model.safetensors").stat().st_mtime
+    assert main(args) == 0
+    assert (out / "model" / "model.safetensors").stat().st_mtime == mtime
+    assert "Acc@0.5" in (out / "report.md").read_text()
