@@ -160,12 +160,14 @@ def _open_model(args, train_samples, seed: int):
         return SmallVLMAdapter.build(args.codec or "rowcol", samples=train_samples, config=preset,
                                      codec_kwargs={"grid": args.grid}, seed=seed)
     from loctune.models import load_model
+    from loctune.models.checkpoints import resolve_checkpoint
     from loctune.models.small_vlm_adapter import ADAPTER_FILE, SmallVLMAdapter
 
-    if (Path(args.model) / ADAPTER_FILE).is_file():
+    folder = resolve_checkpoint(args.model)
+    if (Path(folder) / ADAPTER_FILE).is_file():
         # a pretrained small VLM (loctune pretrain): stage 3 on the target set; the target's
         # words join the vocabulary, and the target joins the checkpoint's record of its data
-        adapter = SmallVLMAdapter.from_pretrained(args.model)
+        adapter = SmallVLMAdapter.from_pretrained(folder)
         added = adapter.extend_vocabulary(train_samples)
         if added:
             print(f"added {len(added)} words to the vocabulary: {' '.join(added[:10])}")

@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from loctune.baselines import mean_box_scores
 from loctune.config import save_config
-from loctune.metrics import grounding_metrics
 from loctune.train import TrainConfig
 from loctune.types import Sample
 
@@ -69,7 +67,7 @@ class PretrainConfig:
         default_factory=lambda: _stage(steps=300, lr=1e-3, warmup_steps=30)
     )
     multitask: TrainConfig = field(
-        default_factory=lambda: _stage(steps=1500, lr=5e-4, warmup_steps=100, min_lr=5e-5)
+        default_factory=lambda: _stage(steps=2000, lr=5e-4, warmup_steps=100, min_lr=5e-5)
     )
     train_vision: bool = False  # stage 2 also trains the encoder (no feature cache then)
     eval_batch: int = 64
@@ -90,21 +88,6 @@ def source_corpus(cfg: SourceConfig, split: str = "train") -> dict[str, list[Sam
     else:
         sizes = {t: getattr(cfg, t) for t in ("caption", "grounding", "detection", "counting")}
     return {t: make_split(t, split, n, seed=cfg.seed, config=scenes) for t, n in sizes.items()}
-
-
-def mean_box_baseline(train: Sequence[Sample], test: Sequence[Sample]) -> dict[str, float]:
-    """Grounding scores of always answering the mean training box (relative to image size)."""
-    rel = np.array(
-        [
-            [b[0] / s.image_size[0], b[1] / s.image_size[1], b[2] / s.image_size[0], b[3] / s.image_size[1]]
-            for s in train
-            for b in s.boxes[:1]
-        ]
-    ).mean(0)
-    boxes = [
-        tuple(float(v) for v in rel * np.array([*s.image_size, *s.image_size])) for s in test
-    ]
-    return grounding_metrics(boxes, [s.boxes[0] for s in test])
 
 
 def run_pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> Path:
@@ -168,7 +151,7 @@ def run_pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> Pat
     for task, samples in test.items():
         scores = evaluate(adapter, samples, batch_size=cfg.eval_batch, progress=False).metrics
         metrics[task] = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
-    metrics["grounding_mean_box"] = mean_box_baseline(corpus["grounding"], test["grounding"])
+    metrics["grounding_mean_box"] = mean_box_scores(corpus["grounding"], test["grounding"])
     metrics["minutes"] = (time.time() - t0) / 60
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     return write_report(cfg, metrics, out)

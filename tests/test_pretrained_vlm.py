@@ -142,22 +142,32 @@ def test_save_reload_extend_vocabulary_and_record(adapter, samples, tmp_path):
     assert again.extend_vocabulary([new]) == []
 
 
-def test_pretrain_stages_resume_and_record_sources(tmp_path):
+PRETRAIN_ARGS = [
+    "model_overrides.image_size=64", "model_overrides.text_width=64",
+    "model_overrides.text_depth=1", "model_overrides.text_heads=2",
+    "model_overrides.max_positions=96", "grid=8", "source.image_size=64", "source.caption=16",
+    "source.grounding=16", "source.detection=8", "source.counting=8", "source.n_test=4",
+    "align.steps=2", "align.batch_size=8", "multitask.steps=3", "multitask.batch_size=8",
+    "multitask.warmup_steps=0", "align.warmup_steps=0", "align.progress=false",
+    "multitask.progress=false",
+]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A tiny ``loctune pretrain`` run (both stages, a few steps each)."""
+    from loctune.cli import main
+
+    out = tmp_path_factory.mktemp("pretrain") / "pt"
+    assert main(["pretrain", "--out", str(out), *PRETRAIN_ARGS]) == 0
+    return out
+
+
+def test_pretrain_stages_resume_and_record_sources(pretrained):
     from loctune.cli import main
     from loctune.pretrain import SOURCE_NAME
 
-    out = tmp_path / "pt"
-    args = [
-        "pretrain", "--out", str(out), "model_overrides.image_size=64",
-        "model_overrides.text_width=64", "model_overrides.text_depth=1",
-        "model_overrides.text_heads=2", "model_overrides.max_positions=96", "grid=8",
-        "source.image_size=64", "source.caption=16", "source.grounding=16",
-        "source.detection=8", "source.counting=8", "source.n_test=4",
-        "align.steps=2", "align.batch_size=8", "multitask.steps=3", "multitask.batch_size=8",
-        "multitask.warmup_steps=0", "align.warmup_steps=0", "align.progress=false",
-        "multitask.progress=false",
-    ]
-    assert main(args) == 0
+    out = pretrained
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) >= {"grounding", "detection", "grounding_mean_box"}
     assert 0 <= metrics["grounding"]["acc50"] <= 1
@@ -173,6 +183,82 @@ def test_pretrain_stages_resume_and_record_sources(tmp_path):
     assert not torch.equal(stage1.projector.proj[0].weight, final.projector.proj[0].weight)
     # a rerun skips both finished stages and scores again
     mtime = (out / "model" / "model.safetensors").stat().st_mtime
-    assert main(args) == 0
+    assert main(["pretrain", "--out", str(out), *PRETRAIN_ARGS]) == 0
     assert (out / "model" / "model.safetensors").stat().st_mtime == mtime
     assert "Acc@0.5" in (out / "report.md").read_text()
+
+
+def test_stage_three_train_eval_predict_from_the_checkpoint(pretrained, tmp_path, capsys):
+    """``loctune train --model DIR`` fine-tunes a pretrained checkpoint on a new task with new
+    words, and ``eval`` / ``predict`` open the result."""
+    from PIL import Image
+
+    from loctune.cli import main
+
+    data = tmp_path / "refs.jsonl"
+    rows = []
+    for i, split in enumerate(("train", "train", "val", "test")):
+        image = tmp_path / f"{'abcd'[i]}.png"
+        Image.new("RGB", (80, 60), ("white", "grey", "black", "red")[i]).save(image)
+        rows.append({"image": str(image), "expression": "the zebra",
+                     "box": [10 + i, 10, 40, 30], "split": split})
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    runs = tmp_path / "runs"
+    assert main(["train", "--model", str(pretrained / "model"), "--data", str(data),
+                 "--project", str(runs), "--steps", "2", "--batch", "2",
+                 "--max-new-tokens", "6", "freeze=[vision.*]"]) == 0
+    assert "added" in capsys.readouterr().out  # "zebra" is new
+    model = runs / "exp" / "model"
+    saved = json.loads((model / "config.json").read_text())
+    assert saved["trained_on"][-1] == str(data) and len(saved["trained_on"]) == 2
+    assert main(["eval", "--model", str(model), "--data", str(data), "--split", "test",
+                 "--project", str(tmp_path / "eval"), "--max-new-tokens", "6"]) == 0
+    assert "acc50" in json.loads((tmp_path / "eval" / "exp" / "metrics.json").read_text())
+    assert main(["predict", str(image), "--model", str(model), "--prompt", "the zebra",
+                 "--project", str(tmp_path / "pred"), "--max-new-tokens", "6"]) == 0
+    assert (tmp_path / "pred" / "exp" / "d.png").is_file()
+
+
+@pytest.mark.parametrize("codec, kwargs", [("rowcol", {"grid": 8}), ("patch", {"grid": 4}),
+                                           ("bins", {"n_bins": 16})])
+def test_every_codec_form_trains_and_decodes(samples, codec, kwargs, tmp_path):
+    from loctune.train import TrainConfig, train
+
+    boxed = [s for s in samples if s.boxes]
+    adapter = SmallVLMAdapter.build(codec, samples=boxed, config="pretrained", codec_kwargs=kwargs,
+                                    seed=0, **SMALL)
+    result = train(adapter, boxed, TrainConfig(run_dir=str(tmp_path), steps=2, batch_size=4,
+                                               lr=1e-3, freeze=["vision.*"], progress=False))
+    assert result.metrics["loss"] > 0
+    (g,) = adapter.generate(boxed[:1], max_new_tokens=12)
+    assert isinstance(adapter.codec.decode(g.text, boxed[0].image_size).detections, list)
+
+
+def test_mean_box_baseline_on_grounding_and_detection():
+    from loctune.baselines import mean_box_scores
+    from loctune.types import Sample
+
+    def sample(box, task="grounding", label="dog"):
+        return Sample(image="x.png", prompt="p", boxes=[box], labels=[label], task=task,
+                      meta={"image_size": (100, 100)})
+
+    train = [sample((0, 0, 50, 50)), sample((50, 50, 100, 100))]  # mean box (25, 25, 75, 75)
+    test = [sample((25, 25, 75, 75)), sample((0, 0, 10, 10)),
+            sample((25, 25, 75, 75), "detection"), sample((0, 0, 10, 10), "detection", "cat")]
+    scores = mean_box_scores(train, test)
+    assert scores["acc50"] == 0.5 and scores["miou"] == pytest.approx(0.5)
+    # "dog" (the prior) hits its one box, AP 1; "cat" is never predicted, AP 0
+    assert scores["ap50"] == pytest.approx(0.5)
+
+
+def test_projector_positions_tell_identical_features_apart(adapter):
+    projector = adapter.model.projector
+    assert adapter.config.projector_positions
+    same = torch.ones(1, 16, 432)  # every cell the same feature
+    out = projector(same)[0]
+    assert out.shape == (4, 64) and not torch.allclose(out[0], out[1])
+    off = SmallVLM(replace(adapter.config, projector_positions=False)).projector
+    off.load_state_dict(projector.state_dict())
+    plain = off(same)[0]
+    torch.testing.assert_close(plain[0], plain[3])
+

@@ -56,3 +56,31 @@ def test_smollm2_tier_trains_generates_location_tokens_and_reloads(adapter, samp
     assert [g.text for g in again.generate(samples, max_new_tokens=8)] == [
         g.text for g in generations
     ]
+
+
+@pytest.mark.slow
+def test_smollm2_tier_under_lora_trains_adapters_and_new_rows_only(samples, tmp_path):
+    adapter = SmallVLMAdapter.build(
+        "rowcol", samples=samples, config="smollm2", codec_kwargs={"grid": 8}, seed=0,
+        image_size=64, text_lora=4,
+    )
+    model = adapter.model
+    new = list(adapter.config.text_new_tokens)
+    assert sorted(new) == list(range(49152, 49152 + 10))  # <sep>, <image>, 8 bins
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_" in n for n in trainable) and any("trainable_tokens" in n for n in trainable)
+    assert not any(n.endswith("q_proj.base_layer.weight") for n in trainable)
+    base = {n: p.clone() for n, p in model.named_parameters() if "base_layer" in n}
+    batch = adapter.collate(samples)
+    model.eval()
+    before = adapter.forward(batch)
+    train(adapter, samples, TrainConfig(run_dir=str(tmp_path / "ft"), steps=3, batch_size=2,
+                                        lr=1e-3, freeze=["vision.*"], progress=False))
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
+    model.eval()
+    after = adapter.forward(batch)
+    assert not torch.allclose(after, before)
+    adapter.save_pretrained(tmp_path / "m")
+    again = SmallVLMAdapter.from_pretrained(tmp_path / "m")
+    again.model.eval()
+    torch.testing.assert_close(again.forward(batch), after)

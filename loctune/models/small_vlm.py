@@ -59,11 +59,18 @@ class SmallVLMConfig:
     # projector
     pixel_shuffle: int = 1  # merge s x s neighbouring vision tokens into one (s*s fewer tokens)
     projector: str = "mlp"  # "mlp" | "linear"
+    # add a fixed 2-D sin-cos code of each image token's grid cell before the projector: a
+    # pretrained CNN's features say what is there far better than where it is
+    projector_positions: bool = False
     # decoder: loctune's own blocks, or a pretrained Hugging Face causal LM when text_model names
     # one (loctune.models.text_lm.PACKAGED_LM, a hub id or a folder); text_config is that LM's
     # config, recorded at build so that a saved model reopens without the hub
     text_model: str = ""
     text_config: dict[str, Any] | None = None
+    # LoRA rank for the text_model (0: full fine-tuning); under LoRA the rows of the tokens
+    # added to the LM's vocabulary (text_new_tokens, set at build) still train in full
+    text_lora: int = 0
+    text_new_tokens: tuple[int, ...] = ()
     vocab_size: int = 0  # set from the tokenizer
     image_token_id: int = 5  # id of the <image> placeholder in the tokenizer
     text_width: int = 128
@@ -83,6 +90,7 @@ class SmallVLMConfig:
         self.image_std = tuple(self.image_std)
         self.vision_stages = tuple(self.vision_stages)
         self.trained_on = tuple(self.trained_on)
+        self.text_new_tokens = tuple(self.text_new_tokens)
         choices = {
             "vision_stem": ("conv", "patch", "timm"),
             "vision_pretrained": ("packaged", "hub", "none"),
@@ -185,6 +193,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         image_mean=(0.5, 0.5, 0.5),
         image_std=(0.5, 0.5, 0.5),
         pixel_shuffle=2,
+        projector_positions=True,
         text_width=256,
         text_depth=4,
         text_heads=4,
@@ -342,6 +351,12 @@ class Projector(nn.Module):
             )
         else:
             self.proj = nn.Linear(d_in, cfg.text_width)
+        positions = (
+            sincos_positions_2d(self.grid // self.shuffle, d_in)
+            if cfg.projector_positions
+            else torch.zeros(())
+        )
+        self.register_buffer("positions", positions, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(x)
@@ -354,7 +369,7 @@ class Projector(nn.Module):
                 .permute(0, 1, 3, 2, 4, 5)
                 .reshape(n, (g // s) ** 2, s * s * c)
             )
-        return self.proj(x)
+        return self.proj(x + self.positions.to(x.dtype))
 
 
 @dataclass
@@ -368,6 +383,42 @@ class GenerateOutput:
     sequences: torch.Tensor  # [B, n] generated ids, pad after a row's eos
     logprobs: torch.Tensor  # [B, n, V] full-vocabulary log-softmax at each step
     lengths: torch.Tensor  # [B] generated tokens per row, eos included
+
+
+def init_location_rows(
+    weight: torch.Tensor, token_ids: list[int], coords: torch.Tensor, keep: float = 0.0
+) -> None:
+    """Start location tokens' embedding rows as a smooth code of their position, not noise.
+
+    ``coords`` ``[K, D]`` are the tokens' positions (bin, or row and column); the
+    sin-cos code is scaled to the other rows' norm, so neighbouring bins start
+    close and far ones apart, which the decoder would otherwise have to learn
+    from the labels alone. ``keep`` blends in the rows' current values: a
+    pretrained LM's added rows start from its digit embeddings
+    (:func:`loctune.models.text_lm.init_added_embeddings`), which collide where
+    digits are split one by one (``<bin_12>`` and ``<bin_21>``); the code separates them.
+    """
+    with torch.no_grad():
+        code = sincos_features(coords, weight.shape[1]).to(weight.device)
+        locations = set(token_ids)
+        others = [i for i in range(weight.shape[0]) if i not in locations]
+        scale = weight[others].norm(dim=1).mean() / code.norm(dim=1).mean().clamp_min(1e-9)
+        rows = keep * weight[token_ids].float() + (1 - keep) * code * scale
+        weight[token_ids] = rows.to(weight.dtype)
+
+
+def _with_lora(lm: nn.Module, config: SmallVLMConfig) -> nn.Module:
+    """``lm`` under LoRA on every linear layer; the added tokens' rows train in full (peft's
+    trainable tokens, tied to the output layer where the LM ties its embeddings)."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=config.text_lora,
+        lora_alpha=2 * config.text_lora,
+        target_modules="all-linear",
+        trainable_token_indices=list(config.text_new_tokens) or None,
+    )
+    return get_peft_model(lm, lora)
 
 
 # ---------------------------------------------------------------------------
@@ -418,12 +469,12 @@ class SmallVLM(nn.Module):
                     )
 
                 text_lm = causal_lm_from_config(config.text_config)
-            self.lm = text_lm
             # transformers 5.24 renamed past_key_values to cache; accept both
             self._cache_arg = (
                 "cache" if "cache" in inspect.signature(text_lm.forward).parameters
                 else "past_key_values"
             )
+            self.lm = _with_lora(text_lm, config) if config.text_lora else text_lm
         else:
             self.lm = None
             self.embed_tokens = nn.Embedding(config.vocab_size, config.text_width)
@@ -454,28 +505,6 @@ class SmallVLM(nn.Module):
 
     def input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens if self.lm is None else self.lm.get_input_embeddings()
-
-    def init_location_embeddings(
-        self, token_ids: list[int], coords: torch.Tensor, keep: float = 0.0
-    ) -> None:
-        """Start location tokens as a smooth code of their position instead of noise.
-
-        ``coords`` ``[K, D]`` are the tokens' positions (bin, or row and column); the
-        sin-cos code is scaled to the other rows' norm, so neighbouring bins start
-        close and far ones apart, which the decoder would otherwise have to learn
-        from the labels alone. ``keep`` blends in the rows' current values: a
-        pretrained LM's added rows start from its digit embeddings
-        (:func:`loctune.models.text_lm.init_added_embeddings`), which collide where
-        digits are split one by one (``<bin_12>`` and ``<bin_21>``); the code separates them.
-        """
-        weight = self.input_embeddings().weight
-        with torch.no_grad():
-            code = sincos_features(coords, weight.shape[1]).to(weight.device)
-            locations = set(token_ids)
-            others = [i for i in range(weight.shape[0]) if i not in locations]
-            scale = weight[others].norm(dim=1).mean() / code.norm(dim=1).mean().clamp_min(1e-9)
-            rows = keep * weight[token_ids].float() + (1 - keep) * code * scale
-            weight[token_ids] = rows.to(weight.dtype)
 
     def resize_token_embeddings(self, vocab_size: int) -> None:
         """Grow the own decoder's vocabulary; new rows start at the mean of the old ones."""

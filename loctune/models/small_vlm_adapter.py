@@ -23,7 +23,12 @@ from PIL import Image
 
 from loctune.codecs import Codec, get_codec
 from loctune.models.base import Generation, VLMAdapter
-from loctune.models.small_vlm import SmallVLM, SmallVLMConfig, small_vlm_config
+from loctune.models.small_vlm import (
+    SmallVLM,
+    SmallVLMConfig,
+    init_location_rows,
+    small_vlm_config,
+)
 from loctune.models.tokenizer import WordTokenizer
 from loctune.types import Box, Sample
 
@@ -152,11 +157,19 @@ class SmallVLMAdapter(VLMAdapter):
                 lm, hf_tokenizer = load_causal_lm(base.text_model)
                 tokenizer = LMTokenizer(hf_tokenizer, extra_tokens=codec.location_tokens)
                 init_added_embeddings(lm, tokenizer, tokenizer.added)
+                if codec.space is not None:  # digits plus position, before any LoRA wrapping
+                    init_location_rows(
+                        lm.get_input_embeddings().weight,
+                        tokenizer.convert_tokens_to_ids(codec.location_tokens),
+                        codec.space.coords(),
+                        keep=0.5,
+                    )
                 base = replace(
                     base,
                     text_width=lm.config.hidden_size,
                     max_positions=lm.config.max_position_embeddings,
                     text_config=lm.config.to_dict(),
+                    text_new_tokens=tuple(tokenizer.convert_tokens_to_ids(tokenizer.added)),
                 )
             else:
                 lm = None
@@ -169,11 +182,11 @@ class SmallVLMAdapter(VLMAdapter):
                 base, vocab_size=len(tokenizer), image_token_id=tokenizer.image_id
             )
             model = SmallVLM(model_config, text_lm=lm, pretrained_vision=True)
-            if codec.space is not None:
-                model.init_location_embeddings(
+            if lm is None and codec.space is not None:
+                init_location_rows(
+                    model.input_embeddings().weight,
                     tokenizer.convert_tokens_to_ids(codec.location_tokens),
                     codec.space.coords(),
-                    keep=0.5 if lm is not None else 0.0,
                 )
         return cls(model, tokenizer, codec, spec)
 
