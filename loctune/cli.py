@@ -126,8 +126,10 @@ def cmd_train(args) -> int:
                                  lr=args.lr, mixed_precision=args.mixed_precision).items() if v is not None},
     )
     cfg = apply_overrides(cfg, args.overrides)
-    splits = load_splits(args.data, {"train": args.n_train, "val": args.n_val})
-    train_samples, val_samples = splits["train"], splits["val"]
+    # --n-val 0: no validation, so nothing is carved from the training images
+    sizes = {"train": args.n_train} | ({} if args.n_val == 0 else {"val": args.n_val})
+    splits = load_splits(args.data, sizes)
+    train_samples, val_samples = splits["train"], splits.get("val", [])
     adapter = _open_model(args, train_samples, seed=cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "train_config.yaml")
@@ -359,7 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--codec", help="override the family's codec (small VLM: rowcol or patch)")
     t.add_argument("--grid", type=int, default=32, help="small VLM: location grid size")
     t.add_argument("--n-train", type=int)
-    t.add_argument("--n-val", type=int)
+    t.add_argument("--n-val", type=int,
+                   help="validation images (default: the data's val split, or 10%% of train); "
+                        "0: none, train on every training image")
     t.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     t.add_argument("overrides", nargs="*", help="key=value TrainConfig overrides")
     t.set_defaults(func=cmd_train)

@@ -349,3 +349,17 @@ def test_method_variant_reaches_the_saved_config(tmp_path, capsys):
     code = main(["train", "--model", "small:tiny", "--data", "synthetic", "--method",
                  "gem:beta", "--steps", "1", "--project", str(tmp_path / "runs2")])
     assert code == 2 and "expected name:key=value" in capsys.readouterr().err
+
+
+def test_n_val_zero_trains_on_every_training_image(tmp_path, capsys):
+    rows = []
+    for i in range(20):  # no split field: by default val is carved from these
+        Image.new("RGB", SIZE, (12 * i, 0, 0)).save(tmp_path / f"{i}.png")
+        rows.append(json.dumps({"image": f"{i}.png", "expression": "red circle",
+                                "box": [2, 2, 20, 20]}))
+    data = tmp_path / "refs.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    train("small:tiny", data, tmp_path / "runs", "--grid", "8", "--steps", "1", "--n-val", "0")
+    assert "20 train / 0 val" in capsys.readouterr().out
+    train("small:tiny", data, tmp_path / "runs2", "--grid", "8", "--steps", "1")
+    assert "18 train / 2 val" in capsys.readouterr().out

@@ -121,47 +121,15 @@ def causal_lm_from_config(config_dict: dict, dtype: torch.dtype | None = None) -
 def init_added_embeddings(model: Any, tokenizer: LMTokenizer, added: Sequence[str]) -> None:
     """Resize ``model``'s embeddings to ``len(tokenizer)`` and start ``added`` near their meaning.
 
-    The hub adapters' rule (:func:`loctune.models.hf.base._add_embedding_rows`) does it:
-    a token's row is the mean embedding of the tokens of its *last* number
-    (``<bin_12>``: pieces of ``"12"``), a token without a number gets the mean of the
-    original rows, in the input and, when untied, the output embeddings.
-
-    A token with several numbers (``<bin_3_7>``: row 3, column 7) would by that rule
-    start as the pieces of ``"7"`` alone, so a whole column would share one row. Here it
-    instead starts as a weighted mean of its numbers' piece means, weights
-    ``k, k-1, ..., 1`` for its ``k`` numbers (2/3 row + 1/3 column for two): distinct,
-    asymmetric (``<bin_3_7>`` != ``<bin_7_3>``), and cells of one row start close, as in
-    the row-major order the codecs write them. Deterministic, like the hub rule.
+    The hub adapters' rule does it (:func:`loctune.models.hf.base._add_embedding_rows`: a
+    token starts as the mean embedding of its numbers' digit pieces); checked first, since
+    a token the tokenizer lacks would overwrite row 0.
     """
     added = list(added)
     missing = [t for t in added if t not in tokenizer.token_to_id]
     if missing:
         raise ValueError(f"tokens {missing[:5]} are not in the tokenizer; add them first")
-    rows = tokenizer.convert_tokens_to_ids(added)
-    old = model.get_input_embeddings().weight.shape[0]
-    original = min([old, *rows])  # rows from here on are new (the hub rule's convention)
     _add_embedding_rows(model, tokenizer.hf, added)
-    multi = [(t, r) for t, r in zip(added, rows, strict=True) if len(re.findall(r"\d+", t)) > 1]
-    if not multi:
-        return
-    matrices = [model.get_input_embeddings().weight]
-    output = model.get_output_embeddings()
-    if output is not None and output.weight.data_ptr() != matrices[0].data_ptr():
-        matrices.append(output.weight)
-    with torch.no_grad():
-        for weight in matrices:
-            for token, row in multi:
-                numbers = re.findall(r"\d+", token)
-                total, weights = 0.0, 0.0
-                for j, number in enumerate(numbers):
-                    pieces = tokenizer.hf(number, add_special_tokens=False)["input_ids"]
-                    pieces = [p for p in pieces if p < original]
-                    if pieces:
-                        w = float(len(numbers) - j)
-                        total = total + w * weight[pieces].float().mean(0)
-                        weights += w
-                if weights:
-                    weight[row] = (total / weights).to(weight.dtype)
 
 
 # -- tokenizer --------------------------------------------------------------------------------

@@ -591,9 +591,12 @@ def _add_embedding_rows(model: PreTrainedModel, tokenizer, added: Sequence[str])
     A location token ``<loc_bin_512>`` begins as the mean embedding of the
     tokens of its number (``"512"``), in the input embeddings and, when untied,
     the output embeddings: new bins then start ordered and distinct rather than
-    all equal or random. A token without a number gets the mean of the original
-    rows. The rule is deterministic, so a base model reopened under a saved LoRA
-    adapter gets the same rows back.
+    all equal or random. A token with several numbers (``<bin_3_7>``: row 3,
+    column 7) takes a weighted mean of its numbers' piece means, weights
+    ``k, k-1, ..., 1`` (2/3 row + 1/3 column), so it differs from ``<bin_7_3>`` and
+    cells of one row start close. A token without a number gets the mean of the
+    original rows. The rule is deterministic, so a base model reopened under a
+    saved LoRA adapter gets the same rows back.
     """
     old = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > old:
@@ -608,10 +611,12 @@ def _add_embedding_rows(model: PreTrainedModel, tokenizer, added: Sequence[str])
         for weight in matrices:
             mean = weight[:original].float().mean(0)
             for token, row in zip(added, rows, strict=True):
-                number = re.findall(r"\d+", token)
-                pieces = (
-                    tokenizer(number[-1], add_special_tokens=False)["input_ids"] if number else []
-                )
-                pieces = [p for p in pieces if p < original]
-                init = weight[pieces].float().mean(0) if pieces else mean
-                weight[row] = init.to(weight.dtype)
+                numbers = re.findall(r"\d+", token)
+                total, weights = torch.zeros_like(mean), 0.0
+                for j, number in enumerate(numbers):
+                    pieces = tokenizer(number, add_special_tokens=False)["input_ids"]
+                    pieces = [p for p in pieces if p < original]
+                    if pieces:
+                        total += (len(numbers) - j) * weight[pieces].float().mean(0)
+                        weights += len(numbers) - j
+                weight[row] = (total / weights if weights else mean).to(weight.dtype)
