@@ -94,6 +94,16 @@ def test_feature_cache_hits_misses_and_invalidation(adapter, samples):
     model.freeze(["vision"])
 
 
+def test_features_cached_under_autocast_serve_a_float32_call(adapter, samples):
+    model = adapter.model
+    model.freeze(["vision"])
+    model.vision.cache.clear()
+    batch = adapter.collate(samples[:2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.embed(batch["input_ids"], batch["pixel_values"])
+    assert model.embed(batch["input_ids"], batch["pixel_values"]).dtype == torch.float32
+
+
 def test_cache_is_bounded():
     from loctune.models.timm_encoder import FeatureCache
 

@@ -50,7 +50,7 @@ class FeatureCache:
         missing = [i for i, key in enumerate(keys) if key not in self.entries]
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
-        rows: list[torch.Tensor | None] = [None] * len(keys)
+        rows: list[torch.Tensor] = [pixels.new_empty(0)] * len(keys)
         for i, key in enumerate(keys):
             if key in self.entries:
                 self.entries.move_to_end(key)
@@ -59,12 +59,14 @@ class FeatureCache:
             with torch.no_grad():
                 fresh = encode(pixels[missing])
             for i, features in zip(missing, fresh, strict=True):
-                rows[i] = features
                 self._put(keys[i], features)
+                rows[i] = self.entries.get(keys[i], features.float())
         return torch.stack(rows)
 
     def _put(self, key: tuple, features: torch.Tensor) -> None:
-        features = features.detach().clone()  # not a view into the batch
+        # a copy, not a view into the batch; float32 whatever autocast computed it in, so a
+        # later call without autocast gets what it would have computed itself
+        features = features.detach().float().clone()
         self.entries[key] = features
         self.bytes += features.numel() * features.element_size()
         while self.bytes > self.max_bytes and len(self.entries) > 1:
