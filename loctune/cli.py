@@ -154,13 +154,8 @@ def cmd_train(args) -> int:
 
 
 def _open_model(args, train_samples, seed: int):
-    """``small`` builds a fresh small VLM (weights from ``seed``); else a checkpoint or hub id."""
-    if args.model.startswith("small"):
-        from loctune.models.small_vlm_adapter import SmallVLMAdapter
-
-        preset = args.model.partition(":")[2] or "small"
-        return SmallVLMAdapter.build(args.codec or "rowcol", samples=train_samples, config=preset,
-                                     codec_kwargs={"grid": args.grid}, seed=seed)
+    """A checkpoint folder or shipped name; ``small[:preset]`` builds a fresh small VLM (weights
+    from ``seed``, pretrained parts where the preset names them); else a hub id."""
     from loctune.models import load_model
     from loctune.models.checkpoints import resolve_checkpoint
     from loctune.models.small_vlm_adapter import ADAPTER_FILE, SmallVLMAdapter
@@ -176,6 +171,10 @@ def _open_model(args, train_samples, seed: int):
         config = adapter.model.config
         adapter.model.config = replace(config, trained_on=(*config.trained_on, args.data))
         return adapter
+    if args.model == "small" or args.model.startswith("small:"):
+        preset = args.model.partition(":")[2] or "small"
+        return SmallVLMAdapter.build(args.codec or "rowcol", samples=train_samples, config=preset,
+                                     codec_kwargs={"grid": args.grid}, seed=seed)
     options = {}
     if args.lora:
         options["lora"] = {"r": args.lora, "qlora": args.qlora}

@@ -1,6 +1,7 @@
 """The small VLM on a pretrained timm backbone: features, cache, vocabulary, saving, pretraining."""
 
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -214,7 +215,10 @@ def test_stage_three_train_eval_predict_from_the_checkpoint(pretrained, tmp_path
                      "box": [10 + i, 10, 40, 30], "split": split})
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     runs = tmp_path / "runs"
-    assert main(["train", "--model", str(pretrained / "model"), "--data", str(data),
+    # a folder whose name starts with "small" is still a checkpoint, not a preset
+    checkpoint = tmp_path / "small_runs" / "exp"
+    shutil.copytree(pretrained / "model", checkpoint)
+    assert main(["train", "--model", str(checkpoint), "--data", str(data),
                  "--project", str(runs), "--steps", "2", "--batch", "2",
                  "--max-new-tokens", "6", "freeze=[vision.*]"]) == 0
     assert "added" in capsys.readouterr().out  # "zebra" is new
