@@ -203,7 +203,9 @@ def _background(rng: np.random.Generator, cfg: SyntheticConfig) -> np.ndarray:
     yy, xx = np.mgrid[0:s, 0:s] / s - 0.5
     ramp = (xx * direction[0] + yy * direction[1])[..., None] * rng.uniform(0, 60)
     pixels = base + ramp
-    if str(rng.choice(cfg.backgrounds)) == "texture":
+    # one background kind draws nothing, so the default scenes are those of earlier versions
+    kind = cfg.backgrounds[0] if len(cfg.backgrounds) == 1 else str(rng.choice(cfg.backgrounds))
+    if kind == "texture":
         pixels = pixels + _texture(rng, s)[..., None] * rng.uniform(15, 45)
     img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)

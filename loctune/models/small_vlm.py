@@ -71,6 +71,9 @@ class SmallVLMConfig:
     # added to the LM's vocabulary (text_new_tokens, set at build) still train in full
     text_lora: int = 0
     text_new_tokens: tuple[int, ...] = ()
+    # how a fresh own decoder's location-token rows start: "random" like every other row, or
+    # "sincos", a smooth code of the token's position (loctune.models.small_vlm.init_location_rows)
+    location_init: str = "random"
     vocab_size: int = 0  # set from the tokenizer
     image_token_id: int = 5  # id of the <image> placeholder in the tokenizer
     text_width: int = 128
@@ -94,6 +97,7 @@ class SmallVLMConfig:
         choices = {
             "vision_stem": ("conv", "patch", "timm"),
             "vision_pretrained": ("packaged", "hub", "none"),
+            "location_init": ("random", "sincos"),
             "vision_positions": ("sincos", "learned"),
             "projector": ("mlp", "linear"),
         }
@@ -194,6 +198,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         image_std=(0.5, 0.5, 0.5),
         pixel_shuffle=2,
         projector_positions=True,
+        location_init="sincos",
         text_width=256,
         text_depth=4,
         text_heads=4,

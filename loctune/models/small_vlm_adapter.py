@@ -182,7 +182,7 @@ class SmallVLMAdapter(VLMAdapter):
                 base, vocab_size=len(tokenizer), image_token_id=tokenizer.image_id
             )
             model = SmallVLM(model_config, text_lm=lm, pretrained_vision=True)
-            if lm is None and codec.space is not None:
+            if lm is None and codec.space is not None and base.location_init == "sincos":
                 init_location_rows(
                     model.input_embeddings().weight,
                     tokenizer.convert_tokens_to_ids(codec.location_tokens),
