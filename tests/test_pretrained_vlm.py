@@ -99,10 +99,15 @@ def test_features_cached_under_autocast_serve_a_float32_call(adapter, samples):
     model = adapter.model
     model.freeze(["vision"])
     model.vision.cache.clear()
+    model.vision.cache.hits = model.vision.cache.misses = 0
     batch = adapter.collate(samples[:2])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model.embed(batch["input_ids"], batch["pixel_values"])
-    assert model.embed(batch["input_ids"], batch["pixel_values"]).dtype == torch.float32
+    # a full-precision call neither fails on bf16 features nor reuses them
+    full = model.embed(batch["input_ids"], batch["pixel_values"])
+    assert full.dtype == torch.float32 and model.vision.cache.misses == 4
+    model.vision.cache.clear()
+    torch.testing.assert_close(model.embed(batch["input_ids"], batch["pixel_values"]), full)
 
 
 def test_cache_is_bounded():

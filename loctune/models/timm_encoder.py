@@ -9,7 +9,7 @@ A frozen backbone gives the same features for the same pixels every step, and on
 a CPU it costs more than the rest of the model, so its outputs are cached per
 image. The key is a digest of the pre-processed pixels, so a change of image,
 size or normalisation misses, plus the version counters of the backbone's
-tensors, so loading or training weights invalidates the cache.
+tensors, so loading or training weights invalidates the cache, and the autocast dtype.
 """
 
 from __future__ import annotations
@@ -148,5 +148,11 @@ class TimmEncoder(nn.Module):
         return merged.flatten(2).transpose(1, 2)
 
     def _weights_version(self) -> int:
+        """Changes when any backbone tensor is replaced or written, or autocast is switched
+        (features computed in bf16 are not the float32 ones)."""
         tensors = [*self.backbone.parameters(), *self.backbone.buffers()]
-        return hash(tuple((t.data_ptr(), t._version) for t in tensors))
+        device = tensors[0].device.type
+        precision = (
+            torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        )
+        return hash((precision, *((t.data_ptr(), t._version) for t in tensors)))
