@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from loctune.types import Detection
 
-_COLORS = ["#ff00ff", "#00c8ff", "#ffa000", "#00ff64", "#ff3232", "#ffff00"]
+_COLORS = ["#ff00ff", "#00c8ff", "#ffa000", "#ffff00", "#ff3232", "#b400ff"]
+TRUTH_COLOR = "#00ff00"
 
 
 def draw_detections(
@@ -17,27 +18,69 @@ def draw_detections(
     detections: Sequence[Detection | Mapping],
     path: str | Path | None = None,
     truth: Sequence[Sequence[float]] = (),
+    *,
+    truth_labels: Sequence[str] = (),
+    min_side: int = 320,
 ) -> Image.Image:
-    """A copy of ``image`` with predictions (coloured, labelled with score) and truth (green).
+    """A copy of ``image`` with predictions (a colour per label, tagged "label score") and truth (green).
 
     Detections may be :class:`Detection` objects or their dict form as written
-    to ``predictions.jsonl``; saved as PNG when ``path`` is given.
+    to ``predictions.jsonl``; boxes are in ``image``'s pixels. Images whose short
+    side is under ``min_side`` are enlarged first, so that labels stay readable on
+    a 64 px synthetic scene as on a photo; line width and text size follow the
+    drawn size. Saved as PNG when ``path`` is given.
     """
-    im = image.convert("RGB").copy()
-    draw = ImageDraw.Draw(im)
-    width = max(1, round(max(im.size) / 200))
-    for box in truth:
-        draw.rectangle(list(box), outline="#00ff00", width=width)
-    labels = {}
+    im = image.convert("RGB")
+    scale = max(1.0, min_side / min(im.size)) if min_side else 1.0
+    if scale > 1:
+        im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.BICUBIC)
+    else:
+        im = im.copy()
+    pen = _Pen(im)
+    for i, box in enumerate(truth):
+        label = truth_labels[i] if i < len(truth_labels) else ""
+        pen.box([c * scale for c in box], TRUTH_COLOR, label, below=True)
+    colors: dict[str, str] = {}
     for det in detections:
         label, box, score = (
             (det.label, det.box, det.score)
             if isinstance(det, Detection)
             else (det["label"], det["box"], det.get("score", 1.0))
         )
-        color = _COLORS[labels.setdefault(label, len(labels)) % len(_COLORS)]
-        draw.rectangle(list(box), outline=color, width=width)
-        draw.text((box[0] + 2, max(0, box[1] - 11)), f"{label} {score:.2f}", fill=color)
+        color = colors.setdefault(label, _COLORS[len(colors) % len(_COLORS)])
+        pen.box([c * scale for c in box], color, f"{label} {score:.2f}")
     if path is not None:
         im.save(path)
     return im
+
+
+class _Pen:
+    """Box outlines with tags on a filled background, sized from the image."""
+
+    def __init__(self, im: Image.Image):
+        self.draw = ImageDraw.Draw(im)
+        self.size = im.size
+        self.width = max(2, round(max(im.size) / 250))
+        self.font = ImageFont.load_default(size=max(12, round(min(im.size) * 0.04)))
+
+    def box(self, box: Sequence[float], color: str, label: str, below: bool = False) -> None:
+        x0, y0, x1, y1 = box
+        self.draw.rectangle([x0, y0, x1, y1], outline=color, width=self.width)
+        if not label:
+            return
+        left, top, right, bottom = self.draw.textbbox((0, 0), label, font=self.font)
+        w, h = right - left + 2 * self.width, bottom - top + 2 * self.width
+        x = min(max(0.0, x0), max(0.0, self.size[0] - w))
+        if below:  # truth tags go under the box so they never cover a prediction's tag
+            y = y1 if y1 + h <= self.size[1] else y1 - h
+        else:
+            y = y0 - h if y0 - h >= 0 else y0
+        self.draw.rectangle([x, y, x + w, y + h], fill=color)
+        self.draw.text((x + self.width - left, y + self.width - top), label, font=self.font,
+                       fill=_ink(color))
+
+
+def _ink(color: str) -> str:
+    """Black or white, whichever reads better on ``color`` (a ``#rrggbb`` string)."""
+    r, g, b = (int(color[i : i + 2], 16) for i in (1, 3, 5))
+    return "#000000" if 0.299 * r + 0.587 * g + 0.114 * b > 140 else "#ffffff"
