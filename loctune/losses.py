@@ -68,8 +68,17 @@ class LossConfig:
     positions, CE elsewhere) or ``gem`` (GEM at location positions, with
     ``targets``; text positions get CE, or GEM too with ``gem_scope="all"``).
     At location positions the target is ``hard_weight * one_hot + soft_weight *
-    targets``: DIST2Loss is ``soft_ce`` with Gaussian targets, ``hard_weight=1,
-    soft_weight=0.1`` (preset ``"dist2"``). GEM normalises that mixture.
+    targets``: DIST2Loss (arXiv 2503.02379) is ``soft_ce`` with Gaussian targets,
+    ``hard_weight=1, soft_weight=0.1`` and ``soft_kl=True`` (preset ``"dist2"``): the
+    soft part is then reported as ``soft_weight * KL(t || p)``, CE's ``-Σ t log p``
+    less the target's entropy, a constant, so the gradient is the same. GEM normalises
+    that mixture. ``emd_weight`` adds, at location positions, that weight times the
+    earth-mover (Wasserstein-1) distance between the model's location distribution
+    (the softmax over the location tokens only) and the true location, a Dirac, for
+    which it is the expected distance ``Σ_k p_k d(k, y)`` under any ground metric: on
+    the 2-D grid of patch-index codecs too (``d`` from :meth:`LocationSpace.distance`,
+    divided by the axis length ``n``). That is the number-token-loss idea (arXiv
+    2411.02083, NTL-WAS) over location bins, preset ``"wasserstein"``.
     ``chunk_elements`` bounds the logits processed at once (rows x vocab; 2**26 is
     256 MiB of fp32); ``fused_chunk_rows`` is the least number of rows per chunk of
     :meth:`LocationLoss.fused_linear`, whose every chunk also reads and writes the
@@ -87,6 +96,8 @@ class LossConfig:
     chunk_elements: int = 1 << 26
     fused_chunk_rows: int = 1024
     kernel: str = "auto"
+    soft_kl: bool = False
+    emd_weight: float = 0.0
 
     def __post_init__(self):
         if self.name not in LOSS_NAMES:
@@ -106,6 +117,10 @@ class LossConfig:
                 "LossConfig.hard_weight and soft_weight must be >= 0 with a positive sum, got "
                 f"{self.hard_weight} and {self.soft_weight}"
             )
+        if self.soft_kl and self.name != "soft_ce":
+            raise ValueError(f"LossConfig.soft_kl is a soft_ce option, got name {self.name!r}")
+        if not self.emd_weight >= 0:
+            raise ValueError(f"LossConfig.emd_weight must be >= 0, got {self.emd_weight}")
         for name in ("chunk_elements", "fused_chunk_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"LossConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -150,6 +165,9 @@ class _Plan:
     chunk_elements: int
     fused_chunk_rows: int
     kernel: str
+    offset: float = 0.0  # constant added to the summed loss: -entropy of KL targets
+    loc_rows: torch.Tensor | None = None  # rows at location positions (for emd_weight)
+    loc_index: torch.Tensor | None = None  # their true location
 
     @property
     def sig_k(self) -> float | None:
@@ -466,10 +484,10 @@ class LocationLoss:
         ids = self.loc_token_ids
         if ids.numel() and (int(ids.min()) < 0 or ids.unique().numel() != ids.numel()):
             raise ValueError("loc_token_ids must be distinct, non-negative vocabulary ids")
-        if config.name != "ce" and (space is None or not ids.numel()):
+        if (config.name != "ce" or config.emd_weight) and (space is None or not ids.numel()):
             raise ValueError(
                 f"loss {config.name!r} needs location tokens; this codec writes coordinates as text "
-                "(use name='ce')"
+                "(use name='ce' without emd_weight)"
             )
         if space is not None and ids.numel() and ids.numel() != space.size:
             raise ValueError(
@@ -504,7 +522,11 @@ class LocationLoss:
         plan = self._plan(flat.shape[1], labels.reshape(-1), continuous, num_items_in_batch)
         if plan.kernel == "triton":  # the kernels walk rows with unit column stride
             flat = flat.contiguous()
-        return _LogitsLoss.apply(flat, plan)
+        loss = _LogitsLoss.apply(flat, plan)
+        if plan.loc_rows is not None:
+            loc_logits = flat.index_select(0, plan.loc_rows)[:, plan.loc_ids]
+            loss = loss + self._emd(loc_logits, plan)
+        return loss + plan.offset * plan.scale
 
     def fused_linear(
         self,
@@ -531,7 +553,14 @@ class LocationLoss:
         labels, continuous = self._align(labels.to(hidden.device), continuous, shift)
         flat = hidden.reshape(-1, hidden.shape[-1])
         plan = self._plan(weight.shape[0], labels.reshape(-1), continuous, num_items_in_batch)
-        return _FusedLinearLoss.apply(flat, weight, bias, plan)
+        loss = _FusedLinearLoss.apply(flat, weight, bias, plan)
+        if plan.loc_rows is not None:
+            ids = plan.loc_ids
+            loc_logits = F.linear(
+                flat.index_select(0, plan.loc_rows), weight[ids], None if bias is None else bias[ids]
+            )
+            loss = loss + self._emd(loc_logits, plan)
+        return loss + plan.offset * plan.scale
 
     def compute_loss_func(self, shift: bool = True) -> Callable:
         """Drop-in for ``transformers.Trainer(compute_loss_func=...)``.
@@ -561,6 +590,12 @@ class LocationLoss:
         return torch.where(labels >= 0, self._lookup[key][labels.clamp(min=0)], -1)
 
     # -- internals -----------------------------------------------------------------------
+
+    def _emd(self, loc_logits: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        """``emd_weight`` times the summed W1 to the true location, over the plan's denominator."""
+        p = torch.softmax(loc_logits.to(_compute_dtype(loc_logits.dtype)), dim=-1)
+        d = self.space.distance(plan.loc_index).to(p.dtype) / self.space.n
+        return self.config.emd_weight * plan.scale * torch.linalg.vecdot(p, d).sum()
 
     @staticmethod
     def _align(labels, continuous, shift: bool):
@@ -597,11 +632,17 @@ class LocationLoss:
         loc_mode = "gem" if cfg.name == "gem" else "ce"
         text_mode = "gem" if cfg.name == "gem" and cfg.gem_scope == "all" else "ce"
         is_loc = torch.zeros_like(valid)
-        if cfg.name != "ce":
+        offset, emd_rows, emd_index = 0.0, None, None
+        if cfg.name != "ce" or cfg.emd_weight:
             loc_index = self.location_index(labels, vocab)
             is_loc = valid & (loc_index >= 0)
             loc_rows = is_loc.nonzero().squeeze(1)
+            if cfg.emd_weight and loc_rows.numel():
+                emd_rows, emd_index = loc_rows, loc_index[loc_rows]
+        if cfg.name != "ce":
             a, t = self._location_targets(loc_index[loc_rows], continuous, loc_rows)
+            if cfg.soft_kl and t is not None:  # Σ t log(t / w) = w Σ t' log t' for t = w t'
+                offset = float(torch.special.xlogy(t, t / cfg.soft_weight).sum())
             hard[loc_rows] = a
             mass[loc_rows] = a + (t.sum(1) if t is not None else 0.0)
             if loc_mode == "gem":  # GEM matches a distribution: normalise the mixture
@@ -634,6 +675,9 @@ class LocationLoss:
             cfg.chunk_elements,
             cfg.fused_chunk_rows,
             _resolve_kernel(cfg.kernel, device),
+            offset,
+            emd_rows,
+            emd_index,
         )
 
     def _location_targets(self, index, continuous, loc_rows):
@@ -671,7 +715,10 @@ for _name, _config in {
     "gaussian": LossConfig("soft_ce", TargetSpec("gaussian")),
     "label_smoothing": LossConfig("soft_ce", TargetSpec("label_smoothing")),
     "two_bin": LossConfig("soft_ce", TargetSpec("two_bin")),
-    "dist2": LossConfig("soft_ce", TargetSpec("gaussian"), hard_weight=1.0, soft_weight=0.1),
+    "dist2": LossConfig(
+        "soft_ce", TargetSpec("gaussian"), hard_weight=1.0, soft_weight=0.1, soft_kl=True
+    ),
+    "wasserstein": LossConfig("ce", emd_weight=1.0),
     "gem": LossConfig("gem"),
     "gem_distance_inverse": LossConfig("gem", TargetSpec("distance_inverse")),
 }.items():

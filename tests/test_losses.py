@@ -55,6 +55,12 @@ def ref_soft_ce(logits, labels, spec, cfg=None):
     t = dense_targets(lab, spec, cfg)
     valid = lab != -100
     per = t.sum(1) * torch.logsumexp(z, 1) - (t * z).sum(1)
+    if cfg is not None and cfg.soft_kl:  # DIST2Loss as written: CE + w KL(t' || p) at locations
+        logp = torch.log_softmax(z, 1)
+        ce = -logp.gather(1, lab.clamp(min=0)[:, None]).squeeze(1)
+        t_loc = dense_targets(lab, spec)[:, LOC0 : LOC0 + N_LOC]
+        kl = F.kl_div(logp[:, LOC0 : LOC0 + N_LOC], t_loc, reduction="none").sum(1)
+        per = torch.where(lab >= LOC0, cfg.hard_weight * ce + cfg.soft_weight * kl, per)
     return per[valid].sum() / valid.sum()
 
 
@@ -362,3 +368,81 @@ def test_loss_spec_strings_carry_overrides():
         loss_config("gem:temperature=2")
     with pytest.raises(KeyError, match="unknown loss 'gemm'"):
         loss_config("gemm:beta=2")
+
+
+# -- the earth-mover term (preset "wasserstein") ------------------------------------------
+
+
+def cdf_w1(p_loc, y):
+    """1-D W1 to a Dirac from the CDFs, Σ_k |F(k) - 1[k >= y]|: the textbook form."""
+    cdf = p_loc.cumsum(-1)
+    step = (torch.arange(p_loc.shape[-1]) >= y).double()
+    return (cdf - step).abs().sum(-1)
+
+
+def test_wasserstein_adds_the_cdf_w1_to_ce_on_bins():
+    logits, labels = batch(3)
+    cfg = loss_config("wasserstein", emd_weight=0.7)
+    w, g_w = grads(lambda: LocationLoss(cfg, LOC_IDS, SPACE)(logits, labels), logits)
+    z, lab = logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1)
+
+    def ref():
+        terms = [
+            cdf_w1(torch.softmax(z[i, LOC0 : LOC0 + N_LOC], -1), y - LOC0) / N_LOC
+            for i, y in enumerate(lab.tolist()) if y >= LOC0
+        ]
+        return ref_soft_ce(logits, labels, None) + 0.7 * torch.stack(terms).sum() / (lab != -100).sum()
+
+    r, g_r = grads(ref, logits)
+    torch.testing.assert_close(w, r)
+    torch.testing.assert_close(g_w, g_r)
+
+
+def test_wasserstein_on_the_patch_grid_is_the_expected_euclidean_distance():
+    n = 4  # a 4 x 4 grid of 16 cells at ids 20..35
+    grid = LocationSpace("grid", n)
+    logits, labels = batch(5)
+    loss = LocationLoss(loss_config("wasserstein"), LOC_IDS, grid)
+    z, lab = logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1)
+    rc = torch.tensor([[k // n, k % n] for k in range(16)], dtype=torch.float64)
+    terms = [
+        (torch.softmax(z[i, LOC0 : LOC0 + N_LOC], -1) * (rc - rc[y - LOC0]).norm(dim=1)).sum() / n
+        for i, y in enumerate(lab.tolist()) if y >= LOC0
+    ]
+    expected = ref_soft_ce(logits, labels, None) + torch.stack(terms).sum() / (lab != -100).sum()
+    torch.testing.assert_close(loss(logits, labels), expected)
+
+
+def test_wasserstein_tells_a_near_miss_from_a_far_one_where_ce_cannot():
+    logits = torch.full((1, 2, V), -5.0, dtype=torch.float64)
+    labels = torch.tensor([[-100, LOC0 + 5]])
+    near, far = logits.clone(), logits.clone()
+    near[0, 0, LOC0 + 6] = 5.0
+    far[0, 0, LOC0 + 15] = 5.0
+    ce, emd = build_loss("ce", LOC_IDS, SPACE), build_loss("wasserstein", LOC_IDS, SPACE)
+    torch.testing.assert_close(ce(near, labels), ce(far, labels))
+    assert emd(near, labels) < emd(far, labels) - 0.5
+
+
+def test_wasserstein_fused_linear_equals_unfused():
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(2, 6, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    _, labels = batch(4, b=2, s=6)
+    loss = build_loss("gem", LOC_IDS, SPACE, emd_weight=0.5)
+    a = loss.fused_linear(hidden, weight, labels, shift=True)
+    ga = torch.autograd.grad(a, (hidden, weight))
+    b = loss(hidden @ weight.T, labels)
+    gb = torch.autograd.grad(b, (hidden, weight))
+    torch.testing.assert_close(a, b)
+    for x, y in zip(ga, gb, strict=True):
+        torch.testing.assert_close(x, y)
+
+
+def test_loss_options_are_checked():
+    with pytest.raises(ValueError, match="soft_kl is a soft_ce option"):
+        LossConfig("gem", soft_kl=True)
+    with pytest.raises(ValueError, match="emd_weight must be >= 0"):
+        LossConfig("ce", emd_weight=-1)
+    with pytest.raises(ValueError, match="needs location tokens"):
+        LocationLoss(loss_config("wasserstein"), [], None)
