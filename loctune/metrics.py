@@ -265,6 +265,24 @@ def _coco_annotations(
     return anns
 
 
+def duplicate_box_rate(preds: Sequence[Sequence[Detection]], iou_threshold: float = 0.95) -> float:
+    """Share of predicted boxes that repeat an earlier box of the same answer.
+
+    Emitting one object twice is a known failure of fine-tuned VLMs; AP hides it
+    behind a false positive. A box repeats another when their IoU reaches
+    ``iou_threshold`` (0.95 catches token-identical boxes and one-bin jitter),
+    whatever the labels say. No boxes at all gives 0.
+    """
+    n_boxes = sum(len(p) for p in preds)
+    repeats = 0
+    for detections in preds:
+        if len(detections) < 2:
+            continue
+        ious = iou_matrix([d.box for d in detections], [d.box for d in detections])
+        repeats += int((ious.tril(-1) >= iou_threshold).any(1).sum())
+    return repeats / n_boxes if n_boxes else 0.0
+
+
 def location_entropy(probs: torch.Tensor) -> torch.Tensor:
     """Entropy in nats of each row of ``probs [..., n_loc]`` renormalised to sum to 1.
 

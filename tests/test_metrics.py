@@ -63,3 +63,12 @@ def test_no_detections_and_no_truth():
     assert math.isnan(evaluate_detections([[D("cat", (0, 0, 1, 1), 0.5)]], [[]]).stats["ap"])
     with pytest.raises(ValueError, match="crowd lists"):
         evaluate_detections([[]], [[]], crowd=[[], []])
+
+
+def test_duplicate_box_rate_counts_boxes_that_repeat_an_earlier_one():
+    from loctune.metrics import duplicate_box_rate
+
+    answer = [D("cat", (0, 0, 10, 10)), D("cat", (0, 0, 10, 10)), D("dog", (0, 0, 10, 10.2)), D("cat", (50, 50, 60, 60))]
+    assert duplicate_box_rate([answer, [D("cat", (0, 0, 10, 10))]]) == pytest.approx(2 / 5)
+    assert duplicate_box_rate([[D("a", (0, 0, 10, 10)), D("a", (5, 0, 15, 10))]]) == 0.0
+    assert duplicate_box_rate([[], []]) == 0.0
