@@ -11,7 +11,18 @@ from typing import Any
 from loctune.data.coco import read_coco
 from loctune.data.common import SampleSet, detection_prompt
 from loctune.data.csv_boxes import read_csv_boxes
-from loctune.data.loaders import FORMATS, detect_format, load_dataset, raccoon, shared_data_dir
+from loctune.data.loaders import (
+    FORMATS,
+    NAMED_SETS,
+    bccd,
+    detect_format,
+    load_dataset,
+    microcontroller,
+    named_set,
+    neu_det,
+    raccoon,
+    shared_data_dir,
+)
 from loctune.data.refcoco import read_refcoco, read_referring_jsonl
 from loctune.data.splits import dataset_splits, split_by_image, split_samples
 from loctune.data.validate import DataError, Issue, ValidationReport, Validator
@@ -30,6 +41,11 @@ __all__ = [
     "detection_prompt",
     "load_dataset",
     "raccoon",
+    "bccd",
+    "microcontroller",
+    "neu_det",
+    "named_set",
+    "NAMED_SETS",
     "read_coco",
     "read_csv_boxes",
     "read_hf",

@@ -1,4 +1,4 @@
-"""One entry point for every reader, and the raccoon dataset used by the study.
+"""One entry point for every reader, and the named real sets of shared/data (raccoon, bccd, ...).
 
 :func:`load_dataset` picks the reader from the path:
 
@@ -138,13 +138,86 @@ def raccoon(split: str = "all", root: str | os.PathLike | None = None, **options
     return load_dataset(spec, "csv", image_root=root / "images", classes=["raccoon"], **options)
 
 
+def bccd(split: str = "all", root: str | os.PathLike | None = None, **options: Any) -> SampleSet:
+    """BCCD blood cells (364 images, 3 classes, many small overlapping boxes), with the original
+    split of ``ImageSets/Main``: ``train`` is its ``trainval`` (292 images), ``test`` 72."""
+    root = _named_root("bccd", root, "Annotations")
+    stems = {s: root / "ImageSets" / "Main" / f"{f}.txt" for s, f in
+             (("train", "trainval"), ("test", "test"))}
+
+    def read(name: str) -> SampleSet:
+        names = stems[name].read_text(encoding="utf-8").split()
+        files = [root / "Annotations" / f"{stem}.xml" for stem in names]
+        return read_voc(files, root / "JPEGImages", classes=BCCD_CLASSES, **options)
+
+    return _merge_splits({s: read(s) for s in _wanted(split, stems)}, str(root), options)
+
+
+def microcontroller(
+    split: str = "all", root: str | os.PathLike | None = None, **options: Any
+) -> SampleSet:
+    """Four kinds of development board (149 photos, fine-grained classes), with the original
+    142/7 ``train``/``test`` split; the VOC files lie beside their images."""
+    root = _named_root("microcontroller", root, "train")
+    parts = {s: read_voc(root / s, classes=MICROCONTROLLER_CLASSES, **options)
+             for s in _wanted(split, ("train", "test"))}
+    return _merge_splits(parts, str(root), options)
+
+
+def neu_det(split: str = "all", root: str | os.PathLike | None = None, **options: Any) -> SampleSet:
+    """NEU-DET steel surface defects (1,800 grayscale 200 px images, 6 types, every image
+    defective): ``train`` is ``IMAGES``/``ANNOTATIONS`` (1,770), ``test`` the held-aside
+    ``Validation_*`` (30, five per type)."""
+    root = _named_root("neu-det", root, "ANNOTATIONS")
+    folders = {"train": ("ANNOTATIONS", "IMAGES"),
+               "test": ("Validation_Annotations", "Validation_Images")}
+    parts = {s: read_voc(root / folders[s][0], root / folders[s][1], classes=NEU_DET_CLASSES,
+                         **options) for s in _wanted(split, folders)}
+    return _merge_splits(parts, str(root), options)
+
+
+BCCD_CLASSES = ("RBC", "WBC", "Platelets")
+MICROCONTROLLER_CLASSES = ("Arduino_Nano", "ESP8266", "Heltec_ESP32_Lora", "Raspberry_Pi_3")
+NEU_DET_CLASSES = (
+    "crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches"
+)
+NAMED_SETS = {"raccoon": raccoon, "bccd": bccd, "microcontroller": microcontroller,
+              "neu-det": neu_det}
+
+
+def named_set(name: str, split: str = "all", root: str | os.PathLike | None = None,
+              **options: Any) -> SampleSet:
+    """A real set of ``shared/data`` by name (:data:`NAMED_SETS`), with its original split."""
+    if name not in NAMED_SETS:
+        raise ValueError(f"unknown dataset {name!r}; named sets are {sorted(NAMED_SETS)}")
+    return NAMED_SETS[name](split, root=root, **options)
+
+
+def _named_root(name: str, root: str | os.PathLike | None, marker: str) -> Path:
+    root = Path(root) if root else shared_data_dir() / name
+    if not (root / marker).is_dir():
+        raise FileNotFoundError(f"{name} dataset not found at {root} (expected {marker}/); pass root=")
+    return root
+
+
+def _wanted(split: str, splits) -> list[str]:
+    if split not in (*splits, "all"):
+        raise ValueError(f"split must be one of {[*splits, 'all']}, got {split!r}")
+    return list(splits) if split == "all" else [split]
+
+
 def _load_splits(
     spec: Mapping[str, str | os.PathLike], format: str | None, options: dict
 ) -> SampleSet:
     """Read one file per split and merge, tagging each sample with its split."""
     parts = {name: load_dataset(path, format, **options) for name, path in spec.items()}
+    return _merge_splits(parts, ", ".join(f"{n}={p}" for n, p in spec.items()), options)
+
+
+def _merge_splits(parts: Mapping[str, SampleSet], source: str, options: dict) -> SampleSet:
+    """One set from per-split sets, each sample's split in ``meta["split"]``."""
     samples, classes = [], []
-    report = ValidationReport(", ".join(f"{n}={p}" for n, p in spec.items()))
+    report = ValidationReport(source)
     report.on_error = options.get("on_error", "drop")
     for name, part in parts.items():
         for sample in part:

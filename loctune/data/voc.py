@@ -110,7 +110,7 @@ def _read_file(
             "malformed", f"{xml_file}: filename", "missing or empty <filename>", "sample"
         )
         return None
-    image_path = root / filename
+    image_path = _with_image_suffix(root / filename)
     if check_images and not validator.image_file(image_path, f"{xml_file}: filename"):
         return None
     size = _size(tree, xml_file, image_path, validator)
@@ -180,3 +180,16 @@ def _corners(obj: ET.Element, where: str, validator: Validator) -> tuple[float, 
 
 def _flag(obj: ET.Element, key: str) -> bool:
     return (obj.findtext(key) or "0").strip() not in ("0", "", "false", "False")
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def _with_image_suffix(path: Path) -> Path:
+    """``path``, or the one image beside it with its stem when ``<filename>`` has no suffix
+    (NEU-DET writes ``patches_104`` for ``patches_104.jpg``)."""
+    if path.suffix or path.exists():
+        return path
+    found = [path.with_name(path.name + s) for s in IMAGE_SUFFIXES
+             if path.with_name(path.name + s).is_file()]
+    return found[0] if len(found) == 1 else path
