@@ -38,7 +38,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "loctune.visualize": ("draw_detections",),
     "loctune.inspect": (
         "synthetic_inspection_set", "load_inspection_folder", "load_deeppcb", "tile_views",
-        "detections_from_crops", "MultiScaleEncoder", "PatchCore", "evaluate_few_shot",
+        "detections_from_crops", "MultiScaleEncoder", "PatchCore",
         "inspect_in_context", "evaluate_in_context", "ExampleSelector",
         "EpisodeAdapter", "training_episodes", "predict_episodes", "evaluate_patchcore_in_context",
         "InspectStudyConfig", "run_inspect_study",

@@ -277,14 +277,12 @@ def cmd_inspect_study(args) -> int:
 
 def cmd_inspect(args) -> int:
     """Few-shot inspection by in-context examples: verdicts for images, or ``--eval`` metrics."""
-    from loctune.inspect.icl import (
-        ExampleSelector,
-        Tiling,
-        evaluate_in_context,
-        inspect_in_context,
-        read_inspection_data,
-    )
+    from loctune.inspect.evaluation import evaluate_in_context
+    from loctune.inspect.folder import read_inspection_data
     from loctune.inspect.records import by_product, inspection_sample
+    from loctune.inspect.run import inspect_in_context
+    from loctune.inspect.selection import ExampleSelector
+    from loctune.inspect.tiling import Tiling
     from loctune.models import load_model
 
     if args.eval != bool(args.data) or args.eval == bool(args.examples or args.query):

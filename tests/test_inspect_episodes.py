@@ -11,28 +11,24 @@ import torch
 from PIL import Image
 
 from loctune.codecs import get_codec
+from loctune.inspect.answers import answer_target, answer_text
 from loctune.inspect.baseline import PatchCore
 from loctune.inspect.episodes import (
     EncoderFeatures,
-    Episode,
     EpisodeAdapter,
     episode_parts,
-    predict_episodes,
     training_episodes,
 )
-from loctune.inspect.icl import (
-    ICLPrediction,
-    Tiling,
-    answer_target,
-    answer_text,
-    evaluate_patchcore_in_context,
-    inspection_metrics,
-    prediction_from_answer,
-    select_examples,
-)
+from loctune.inspect.evaluation import evaluate_patchcore_in_context
+from loctune.inspect.metrics import inspection_metrics
+from loctune.inspect.prompts import Episode, build_prompt
 from loctune.inspect.records import inspection_sample, is_defective
+from loctune.inspect.run import ICLPrediction, predict_episodes, prediction_from_answer
+from loctune.inspect.selection import select_examples
 from loctune.inspect.synthetic import synthetic_inspection_set
-from loctune.models.small_vlm_adapter import Answer, SmallVLMAdapter
+from loctune.inspect.tiling import Tiling
+from loctune.models.base import Turn
+from loctune.models.small_vlm_adapter import Answer, SmallVLMAdapter, in_context_parts
 from loctune.models.tokenizer import WordTokenizer
 from loctune.types import Detection
 
@@ -280,7 +276,34 @@ def test_patchcore_in_context_fits_on_the_good_examples_the_vlm_sees(adapter, po
     for prediction, examples in zip(result.predictions, chosen, strict=True):
         assert prediction.examples == [e.image_id for e in examples if not is_defective(e)]
         assert len(prediction.examples) == 2
-    assert 0 <= result.metrics["auroc"] <= 1 and math.isnan(result.metrics["type_accuracy"])
+    assert result.metrics == inspection_metrics(result.predictions, pool) | {
+        "type_accuracy": pytest.approx(math.nan, nan_ok=True)
+    }
     one = evaluate_patchcore_in_context(pool, k=1, make_detector=make_detector, seed=5)
     assert math.isnan(one.metrics["accuracy"]) and not math.isnan(one.metrics["auroc"])
-    json.dumps(one.predictions[0].to_json())
+    record = json.loads(json.dumps(one.predictions[0].to_json()))
+    assert record["image_id"] == pool[0].image_id and record["text"] == ""
+    assert record["examples"] == one.predictions[0].examples
+
+
+def test_in_context_parts_lay_turns_out_as_the_small_vlm_was_trained(pool):
+    wood = [s for s in pool if s.meta["product"] == "wood"]
+    turns = build_prompt([wood[0], wood[5]], wood[6], CODEC, answer_query=True)
+    parts = in_context_parts(turns, supervise_examples=False)
+    image = [wood[0].load_image(), wood[5].load_image(), wood[6].load_image()]
+    example_text = f"{answer_text(wood[0], CODEC)} <eos>"
+    assert parts[:5] == ["<bos>", image[0], "<sep>", example_text, image[1]]
+    assert parts[-1] == Answer(turns[-1].answer, turns[-1].boxes)  # the query's, supervised
+    assert all(isinstance(p, Answer) for p in in_context_parts(turns, True)[3::3])
+    with pytest.raises(ValueError, match="turn 0: only the last turn"):
+        in_context_parts([Turn([image[0]]), *turns])
+
+
+def test_in_context_choices_must_be_words_of_the_vocabulary(adapter, pool):
+    turns = build_prompt([], pool[0], CODEC)
+    with pytest.raises(ValueError, match=r"choices: the small VLM's vocabulary lacks \['maybe'\]"):
+        adapter.generate_in_context([turns], ("good", "maybe"))
+    [answer] = adapter.generate_in_context([turns], ("good", "defective"), max_new_tokens=0)
+    assert answer.choice_logprobs == [pytest.approx(-math.log(2))] * 2  # nothing generated
+    with pytest.raises(NotImplementedError, match="EpisodeAdapter cannot answer"):
+        EpisodeAdapter(adapter).generate_in_context([turns])

@@ -11,19 +11,14 @@ import torch
 from PIL import Image
 
 from loctune.codecs import get_codec
-from loctune.inspect.icl import (
-    ExampleSelector,
-    PooledFeatures,
-    Tiling,
-    answer_text,
-    build_prompt,
-    evaluate_in_context,
-    inspect_in_context,
-    parse_answer,
-    similarity,
-)
+from loctune.inspect.answers import answer_text, parse_answer
+from loctune.inspect.evaluation import evaluate_in_context
+from loctune.inspect.prompts import build_prompt
 from loctune.inspect.records import inspection_sample, is_defective
+from loctune.inspect.run import inspect_in_context
+from loctune.inspect.selection import ExampleSelector, PooledFeatures, similarity
 from loctune.inspect.synthetic import synthetic_inspection_set
+from loctune.inspect.tiling import Tiling
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -54,27 +49,36 @@ def test_prompt_interleaves_examples_with_their_answers_then_the_query(pool):
     tile = _product(pool, "tile")
     query = tile[0]
     examples = ExampleSelector(tile, k=2, strategy="random").select(query)
-    prompt = build_prompt(examples, query, CODEC)
-    assert len(prompt.images) == 5
-    assert [m["role"] for m in prompt.messages] == ["user", "assistant"] * 2 * 2 + ["user"]
-    n_image_parts = sum(part["type"] == "image" for m in prompt.messages for part in m["content"])
-    assert n_image_parts == 5
-    answers = [m["content"][0]["text"] for m in prompt.messages if m["role"] == "assistant"]
-    assert answers == [answer_text(e, CODEC) for e in examples]
-    assert [a.split(":")[0] for a in answers] == ["good", "defective"] * 2
+    turns = build_prompt(examples, query, CODEC)
+    assert [len(t.images) for t in turns] == [1] * 5
+    answers = [t.answer for t in turns]
+    assert answers == [answer_text(e, CODEC) for e in examples] + [None]
+    assert [a.split(":")[0] for a in answers[:-1]] == ["good", "defective"] * 2
     assert answers[1].startswith(f"defective: {examples[1].meta['defect_type']} <bin_")
-    assert prompt.images[-1] is query.load_image()
+    assert turns[-1].images[-1] is query.load_image()
+    assert turns[-1].text == query.prompt
+
+
+def test_chat_adapter_renders_turns_as_user_assistant_pairs_then_the_query(pool, tiny_adapter):
+    tile = _product(pool, "tile")
+    turns = build_prompt(ExampleSelector(tile, k=2).select(tile[0]), tile[0], CODEC)
+    messages, images = tiny_adapter.in_context_messages(turns)
+    assert [m["role"] for m in messages] == ["user", "assistant"] * 2 * 2 + ["user"]
+    n_image_parts = sum(part["type"] == "image" for m in messages for part in m["content"])
+    assert n_image_parts == len(images) == 5
+    replies = [m["content"][0]["text"] for m in messages if m["role"] == "assistant"]
+    assert replies == [t.answer for t in turns[:-1]]
+    with pytest.raises(ValueError, match="query without one"):
+        tiny_adapter.in_context_messages(build_prompt([], tile[0], CODEC, answer_query=True))
 
 
 def test_tiled_prompt_shows_global_view_and_crops_with_the_layout(pool):
     tile = _product(pool, "tile")
     examples, query = tile[3:5], tile[0]
-    prompt = build_prompt(examples, query, CODEC, Tiling(2, 2, global_size=32))
-    assert len(prompt.images) == 3 * 5
-    assert prompt.images[0].size == (32, 32) and prompt.images[1].size == (32, 32)
-    first_turn = prompt.messages[0]["content"]
-    assert sum(p["type"] == "image" for p in first_turn) == 5
-    assert first_turn[-1]["text"].startswith("image 1: the whole image, downscaled.")
+    turns = build_prompt(examples, query, CODEC, Tiling(2, 2, global_size=32))
+    assert [len(t.images) for t in turns] == [5] * 3
+    assert turns[0].images[0].size == (32, 32) and turns[0].images[1].size == (32, 32)
+    assert turns[0].text.startswith("image 1: the whole image, downscaled.")
 
 
 @pytest.mark.parametrize("overlap", [0.0, 0.25])
@@ -83,8 +87,7 @@ def test_box_on_a_crop_maps_back_to_the_full_image_through_the_prompt(overlap):
     box = (130.0, 60.0, 170.0, 90.0)  # inside the bottom-right crop of a 2x2 grid
     sample = inspection_sample(image, "board", [box], ["scratch"])
     tiling = Tiling(2, 2, overlap=overlap, global_size=50)
-    prompt = build_prompt([sample], sample, CODEC, tiling)
-    answer = prompt.messages[1]["content"][0]["text"]
+    answer = build_prompt([sample], sample, CODEC, tiling)[0].answer
     assert answer.startswith("defective: scratch image 5: <bin_")
     parsed = parse_answer(answer, CODEC, image.size, tiling)
     assert parsed.defective and parsed.defect_type == "scratch"
@@ -185,8 +188,10 @@ def test_run_on_random_weights_parses_or_counts_and_scores_with_the_model(pool, 
     assert pred.defective == (parsed.defective if not parsed.malformed else pred.score >= 0.5)
     assert pred.examples == [e.image_id for e in examples]
     # the score is the model's preference at the first token where " good" and " defective" differ
-    prompt = build_prompt(examples, query, tiny_adapter.codec)
-    text = tiny_adapter.processor.apply_chat_template(prompt.messages, add_generation_prompt=True)
+    messages, images = tiny_adapter.in_context_messages(
+        build_prompt(examples, query, tiny_adapter.codec)
+    )
+    text = tiny_adapter.processor.apply_chat_template(messages, add_generation_prompt=True)
     assert text.count("<image>") == 3
     good, bad = (
         tiny_adapter.tokenizer(" " + word, add_special_tokens=False)["input_ids"]
@@ -194,7 +199,7 @@ def test_run_on_random_weights_parses_or_counts_and_scores_with_the_model(pool, 
     )
     n = next(i for i, (g, b) in enumerate(zip(good, bad, strict=False)) if g != b)
     assert n == 1  # this byte-level tokenizer writes the space as its own token: fed first
-    enc = tiny_adapter.processor(text=[text], images=[prompt.images], return_tensors="pt")
+    enc = tiny_adapter.processor(text=[text], images=[images], return_tensors="pt")
     enc["input_ids"] = torch.cat([enc["input_ids"], torch.tensor([good[:n]])], dim=1)
     enc["attention_mask"] = torch.ones_like(enc["input_ids"])
     with torch.no_grad():
@@ -208,11 +213,18 @@ def test_tiled_run_and_evaluation_metrics(pool, tiny_adapter):
     result = evaluate_in_context(
         tiny_adapter, tile[2:4], tile, k=1, tiling=Tiling(1, 2, global_size=32), max_new_tokens=6
     )
-    metrics = result.metrics
-    assert metrics["n_queries"] == 2
-    assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["auroc"] <= 1.0
-    assert metrics["malformed_rate"] == np.mean([p.malformed for p in result.predictions])
+    metrics, predictions = result.metrics, result.predictions
+    assert metrics["n_queries"] == 2 and [p.image_id for p in predictions] == [
+        q.image_id for q in tile[2:4]
+    ]
+    right = [p.defective == is_defective(q) for p, q in zip(predictions, tile[2:4], strict=True)]
+    assert metrics["accuracy"] == np.mean(right)
+    assert metrics["malformed_rate"] == np.mean([p.malformed for p in predictions])
     assert set(metrics) >= {"f1", "loc_acc50", "type_accuracy", "auroc_per_product"}
+    # every tiled prompt showed the global view and two crops per turn, read by the same parser
+    for p, query in zip(predictions, tile[2:4], strict=True):
+        parsed = parse_answer(p.text, CODEC, query.image_size, Tiling(1, 2, global_size=32))
+        assert (p.malformed, p.detections) == (parsed.malformed, parsed.detections)
 
 
 def _write_folder(root, pool):
@@ -273,3 +285,19 @@ def test_cli_writes_predictions_and_metrics(pool, tiny_adapter, tmp_path, capsys
     assert metrics["n_queries"] == 2
     with pytest.raises(SystemExit, match="--examples DIR --query"):
         main(["inspect", *common, "--data", str(data)])
+
+
+def test_chat_adapters_admit_inspection_samples(pool, tiny_adapter):
+    query = _product(pool, "tile")[0]
+    assert query.task == "inspection"
+    batch = tiny_adapter.collate([query], train=False)
+    prompt = tiny_adapter.tokenizer.decode(batch["input_ids"][0])
+    assert query.prompt in prompt and prompt.count("<image>") >= 1
+
+
+def test_choices_that_one_token_cannot_tell_apart_are_refused(tiny_adapter):
+    forced, first = tiny_adapter._choice_tokens(("good", "defective"))
+    assert len(first) == 2 and first[0] != first[1]
+    assert tiny_adapter.tokenizer.decode(forced) == " "  # the shared leading space
+    with pytest.raises(ValueError, match="cannot tell"):
+        tiny_adapter._choice_tokens(("good", "good"))

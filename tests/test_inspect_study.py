@@ -5,11 +5,15 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 
+import numpy as np
 import pytest
 
 from loctune.cli import main
-from loctune.inspect.study import METHODS, InspectStudyConfig
+from loctune.inspect.report import METHODS, brighter_defects
+from loctune.inspect.study import InspectStudyConfig
+from loctune.inspect.synthetic import synthetic_inspection_set
 
 TINY = [
     "seeds=[0,1]",
@@ -32,52 +36,71 @@ TINY = [
 ]
 
 
-def test_study_command_writes_a_report_with_numbers_and_resumes(tmp_path, capsys):
-    out = tmp_path / "study"
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """One tiny study, run once through the CLI; tests that change it work on a copy."""
+    out = tmp_path_factory.mktemp("inspect") / "study"
     assert main(["inspect-study", "--out", str(out), *TINY]) == 0
-    text = (out / "report.md").read_text()
+    return out
+
+
+def _rows(out):
+    with open(out / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_study_writes_a_report_with_the_numbers_of_its_cells(study):
+    text = (study / "report.md").read_text()
     assert "| k | method | accuracy | F1 | AUROC | Acc@0.5 | pointing |" in text
-    shares = re.search(
-        r"Defects brighter than the rest of their image: (\d+)% of the training defects, "
-        r"(\d+)% of the test defects",
-        text,
-    )
-    assert shares and all(0 <= int(v) <= 100 for v in shares.groups())
+    train = synthetic_inspection_set("train", 3, 3, seed=0, size=64)
+    test = synthetic_inspection_set("test", 3, 3, seed=0, size=64)
+    assert (
+        f"Defects brighter than the rest of their image: {brighter_defects(train):.0%} of the "
+        f"training defects, {brighter_defects(test):.0%} of the test defects"
+    ) in text
+    rows = _rows(study)
     vlm_row = re.search(r"^\| 2 \| small VLM \+ tiling \| (\d\.\d{3}) ± \d\.\d{3} \|", text, re.M)
-    assert vlm_row and 0 <= float(vlm_row[1]) <= 1
+    cells = [float(r["accuracy"]) for r in rows if (r["method"], r["k"]) == ("vlm_tiled", "2")]
+    assert vlm_row and float(vlm_row[1]) == pytest.approx(np.mean(cells), abs=5e-4)
     assert re.search(r"^\| 2 \| PatchCore, random conv \| \d\.\d{3} ± ", text, re.M)
     assert "| 1 | PatchCore, VLM encoder | – | – | " in text  # no threshold from one good shot
     assert not re.search(r"^\| 0 \| PatchCore", text, re.M)  # no shots at all
-    with open(out / "results.csv") as f:
-        rows = list(csv.DictReader(f))
     # per seed: 2 VLM cells per k, 4 PatchCore cells per k >= 1
     assert len(rows) == 2 * (3 * 2 + 2 * 4)
     assert {r["method"] for r in rows} == set(METHODS)
     for name in ("accuracy_vs_examples.png", "auroc_vs_examples.png", "training_loss.png"):
-        assert (out / name).stat().st_size > 1000
-    saved = json.loads((out / "inspect_study_config.json").read_text())
-    assert saved["steps"] == 3 and saved["out_dir"] == str(out)
-    assert (out / "s1" / "model" / "adapter.json").is_file()
-    for phase in ("train_single", "train_episodes"):  # both phases went through loctune.train
-        assert '"loss"' in (out / "s1" / phase / "metrics.jsonl").read_text()
-    assert "| k | method |" in capsys.readouterr().out
+        assert (study / name).stat().st_size > 1000
 
-    # the trained model answers `loctune inspect` like a chat VLM does, tiled too
-    args = ["inspect", "--model", str(out / "s0" / "model"), "--data", "synthetic", "--eval"]
+
+def test_study_trains_each_seed_through_the_training_loop_and_saves_it(study):
+    saved = json.loads((study / "inspect_study_config.json").read_text())
+    assert saved["steps"] == 3 and saved["out_dir"] == str(study)
+    assert (study / "s1" / "model" / "adapter.json").is_file()
+    for phase in ("train_single", "train_episodes"):  # both phases went through loctune.train
+        assert '"loss"' in (study / "s1" / phase / "metrics.jsonl").read_text()
+
+
+def test_the_trained_model_answers_the_inspect_command_tiled(study, tmp_path):
+    args = ["inspect", "--model", str(study / "s0" / "model"), "--data", "synthetic", "--eval"]
     args += ["--n", "3", "--k", "1", "--tile", "2x2", "--project", str(tmp_path), "--name", "ev"]
     assert main(args) == 0
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n_queries"] == 3
 
-    # a rerun reuses every finished part; a saved cell is not recomputed
+
+def test_a_rerun_reuses_finished_cells_and_prints_the_report(study, tmp_path, capsys):
+    out = tmp_path / "study"
+    shutil.copytree(study, out)  # out_dir may change between runs of one study
     cell = out / "s0" / "vlm_tiled" / "k2" / "metrics.json"
-    metrics = json.loads(cell.read_text())
-    cell.write_text(json.dumps({**metrics, "accuracy": 0.123}))
+    cell.write_text(json.dumps({**json.loads(cell.read_text()), "accuracy": 0.123}))
     assert main(["inspect-study", "--out", str(out), *TINY, "seeds=[0]"]) == 0
-    with open(out / "results.csv") as f:
-        rerun = {(r["method"], r["k"]): r for r in csv.DictReader(f)}
+    rerun = {(r["method"], r["k"]): r for r in _rows(out)}
     assert float(rerun[("vlm_tiled", "2")]["accuracy"]) == 0.123
+    assert "| k | method |" in capsys.readouterr().out
+
+
+def test_a_rerun_with_other_settings_is_refused(study):
     with pytest.raises(ValueError, match="other settings \\(steps\\)"):
-        main(["inspect-study", "--out", str(out), *TINY, "steps=4"])
+        main(["inspect-study", "--out", str(study), *TINY, "steps=4"])
 
 
 def test_config_errors_name_the_field():

@@ -5,39 +5,28 @@ Records are ``loctune.types.Sample`` with ``task="inspection"`` (see
 ``records``); ``by_product`` groups them into the unit of a few-shot episode.
 """
 
-from loctune.inspect.baseline import (
-    AnomalyPrediction,
-    FewShotResult,
-    PatchCore,
-    RandomConvFeatures,
-    evaluate_few_shot,
-)
+from loctune.inspect.answers import ParsedAnswer, answer_text, parse_answer
+from loctune.inspect.baseline import AnomalyPrediction, PatchCore, RandomConvFeatures
 from loctune.inspect.deeppcb import load_deeppcb
 from loctune.inspect.episodes import (
     EncoderFeatures,
-    Episode,
     EpisodeAdapter,
     episode_parts,
-    predict_episodes,
     training_episodes,
 )
-from loctune.inspect.folder import folder_categories, load_inspection_folder
-from loctune.inspect.icl import (
-    ExampleSelector,
+from loctune.inspect.evaluation import (
     ICLEvaluation,
-    ICLPrediction,
-    Tiling,
-    build_prompt,
     evaluate_in_context,
     evaluate_patchcore_in_context,
-    inspect_in_context,
-    parse_answer,
-    select_examples,
 )
-from loctune.inspect.metrics import accuracy, auroc, f1, point_in_boxes
+from loctune.inspect.folder import folder_categories, load_inspection_folder, read_inspection_data
+from loctune.inspect.metrics import accuracy, auroc, f1, inspection_metrics, point_in_boxes
 from loctune.inspect.multiscale import MultiScaleEncoder
+from loctune.inspect.prompts import Episode, build_prompt
 from loctune.inspect.records import by_product, inspection_prompt, inspection_sample
 from loctune.inspect.regions import label_components, largest_region, mask_to_boxes
+from loctune.inspect.run import ICLPrediction, inspect_in_context, predict_episodes
+from loctune.inspect.selection import ExampleSelector, select_examples
 from loctune.inspect.study import InspectStudyConfig, run_inspect_study
 from loctune.inspect.synthetic import (
     DEFECT_TYPES,
@@ -48,6 +37,7 @@ from loctune.inspect.synthetic import (
 )
 from loctune.inspect.tiling import (
     TileGrid,
+    Tiling,
     crop_samples,
     crop_to_image,
     detections_from_crops,
@@ -77,11 +67,14 @@ __all__ = [
     "evaluate_in_context",
     "inspect_in_context",
     "parse_answer",
+    "ParsedAnswer",
+    "answer_text",
+    "inspection_metrics",
+    "read_inspection_data",
     "DEFECT_TYPES",
     "TEST_PRODUCTS",
     "TRAIN_PRODUCTS",
     "AnomalyPrediction",
-    "FewShotResult",
     "MultiScaleEncoder",
     "PatchCore",
     "RandomConvFeatures",
@@ -92,7 +85,6 @@ __all__ = [
     "crop_samples",
     "crop_to_image",
     "detections_from_crops",
-    "evaluate_few_shot",
     "f1",
     "folder_categories",
     "image_to_crop",

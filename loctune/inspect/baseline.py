@@ -5,7 +5,8 @@ Whatever a VLM learns in context must beat this: the patch features of the
 distance to its nearest neighbour in the bank; the image score is the largest
 patch score, and the defect box is the largest connected region of the score
 map above the threshold. The threshold is calibrated on the good examples
-alone (leave-one-out), as a few-shot user would have to.
+alone (leave-one-out), as a few-shot user would have to. It is evaluated under
+the same protocol as the VLMs (:mod:`loctune.inspect.evaluation`).
 
 Feature extractors are pluggable (any ``f(images[B, 3, H, W] in [0, 1]) ->
 [B, C, h, w]``, e.g. a pretrained backbone, or one wrapped in
@@ -27,11 +28,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from loctune.inspect.metrics import accuracy, auroc, f1, point_in_boxes
-from loctune.inspect.records import by_product, is_defective
 from loctune.inspect.regions import largest_region, mask_box
 from loctune.inspect.tiling import tile_grid
-from loctune.types import Box, Sample
+from loctune.types import Box
 
 FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -221,64 +220,3 @@ def greedy_coreset(points: torch.Tensor, size: int) -> torch.Tensor:
         chosen[i] = int(nearest.argmax())
         nearest = torch.minimum(nearest, torch.cdist(points, points[chosen[i]][None])[:, 0])
     return chosen
-
-
-@dataclass
-class FewShotResult:
-    """Metrics of a few-shot evaluation; AUROC per product (scores are not comparable across)."""
-
-    auroc_per_product: dict[str, float]
-    accuracy: float
-    f1: float
-    pointing: float  # share of defective queries with boxes whose peak lies in a true box
-    n_queries: int
-
-    @property
-    def mean_auroc(self) -> float:
-        return float(np.nanmean(list(self.auroc_per_product.values())))
-
-
-def evaluate_few_shot(
-    queries: Sequence[Sample],
-    make_detector: Callable[[], PatchCore],
-    k: int = 4,
-    support: Sequence[Sample] | None = None,
-) -> FewShotResult:
-    """Fit one detector per product on ``k`` good examples and score that product's queries.
-
-    The good examples come from ``support`` (e.g. the training split), or,
-    when None, are the first ``k`` good queries, which are then not scored.
-    Queries sharing a ``meta["pair_id"]`` with a shot are never scored.
-    """
-    support_groups = by_product(support if support is not None else queries)
-    predicted, truth, hits = [], [], []
-    per_product = {}
-    for product, group in by_product(queries).items():
-        shots = support_groups.get(product)
-        if shots is None or len(shots.good) < k:
-            raise ValueError(f"product {product!r}: fewer than k={k} good support images")
-        shots_good = shots.good[:k]
-        # Shots taken from the queries are not scored, nor are images paired with them
-        # (a DeepPCB board whose own template is in the bank would be too easy).
-        shot_ids = {s.image_id for s in shots_good} if support is None else set()
-        shot_pairs = {s.meta["pair_id"] for s in shots_good if "pair_id" in s.meta}
-        detector = make_detector().fit([s.load_image() for s in shots_good])
-        p_scores, p_truth = [], []
-        for sample in group.good + group.defective:
-            if sample.image_id in shot_ids or sample.meta.get("pair_id") in shot_pairs:
-                continue
-            prediction = detector.predict(sample.load_image())
-            p_scores.append(prediction.score)
-            p_truth.append(is_defective(sample))
-            predicted.append(prediction.defective)
-            if is_defective(sample) and sample.boxes:
-                hits.append(point_in_boxes(prediction.peak, sample.boxes))
-        per_product[product] = auroc(p_scores, p_truth)
-        truth += p_truth
-    return FewShotResult(
-        auroc_per_product=per_product,
-        accuracy=accuracy(predicted, truth),
-        f1=f1(predicted, truth),
-        pointing=float(np.mean(hits)) if hits else float("nan"),
-        n_queries=len(truth),
-    )

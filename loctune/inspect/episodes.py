@@ -1,17 +1,19 @@
-"""In-context inspection by loctune's own small VLM: episodes, their sequences, training data.
+"""In-context inspection by loctune's own small VLM: episodes as training data.
 
-An episode is ``k`` good and ``k`` defective examples of one product, each
-followed by its answer, then a query. As one sequence of the small VLM::
+An episode (:class:`~loctune.inspect.prompts.Episode`) is ``k`` good and ``k``
+defective examples of one product, each followed by its answer, then a query.
+As one sequence of the small VLM
+(:func:`~loctune.models.small_vlm_adapter.in_context_parts`)::
 
     <bos> [images of example 1] <sep> answer <eos> ... [images of the query] <sep> answer <eos>
 
 - A turn's images are the image, or with tiling the global view and the crops
-  (:func:`~loctune.inspect.icl.turn_images`), each as ``n_image_tokens``
+  (:func:`~loctune.inspect.prompts.turn_images`), each as ``n_image_tokens``
   ``<image>`` placeholders.
-- Answers are those of :func:`~loctune.inspect.icl.answer_text` ("good",
+- Answers are those of :func:`~loctune.inspect.answers.answer_text` ("good",
   "defective: scratch <bin_3>... scratch", tiled "... image 3: <bin_..>..."),
   boxes through the adapter's codec, so the location losses and their soft
-  targets apply and :func:`~loctune.inspect.icl.parse_answer` reads them back.
+  targets apply and :func:`~loctune.inspect.answers.parse_answer` reads them back.
 - No instruction text: it would be the same in every episode, and naming the
   product would put words in test prompts that training never showed (the
   evaluation products are unseen types). The examples say what the product is.
@@ -20,47 +22,27 @@ followed by its answer, then a query. As one sequence of the small VLM::
   ``supervise_examples``, every example's answer too: the answer of example j
   is then a prediction from the j turns before it, so one sequence trains every
   number of examples up to its own.
-- The image-level score is the probability of "defective" against "good" at
-  the first answer token, as for chat VLMs in :mod:`loctune.inspect.icl`.
+- Answering goes through :meth:`SmallVLMAdapter.generate_in_context`, as for
+  chat VLMs (:mod:`loctune.inspect.run`).
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from loctune.codecs import Codec
-from loctune.inspect.icl import (
-    DEFECTIVE,
-    ExampleSelector,
-    ICLPrediction,
-    Tiling,
-    answer_target,
-    prediction_from_answer,
-    turn_images,
-)
-from loctune.inspect.records import GOOD, by_product
+from loctune.inspect.prompts import Episode, episode_prompt
+from loctune.inspect.records import by_product
+from loctune.inspect.selection import ExampleSelector
+from loctune.inspect.tiling import Tiling
 from loctune.models.base import Generation, VLMAdapter
 from loctune.models.small_vlm import SmallVLM
-from loctune.models.small_vlm_adapter import Answer, Part, SmallVLMAdapter
+from loctune.models.small_vlm_adapter import Part, SmallVLMAdapter, in_context_parts
 from loctune.types import Sample
-
-
-@dataclass
-class Episode:
-    """Examples (shown in this order, each with its answer), then the query, all of one product."""
-
-    examples: list[Sample]
-    query: Sample
-    tiling: Tiling | None = None
-
-    @property
-    def name(self) -> str:
-        return f"episode of query {self.query.image_id!r} after {len(self.examples)} examples"
 
 
 def episode_parts(
@@ -73,17 +55,8 @@ def episode_parts(
     ids supervised) when ``train and supervise_examples``, plain text otherwise;
     the ids are the same either way.
     """
-    parts: list[Part] = ["<bos>"]
-    for example in episode.examples:
-        parts += turn_images(example, episode.tiling)[0]
-        parts.append("<sep>")
-        text, boxes = answer_target(example, codec, episode.tiling)
-        parts.append(Answer(text, boxes) if train and supervise_examples else f"{text} <eos>")
-    parts += turn_images(episode.query, episode.tiling)[0]
-    parts.append("<sep>")
-    if train:
-        parts.append(Answer(*answer_target(episode.query, codec, episode.tiling)))
-    return parts
+    turns = episode_prompt(episode, codec, answer_query=train)
+    return in_context_parts(turns, supervise_examples=train and supervise_examples)
 
 
 def _episodes(items: Sequence[Episode | Sequence[Episode]]) -> list[Episode]:
@@ -194,51 +167,6 @@ def training_episodes(
             group.append(Episode(examples, query, group_tiling))
         groups.append(group)
     return groups
-
-
-def verdict_token_ids(adapter: SmallVLMAdapter) -> tuple[int, int]:
-    """Vocabulary ids of the words "good" and "defective", the first token of every answer."""
-    ids = adapter.tokenizer.token_to_id
-    missing = [w for w in (GOOD, DEFECTIVE) if w not in ids]
-    if missing:
-        raise ValueError(
-            f"the small VLM's vocabulary lacks {missing}: build it with the inspection answers "
-            "(loctune.inspect.icl.answer_text)"
-        )
-    return ids[GOOD], ids[DEFECTIVE]
-
-
-@torch.no_grad()
-def predict_episodes(
-    adapter: SmallVLMAdapter,
-    episodes: Sequence[Episode],
-    max_new_tokens: int = 64,
-    batch_size: int = 16,
-) -> list[ICLPrediction]:
-    """Greedy answers of the small VLM for episodes' queries, parsed and scored."""
-    good_id, bad_id = verdict_token_ids(adapter)
-    episode_adapter = EpisodeAdapter(adapter)
-    predictions = []
-    for start in range(0, len(episodes), batch_size):
-        batch = list(episodes[start : start + batch_size])
-        for episode, generation in zip(
-            batch, episode_adapter.generate(batch, max_new_tokens), strict=True
-        ):
-            first = generation.first_logprobs
-            score = (
-                float(torch.sigmoid(first[bad_id] - first[good_id])) if first is not None else 0.5
-            )
-            predictions.append(
-                prediction_from_answer(
-                    episode.query,
-                    episode.examples,
-                    generation.text,
-                    score,
-                    adapter.codec,
-                    episode.tiling,
-                )
-            )
-    return predictions
 
 
 class EncoderFeatures(nn.Module):

@@ -10,7 +10,8 @@
 Defect boxes come from the masks, one box per connected region (8-connected).
 A defective image without a mask is still defective but has no boxes. Images
 are returned as paths and opened lazily; masks are read at load time because
-the boxes are needed up front.
+the boxes are needed up front. :func:`read_inspection_data` reads what the
+CLI names: such a folder, or ``synthetic``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from PIL import Image
 
 from loctune.inspect.records import GOOD, inspection_sample
 from loctune.inspect.regions import mask_to_boxes
+from loctune.inspect.synthetic import synthetic_inspection_set
 from loctune.types import Sample
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -141,3 +143,25 @@ def _sample(category_dir: Path, product: str, split: str, defect_type: str, imag
         mask_path=str(mask_path),
         image_size=size,
     )
+
+
+def read_inspection_data(spec: str) -> list[Sample]:
+    """Samples of an inspection data spec: ``synthetic`` or a folder in the MVTec layout.
+
+    A folder is read in every split it has (``train`` and/or ``test``), so
+    its test images can be scored with examples drawn from both splits;
+    ``meta["split"]`` tells them apart. ``synthetic`` is the built-in
+    evaluation products (8 good and 8 defective 256 px images each).
+    """
+    if spec == "synthetic":
+        return synthetic_inspection_set("test")
+    root = Path(spec)
+    categories = [root] if _is_category(root) else [root / c for c in folder_categories(root)]
+    samples = []
+    for category in categories:
+        for split in SPLITS:
+            if (category / split).is_dir():
+                samples += load_inspection_folder(category, split=split)
+    if not samples:
+        raise FileNotFoundError(f"{root}: no inspection images; expected the layout {LAYOUT}")
+    return samples

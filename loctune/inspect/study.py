@@ -22,52 +22,37 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
 from loctune import report
+from loctune.inspect.answers import answer_text
 from loctune.inspect.baseline import PatchCore, RandomConvFeatures
-from loctune.inspect.episodes import EncoderFeatures, EpisodeAdapter, training_episodes
-from loctune.inspect.icl import (
+from loctune.inspect.episodes import (
+    EncoderFeatures,
+    EpisodeAdapter,
+    episode_parts,
+    training_episodes,
+)
+from loctune.inspect.evaluation import (
     ICLEvaluation,
-    Tiling,
-    answer_text,
     evaluate_in_context,
     evaluate_patchcore_in_context,
 )
+from loctune.inspect.prompts import Episode
 from loctune.inspect.records import inspection_sample
-from loctune.inspect.synthetic import (
-    DEFECT_TYPES,
-    TEST_PRODUCTS,
-    TRAIN_PRODUCTS,
-    synthetic_inspection_set,
-)
-from loctune.models.small_vlm_adapter import ADAPTER_FILE, SmallVLMAdapter
+from loctune.inspect.report import write_study_report
+from loctune.inspect.synthetic import DEFECT_TYPES, TEST_PRODUCTS, synthetic_inspection_set
+from loctune.inspect.tiling import Tiling
+from loctune.models.small_vlm_adapter import ADAPTER_FILE, Answer, Part, SmallVLMAdapter
 from loctune.models.tokenizer import WordTokenizer
 from loctune.types import Sample
 
 CONFIG_FILE = "inspect_study_config.json"
 #: config fields that may change between runs of one study without invalidating its parts
 _RERUNNABLE = ("out_dir", "seeds", "eval_k", "eval_batch_size")
-#: row key -> name in the report, in report order
-METHODS = {
-    "vlm": "small VLM",
-    "vlm_tiled": "small VLM + tiling",
-    "patchcore_vlm": "PatchCore, VLM encoder",
-    "patchcore_vlm_tiled": "PatchCore, VLM encoder + tiling",
-    "patchcore_conv": "PatchCore, random conv",
-    "patchcore_conv_tiled": "PatchCore, random conv + tiling",
-}
 FEATURES = ("vlm", "conv")
 #: run directory of each training phase under s<seed>/
 PHASES = ("train_single", "train_episodes")
-METRICS = {
-    "accuracy": "accuracy",
-    "f1": "F1",
-    "auroc": "AUROC",
-    "loc_acc50": "Acc@0.5",
-    "loc_pointing": "pointing",
-}
 
 
 @dataclass
@@ -206,11 +191,10 @@ def build_model(cfg: InspectStudyConfig, seed: int, samples: Sequence[Sample]) -
     everywhere = inspection_sample(
         Image.new("RGB", (size, size)), "bound", [(0, 0, size, size)], [longest_type]
     )
-    longest_answer = len(WordTokenizer.split(answer_text(everywhere, codec, tiling))) + 1  # eos
     image_tokens = (cfg.image_size // cfg.patch_size // cfg.pixel_shuffle) ** 2
-    views = 1 + cfg.tile_rows * cfg.tile_cols
     turns = 2 * max(*cfg.train_k, *cfg.eval_k) + 1
-    max_positions = 1 + turns * (views * image_tokens + 1 + longest_answer)
+    longest = Episode([everywhere] * (turns - 1), everywhere, tiling)
+    max_positions = sum(_positions(part, image_tokens) for part in episode_parts(longest, codec))
     return SmallVLMAdapter.build(
         codec,
         texts=answers,
@@ -224,6 +208,15 @@ def build_model(cfg: InspectStudyConfig, seed: int, samples: Sequence[Sample]) -
         max_positions=max_positions,
         seed=seed,
     )
+
+
+def _positions(part: Part, image_tokens: int) -> int:
+    """Positions one sequence part takes in the small VLM (an answer's eos included)."""
+    if isinstance(part, Image.Image):
+        return image_tokens
+    if isinstance(part, Answer):
+        return len(WordTokenizer.split(part.text)) + 1
+    return len(WordTokenizer.split(part))
 
 
 def trained_model(
@@ -347,43 +340,14 @@ def _patchcore_run(test_set, k, make_detector, seed) -> Callable[[], ICLEvaluati
     )
 
 
-def brighter_defects(samples: Sequence[Sample]) -> float:
-    """Share of defective samples whose defect (``meta["mask"]``) is brighter than the rest.
-
-    The synthetic set draws each defect's polarity (near-white or near-black) per
-    sample, so this should be near half on both splits; a large gap between training
-    and test would mean the model could learn brightness instead of the examples.
-    """
-    brighter = []
-    for s in samples:
-        mask = np.asarray(s.meta.get("mask", ()), dtype=bool)
-        if mask.any() and not mask.all():
-            grey = np.asarray(s.load_image().convert("L"), dtype=np.float32)
-            brighter.append(grey[mask].mean() > grey[~mask].mean())
-    return float(np.mean(brighter)) if brighter else float("nan")
-
-
 def write_report(
     cfg: InspectStudyConfig,
     rows: list[dict[str, Any]],
     train_set: Sequence[Sample],
     test_set: Sequence[Sample],
 ) -> Path:
-    """report.md, results.csv, accuracy_vs_examples.png, auroc_vs_examples.png, training_loss.png."""
-    out = Path(cfg.out_dir)
-    report.write_csv(rows, out / "results.csv")
-    methods = {m: name for m, name in METHODS.items() if any(r["method"] == m for r in rows)}
-    for metric, name in (("accuracy", "accuracy"), ("auroc", "AUROC")):
-        report.plot_accuracy_vs_labels(
-            rows,
-            metric,
-            list(methods),
-            out / f"{name.lower()}_vs_examples.png",
-            by="k",
-            xlabel="in-context examples per class (k)",
-            log_x=False,
-            labels=methods,
-        )
+    """The study's report (:func:`~loctune.inspect.report.write_study_report`) from its rows
+    and what the seeds' training runs recorded."""
     curves = {}
     for seed in cfg.seeds:
         offset, curve = 0, []
@@ -392,81 +356,9 @@ def write_report(
             curve += [(offset + p["step"], p["loss"]) for p in points if "loss" in p]
             offset += steps
         curves[f"seed {seed}"] = curve
-    report.plot_learning_curves(curves, "training loss", out / "training_loss.png")
     times = [
         json.loads(f.read_text())
         for seed in cfg.seeds
         if (f := _seed_dir(cfg, seed) / "train_time.json").exists()
     ]
-    per_seed = (
-        f"{sum(t['seconds'] for t in times) / len(times) / 60:.1f} min of training per seed"
-        if times
-        else "training time not recorded"
-    )
-    params = f"{times[0]['parameters'] / 1e6:.2f} M parameters, " if times else ""
-    crop = cfg.render_size // cfg.tile_rows
-    vlm_methods = {m: n for m, n in methods.items() if m.startswith("vlm")}
-    lines = [
-        "# loctune inspect-study: in-context inspection by the small VLM",
-        "",
-        f"Trained on episodes of {', '.join(TRAIN_PRODUCTS)} ({cfg.n_train} good + {cfg.n_train} "
-        f"defective images each); evaluated on the product types it never saw, "
-        f"{', '.join(TEST_PRODUCTS)}: each of their {len(test_set)} images ({cfg.n_test} good + "
-        f"{cfg.n_test} defective per type) is a query, shown after k good and k defective "
-        "examples drawn from the other images of its type (defect types cycled); every "
-        "method sees the same examples at a given seed. Mean ± sample std over "
-        f"{len(cfg.seeds)} seed(s) {cfg.seeds} (initialisation, training episodes, example draws).",
-        "",
-        f"Defects brighter than the rest of their image: {brighter_defects(train_set):.0%} of "
-        f"the training defects, {brighter_defects(test_set):.0%} of the test defects (the "
-        "synthetic set draws each defect near-white or near-black at random, per sample).",
-        "",
-        f"Images are rendered at {cfg.render_size} px (defects 1-4 px wide) and shown at "
-        f"{cfg.image_size} px; tiling adds {cfg.tile_rows}x{cfg.tile_cols} crops ({crop} px each, "
-        f"also shown at {cfg.image_size} px) to the global view. Small VLM: preset "
-        f"`{cfg.model_preset}` with a {cfg.vision_width}-wide, {cfg.vision_depth}-block vision "
-        f"encoder, {params}{(cfg.image_size // cfg.patch_size // cfg.pixel_shuffle) ** 2} tokens "
-        f"per image, boxes as {cfg.n_bins} bins. Training, each step {cfg.group_images} images "
-        f"in episodes of one k: {cfg.single_image_steps} steps on single images (k=0, "
-        f"untiled), then {cfg.steps} steps with k per class drawn from {cfg.train_k}, "
-        f"{cfg.tiled_fraction:.0%} of them tiled, "
-        f"{'every answer' if cfg.supervise_examples else 'the query answer'} supervised; "
-        f"loss `{cfg.method}`, lr {cfg.lr}; {per_seed}.",
-        "",
-        "accuracy and F1 of the verdict (defective is the positive class; chance: accuracy "
-        "0.5, F1 0.667 for always answering defective); AUROC of the score, averaged over "
-        "product types (small VLM: P(defective) / (P(defective) + P(good)) at the first answer "
-        "token; PatchCore: its anomaly score); localisation over defective queries, a query "
-        "judged good counting as a miss: Acc@0.5, the first predicted box has IoU >= 0.5 "
-        "with the true box, and pointing, its centre lies in the true box.",
-        "",
-        report.summary_table(rows, METRICS, methods, by="k"),
-        "",
-        "PatchCore fits its memory bank on the k good examples (the defective ones are not "
-        "used), so it has no k=0 row; its threshold is calibrated leave-one-out on those "
-        "good shots, which needs two: at k=1 only its threshold-free AUROC is given.",
-        "",
-        "### Small VLM answers",
-        "",
-        "type accuracy: the named defect type is the true one (over defective queries); "
-        "malformed: no verdict could be read from the answer.",
-        "",
-        report.summary_table(
-            rows,
-            {"type_accuracy": "type accuracy", "malformed_rate": "malformed"},
-            vlm_methods,
-            by="k",
-        ),
-        "",
-        "![accuracy vs examples](accuracy_vs_examples.png)",
-        "",
-        "![AUROC vs examples](auroc_vs_examples.png)",
-        "",
-        "![training loss](training_loss.png)",
-        "",
-        f"Config: `{CONFIG_FILE}`; per-cell metrics and predictions: "
-        "`s<seed>/<method>/k<k>/`; all rows: `results.csv`.",
-    ]
-    path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_study_report(cfg, rows, train_set, test_set, curves, times, CONFIG_FILE)

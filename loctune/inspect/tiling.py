@@ -13,6 +13,7 @@ crops overlap).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -79,6 +80,38 @@ def tile_grid(image_size: tuple[int, int], rows: int, cols: int, overlap: float 
         for c, x in enumerate(xs)
     )
     return TileGrid((width, height), rows, cols, crops)
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Show every image as a global view (longer side ``global_size``) plus a crop grid."""
+
+    rows: int
+    cols: int
+    overlap: float = 0.0
+    global_size: int | None = 448
+
+    @classmethod
+    def parse(cls, spec: str, overlap: float = 0.0, global_size: int | None = 448) -> Tiling:
+        """``"2x3"`` -> 2 rows, 3 columns."""
+        match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", spec)
+        if not match or min(int(match[1]), int(match[2])) < 1:
+            raise ValueError(
+                f"tile: expected ROWSxCOLS with positive integers (e.g. 2x2), got {spec!r}"
+            )
+        return cls(int(match[1]), int(match[2]), overlap, global_size)
+
+    def grid(self, image_size: tuple[int, int]) -> TileGrid:
+        return tile_grid(image_size, self.rows, self.cols, self.overlap)
+
+    def views(self, image: Image.Image) -> TiledViews:
+        """The global view and crops of ``image`` with the text describing their layout."""
+        return tile_views(image, self.rows, self.cols, self.overlap, self.global_size)
+
+    @property
+    def first_crop(self) -> int:
+        """1-based number of the first crop among a turn's images."""
+        return 1 if self.global_size is None else 2
 
 
 def split_image(image: Image.Image, grid: TileGrid) -> list[Image.Image]:
@@ -164,14 +197,6 @@ def image_to_crop(
         out_boxes.append((kx1 - cx1, ky1 - cy1, kx2 - cx1, ky2 - cy1))
         out_labels.append(label)
     return out_boxes, out_labels
-
-
-def scale_boxes(
-    boxes: Sequence[Box], from_size: tuple[int, int], to_size: tuple[int, int]
-) -> list[Box]:
-    """Boxes on an image of ``from_size`` -> the same boxes on it resized to ``to_size``."""
-    sx, sy = to_size[0] / from_size[0], to_size[1] / from_size[1]
-    return [(x1 * sx, y1 * sy, x2 * sx, y2 * sy) for x1, y1, x2, y2 in boxes]
 
 
 def nms(boxes: Sequence[Box], scores: Sequence[float], iou_threshold: float = 0.5) -> list[int]:

@@ -3,19 +3,22 @@
 An adapter owns a model, its tokenizer/processor and its codec. It turns
 ``Sample``s into tensors (``collate``), logits (``forward``) and, at
 evaluation, generations with per-token probabilities (``generate``). The loop
-and the evaluator never look inside a model family.
+and the evaluator never look inside a model family; neither does in-context
+inspection, which hands an adapter :class:`Turn`s (``generate_in_context``).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from torch import nn
 
 from loctune.codecs import Codec
-from loctune.types import Sample
+from loctune.types import Box, Sample
 
 
 @dataclass
@@ -35,6 +38,36 @@ class Generation:
     token_logprobs: list[float]
     loc_probs: torch.Tensor | None = None  # [len(token_ids), n_loc]
     first_logprobs: torch.Tensor | None = None  # [V]
+
+
+@dataclass
+class Turn:
+    """One turn of a multi-image in-context prompt, in a form no model family owns.
+
+    ``images`` are shown with ``text`` (an adapter may leave the text out, as
+    loctune's small VLM does); ``answer`` is the example's answer, or None for
+    the query the model answers. ``boxes`` are the boxes the answer writes, in
+    its order, each with the size of the image it is written on, so that an
+    adapter trained in context can supervise their location tokens.
+    """
+
+    images: list[Image.Image]
+    text: str = ""
+    answer: str | None = None
+    boxes: Sequence[tuple[Box, tuple[int, int]]] = ()
+
+
+@dataclass
+class InContextAnswer:
+    """The greedy answer to an in-context prompt and how likely each choice was to start it.
+
+    ``choice_logprobs[i]`` is log p(answer starts with ``choices[i]``), read at
+    the first token where the choices differ; the tokens they share are fed to
+    the model first and begin ``text``.
+    """
+
+    text: str
+    choice_logprobs: list[float]
 
 
 class VLMAdapter(ABC):
@@ -69,6 +102,22 @@ class VLMAdapter(ABC):
     @abstractmethod
     def generate(self, samples: list[Sample], max_new_tokens: int = 32) -> list[Generation]:
         """Greedy answers for the samples' prompts, with token log-probabilities."""
+
+    def generate_in_context(
+        self,
+        prompts: Sequence[Sequence[Turn]],
+        choices: Sequence[str] = (),
+        max_new_tokens: int = 64,
+    ) -> list[InContextAnswer]:
+        """Greedy answers to the last turn of each prompt, shown after the turns before it.
+
+        Every turn but the last carries its answer. Families that cannot take
+        several images in one prompt keep this default, which refuses.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot answer multi-image in-context prompts; use a chat "
+            "VLM (SmolVLM/Idefics3, Qwen2-VL) or loctune's small VLM"
+        )
 
     @abstractmethod
     def save_pretrained(self, path: str) -> None:

@@ -12,6 +12,7 @@ on the left.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 from PIL import Image
 
 from loctune.codecs import Codec, get_codec
-from loctune.models.base import Generation, VLMAdapter
+from loctune.models.base import Generation, InContextAnswer, Turn, VLMAdapter
 from loctune.models.small_vlm import (
     SmallVLM,
     SmallVLMConfig,
@@ -399,6 +400,44 @@ class SmallVLMAdapter(VLMAdapter):
             )
         return generations
 
+    # -- in-context prompts ----------------------------------------------------------------
+
+    def generate_in_context(
+        self,
+        prompts: Sequence[Sequence[Turn]],
+        choices: Sequence[str] = (),
+        max_new_tokens: int = 64,
+    ) -> list[InContextAnswer]:
+        """Greedy answers to :func:`in_context_parts` sequences, all prompts in one batch.
+
+        Each choice must be one word of the vocabulary, so the first step decides
+        between them; with nothing generated the choices are equally likely.
+        """
+        ids = self.tokenizer.token_to_id
+        missing = [c for c in choices if c not in ids]
+        if missing:
+            raise ValueError(
+                f"choices: the small VLM's vocabulary lacks {missing}; build it with texts "
+                "that hold them"
+            )
+        generations = self.generate_sequences(
+            [in_context_parts(turns) for turns in prompts],
+            max_new_tokens,
+            names=[
+                f"in-context prompt {i} ({len(turns)} turns)" for i, turns in enumerate(prompts)
+            ],
+        )
+        uniform = [-math.log(len(choices))] * len(choices) if choices else []
+        return [
+            InContextAnswer(
+                g.text,
+                [float(g.first_logprobs[ids[c]]) for c in choices]
+                if g.first_logprobs is not None
+                else uniform,
+            )
+            for g in generations
+        ]
+
     # -- persistence ----------------------------------------------------------------------
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -448,6 +487,28 @@ class SmallVLMAdapter(VLMAdapter):
                 f"{len(trained_tokens)} ({trained_tokens[:2]}...)"
             )
         return cls(model, tokenizer, codec, {"name": name, **spec})
+
+
+def in_context_parts(turns: Sequence[Turn], supervise_examples: bool = False) -> list[Part]:
+    """Turns as one small-VLM sequence: ``<bos>``, then per turn its images, ``<sep>``, answer.
+
+    Turn text is not shown: it would be the same in every prompt (see
+    :mod:`loctune.inspect.episodes`). A last turn without an answer ends the
+    sequence where its answer starts (a generation prompt); with one, that answer
+    is supervised (an :class:`Answer`), as example answers are when
+    ``supervise_examples``, which are otherwise plain text closed by ``<eos>``.
+    """
+    parts: list[Part] = ["<bos>"]
+    for i, turn in enumerate(turns):
+        parts += [*turn.images, "<sep>"]
+        if turn.answer is None:
+            if i != len(turns) - 1:
+                raise ValueError(f"turn {i}: only the last turn (the query) may lack an answer")
+        elif supervise_examples or i == len(turns) - 1:
+            parts.append(Answer(turn.answer, turn.boxes))
+        else:
+            parts.append(f"{turn.answer} <eos>")
+    return parts
 
 
 def _answer_text(sample: Sample, codec: Codec) -> str:

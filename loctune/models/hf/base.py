@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -34,7 +34,7 @@ from loctune.models.base import Generation, VLMAdapter
 from loctune.types import Sample
 
 IGNORE_INDEX = -100
-TASKS = ("grounding", "detection")
+TASKS = ("grounding", "detection", "inspection")
 METADATA_FILE = "loctune_adapter.json"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -333,9 +333,16 @@ class HFAdapter(VLMAdapter):
         self, samples: list[Sample]
     ) -> tuple[list[list[int]], dict[str, list[list[int]]], dict]:
         """Unpadded prompt ids and per-token fields per sample, plus the image tensors."""
-        enc = self.encode_prompts(
-            [self.prompt_text(s) for s in samples], [s.load_image() for s in samples]
+        return self._unpadded_rows(
+            self.encode_prompts(
+                [self.prompt_text(s) for s in samples], [s.load_image() for s in samples]
+            )
         )
+
+    def _unpadded_rows(
+        self, enc: dict[str, Any]
+    ) -> tuple[list[list[int]], dict[str, list[list[int]]], dict]:
+        """Processor outputs split into unpadded ids, per-token fields and the image tensors."""
         mask = enc["attention_mask"].bool()
         ids = [row[m].tolist() for row, m in zip(enc["input_ids"], mask, strict=True)]
         fields = {
@@ -483,27 +490,36 @@ class HFAdapter(VLMAdapter):
         if not samples:
             return []
         out = self.greedy(self.model_inputs(self.collate(samples, train=False)), max_new_tokens)
+        return [
+            replace(g, text=self.generated_text(sample, g.text))
+            for g, sample in zip(self._generations(out), samples, strict=True)
+        ]
+
+    def _generations(self, out: Any, prefix: Sequence[int] = ()) -> list[Generation]:
+        """Each row of a :meth:`greedy` output up to its first stop token, with probabilities.
+
+        The text is that of ``prefix`` (answer tokens fed with the prompt) and the
+        new tokens, without padding, sequence and turn markers.
+        """
         steps = len(out.logits)
         new_tokens = out.sequences[:, -steps:]
         stops = set(self.stop_token_ids)
         hidden = self._hidden_token_ids()
         results = []
-        for b, sample in enumerate(samples):
+        for b in range(len(new_tokens)):
             ids = new_tokens[b].tolist()
             end = next((i + 1 for i, t in enumerate(ids) if t in stops), len(ids))
             ids = ids[:end]
-            # one sample at a time: [steps, V] full-vocabulary rows, never [B, steps, V] in fp32
+            # one row at a time: [steps, V] full-vocabulary rows, never [B, steps, V] in fp32
             rows = torch.stack([step[b] for step in out.logits[:end]]).float().log_softmax(-1)
             token_lp = rows.gather(1, new_tokens[b, :end, None])[:, 0].tolist()
             loc_probs = rows[:, self._loc_ids].exp().cpu() if self._loc_ids else None
             text = self.tokenizer.decode(
-                [t for t in ids if t not in hidden],
+                [*prefix, *(t for t in ids if t not in hidden)],
                 skip_special_tokens=False,
                 clean_up_tokenization_spaces=False,
             )
-            results.append(
-                Generation(self.generated_text(sample, text.strip()), ids, token_lp, loc_probs)
-            )
+            results.append(Generation(text.strip(), ids, token_lp, loc_probs))
         return results
 
     # ------------------------------------------------------------------ saving

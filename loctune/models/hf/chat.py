@@ -11,12 +11,24 @@ embeddings start as the mean embedding of their number's digits (see
 with the ``qwen2vl`` codec (``codec="qwen2vl"``), the format it was pretrained
 on; that codec has no location tokens, so soft targets over location tokens do
 not apply and the loss is ordinary token cross-entropy.
+
+In-context prompts (:meth:`ChatAdapter.generate_in_context`) are one
+user/assistant turn pair per example, then the query as the last user turn
+with the generation prompt: every example answer then sits exactly where the
+query answer will, behind the same template tokens, and ends with the
+end-of-turn token generation stops on; each turn is self-contained, so a tiled
+turn numbers its own images. Both families' templates render multi-turn,
+multi-image chats.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
+import torch
+
+from loctune.models.base import InContextAnswer, Turn
 from loctune.models.hf.base import HFAdapter, split_class_names
 from loctune.types import Sample
 
@@ -30,6 +42,8 @@ class ChatAdapter(HFAdapter):
     answer_prefix: ClassVar[str] = ""
 
     def instruction(self, sample: Sample) -> str:
+        if sample.task == "inspection":  # the prompt is the question itself
+            return sample.prompt
         if sample.task == "detection":
             return f"Detect every {', '.join(split_class_names(sample))} in the image."
         return f"Locate {sample.prompt} in the image."
@@ -51,6 +65,69 @@ class ChatAdapter(HFAdapter):
     @property
     def answer_end_id(self) -> int:
         return self.tokenizer.convert_tokens_to_ids(self.end_of_turn)
+
+    # ------------------------------------------------------------------ in-context prompts
+
+    @staticmethod
+    def in_context_messages(turns: Sequence[Turn]) -> tuple[list[dict[str, Any]], list]:
+        """Chat messages for ``apply_chat_template`` (a user turn per turn, an assistant
+        turn per answer) and their images, in order."""
+        if not turns or turns[-1].answer is not None:
+            raise ValueError("turns: expected examples with answers, then a query without one")
+        messages, images = [], []
+        for turn in turns:
+            content = [{"type": "image"} for _ in turn.images]
+            messages.append(
+                {"role": "user", "content": [*content, {"type": "text", "text": turn.text}]}
+            )
+            images += turn.images
+            if turn.answer is not None:
+                text = [{"type": "text", "text": turn.answer}]
+                messages.append({"role": "assistant", "content": text})
+        return messages, images
+
+    def _choice_tokens(self, choices: Sequence[str]) -> tuple[list[int], list[int]]:
+        """Tokens every choice starts with, then each choice's first token after them."""
+        rows = [
+            self.tokenizer(self.answer_prefix + c, add_special_tokens=False)["input_ids"]
+            for c in choices
+        ]
+        n = 0
+        while rows and all(len(r) > n + 1 for r in rows) and len({r[n] for r in rows}) == 1:
+            n += 1
+        if rows and len({r[n] if len(r) > n else None for r in rows}) < len(rows):
+            raise ValueError(f"choices: the tokenizer cannot tell {list(choices)} apart")
+        return (rows[0][:n] if rows else []), [r[n] for r in rows]
+
+    def _in_context_inputs(self, turns: Sequence[Turn], forced: list[int]) -> dict[str, Any]:
+        """Model inputs of one prompt, with the ``forced`` answer tokens appended."""
+        messages, images = self.in_context_messages(turns)
+        text = self.processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
+        ids, fields, batch = self._unpadded_rows(self.encode_prompts([text], [images]))
+        batch["input_ids"] = torch.tensor([ids[0] + forced])
+        batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+        for key, rows in fields.items():
+            batch[key] = torch.tensor([rows[0] + [self.token_fields[key]] * len(forced)])
+        return self.model_inputs(batch)
+
+    @torch.no_grad()
+    def generate_in_context(
+        self,
+        prompts: Sequence[Sequence[Turn]],
+        choices: Sequence[str] = (),
+        max_new_tokens: int = 64,
+    ) -> list[InContextAnswer]:
+        """One prompt at a time (multi-image prompts are long), choices read at the first step."""
+        forced, first_ids = self._choice_tokens(choices)
+        answers = []
+        for turns in prompts:
+            out = self.greedy(self._in_context_inputs(turns, forced), max_new_tokens)
+            [generation] = self._generations(out, prefix=forced)
+            first = out.logits[0][0].float().log_softmax(-1)
+            answers.append(InContextAnswer(generation.text, [float(first[i]) for i in first_ids]))
+        return answers
 
 
 class Idefics3Adapter(ChatAdapter):
