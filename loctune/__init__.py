@@ -14,7 +14,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS: dict[str, tuple[str, ...]] = {
-    "loctune.types": ("Sample", "Detection", "DecodeResult", "Box"),
+    "loctune.types": ("Sample", "Detection", "DecodeResult", "Box", "Encoding", "ObjectSpan"),
     "loctune.boxes": ("iou", "iou_matrix", "clip"),
     "loctune.codecs": ("Codec", "LocationSpace", "get_codec", "list_codecs", "register_codec"),
     "loctune.targets": ("TargetSpec", "make_targets"),

@@ -48,12 +48,7 @@ def iou(a, b) -> torch.Tensor:
 
 
 def xywh_to_xyxy(boxes) -> np.ndarray:
-    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).copy()
-    b[:, 2:] += b[:, :2]
-    return b
-
-
-def xyxy_to_xywh(boxes) -> np.ndarray:
-    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).copy()
-    b[:, 2:] -= b[:, :2]
+    """``(x, y, width, height)`` (COCO's layout) to corners, keeping the ``[..., 4]`` shape."""
+    b = np.array(boxes, dtype=np.float64)
+    b[..., 2:] += b[..., :2]
     return b

@@ -11,11 +11,11 @@ Two decodings are scored side by side:
   spreads mass over neighbouring bins on purpose; EV decoding shows whether that
   spread is centred on the truth.
 
-Objects are tied to their tokens by walking ``token_ids``: runs of location
-token ids are cut into groups of ``codec.tokens_per_box``, and each decoded
-object is matched, in order, with the next group whose argmax box equals the
-object's box (the codec contract makes them identical). An object without a
-group (text and tokens disagree) keeps its argmax box for EV decoding, gets the
+Objects are tied to their tokens through the codec: ``decode`` says which of
+the text's location tokens each object was read from (``ObjectSpan.tokens``),
+and the k-th location token of the text is the k-th location id of
+``token_ids`` when the text is what the tokens spell. When it is not (text and
+tokens disagree), an object keeps its argmax box for EV decoding, gets the
 whole generation's mean token probability as score, and is counted malformed.
 """
 
@@ -39,13 +39,11 @@ from loctune.metrics import (
     nanmean,
 )
 from loctune.models.base import Generation, VLMAdapter
-from loctune.types import Box, Detection, Sample
+from loctune.types import BOX_TASKS, Box, Detection, ObjectSpan, Sample
 
 ConfidenceMode = Literal["tokens", "loc_tokens", "loc_mass"]
 CONFIDENCE_MODES: tuple[str, ...] = ("tokens", "loc_tokens", "loc_mass")
-TASKS = ("grounding", "detection")
 _EV_KEYS = ("acc50", "miou", "ap", "ap50", "ap75")  # metrics that depend on the boxes
-_BOX_MATCH_ATOL = 1e-3  # pixels; argmax group box vs decoded box, equal by contract
 
 
 @dataclass
@@ -80,11 +78,12 @@ class _TokenWalk:
     """One generation's tokens as the decoder sees them (all on the CPU, float64).
 
     ``location[i]`` is the location index generated at step i (location steps
-    only); ``groups`` are the steps of each box, in order.
+    only); ``steps[k]`` is the step of the k-th location token, or empty when
+    the text does not spell the generated location tokens (then nothing aligns).
     """
 
     location: dict[int, int]
-    groups: list[list[int]]
+    steps: list[int]
     logprobs: torch.Tensor
     loc_probs: torch.Tensor | None
 
@@ -107,8 +106,9 @@ class GenerationDecoder:
       it does not drop when a model spreads mass over neighbouring bins, as
       soft-label training teaches it to. Needs ``Generation.loc_probs``.
 
-    A codec's label tokens are those between an object's location group and the
-    neighbouring group, on the side where ``codec.encode`` writes the label.
+    An object's label tokens are all steps between its location tokens and the
+    neighbouring location token on the side where its span puts the label
+    (separators included, as the model chose them too).
     """
 
     def __init__(
@@ -131,7 +131,6 @@ class GenerationDecoder:
         self.mass_radius = mass_radius
         self._loc_index = {int(t): k for k, t in enumerate(loc_token_ids)}
         self._coords = space.coords(dtype=torch.float64) if space is not None else None
-        self._label_side = _label_side(codec)
 
     def __call__(self, generation: Generation, image_size: tuple[int, int]) -> DecodedGeneration:
         _check_generation(generation)
@@ -143,16 +142,14 @@ class GenerationDecoder:
         fallback_score = float(walk.logprobs.mean().exp()) if len(walk.logprobs) else 0.0
         detections, ev_detections = [], []
         n_unaligned = 0
-        for det, j in zip(
-            decoded.detections, self._align(decoded.detections, walk, image_size), strict=True
-        ):
+        for det, span in zip(decoded.detections, decoded.spans, strict=True):
             box = tuple(float(v) for v in det.box)
-            if j is None:
+            if not walk.steps or not span.tokens:
                 n_unaligned += 1
                 score, ev_box = fallback_score, box
             else:
-                score = self._confidence(walk, j)
-                ev_box = self._expected_box(walk, j, image_size) or box
+                score = self._confidence(walk, span)
+                ev_box = self._expected_box(walk, span, image_size) or box
             detections.append(Detection(det.label, box, score))
             ev_detections.append(Detection(det.label, ev_box, score))
         return DecodedGeneration(
@@ -160,117 +157,57 @@ class GenerationDecoder:
         )
 
     def _walk(self, generation: Generation) -> _TokenWalk:
-        """Location steps, cut into boxes: runs of consecutive location tokens split
-        into ``tokens_per_box``; a run's leftover is dropped (the codec reads the same
-        broken run in the text and counts it)."""
         location = {
             i: self._loc_index[int(t)]
             for i, t in enumerate(generation.token_ids)
             if int(t) in self._loc_index
         }
-        runs: list[list[int]] = []
-        for i in location:
-            if runs and runs[-1][-1] == i - 1:
-                runs[-1].append(i)
-            else:
-                runs.append([i])
-        n = self.codec.tokens_per_box
-        groups = [run[k : k + n] for run in runs for k in range(0, len(run) - n + 1, n)]
+        spelt = self._coords is not None and list(location.values()) == (
+            self.codec.location_indices(generation.text)
+        )
         loc_probs = generation.loc_probs
         return _TokenWalk(
             location,
-            groups,
+            list(location) if spelt else [],
             torch.as_tensor(generation.token_logprobs, dtype=torch.float64),
             None if loc_probs is None else loc_probs.detach().to("cpu", torch.float64),
         )
 
-    def _group_locations(self, walk: _TokenWalk, j: int) -> list[int]:
-        return [walk.location[i] for i in walk.groups[j]]
-
-    def _align(
-        self, detections: list[Detection], walk: _TokenWalk, image_size: tuple[int, int]
-    ) -> list[int | None]:
-        """Group index for each detection, matched in order by identical argmax box."""
-        if self._coords is None:
-            return [None] * len(detections)
-        group_boxes = [
-            torch.tensor(
-                self.codec.locations_to_box(
-                    self._coords[self._group_locations(walk, j)].tolist(), image_size
-                ),
-                dtype=torch.float64,
-            )
-            for j in range(len(walk.groups))
-        ]
-        matches: list[int | None] = []
-        next_group = 0
-        for det in detections:
-            box = torch.tensor(det.box, dtype=torch.float64)
-            found = next(
-                (
-                    j
-                    for j in range(next_group, len(group_boxes))
-                    if torch.allclose(group_boxes[j], box, rtol=0, atol=_BOX_MATCH_ATOL)
-                ),
-                None,
-            )
-            matches.append(found)
-            if found is not None:
-                next_group = found + 1
-        return matches
-
-    def _confidence(self, walk: _TokenWalk, j: int) -> float:
-        group = walk.groups[j]
+    def _confidence(self, walk: _TokenWalk, span: ObjectSpan) -> float:
+        steps = [walk.steps[k] for k in span.tokens]
         if self.confidence == "loc_mass":
             if walk.loc_probs is None:
                 raise ValueError(
                     "confidence='loc_mass' needs Generation.loc_probs; the adapter gave none"
                 )
-            assert self.codec.space is not None  # groups exist only for token codecs
-            chosen = torch.tensor(self._group_locations(walk, j))
+            assert self.codec.space is not None  # steps exist only for token codecs
+            chosen = torch.tensor([walk.location[i] for i in steps])
             near = self.codec.space.distance(chosen) <= self.mass_radius + 1e-9
-            mass = (walk.loc_probs[group] * near).sum(dim=-1)
+            mass = (walk.loc_probs[steps] * near).sum(dim=-1)
             return float(mass.clamp(min=1e-300).log().mean().exp().clamp(max=1.0))
-        steps = list(group)
         if self.confidence == "tokens":
-            steps += self._label_steps(walk, j)
+            steps += self._label_steps(walk, span)
         return float(walk.logprobs[steps].mean().exp())
 
-    def _label_steps(self, walk: _TokenWalk, j: int) -> list[int]:
-        groups = walk.groups
-        if self._label_side == "after":
-            end = groups[j + 1][0] if j + 1 < len(groups) else len(walk.logprobs)
-            return list(range(groups[j][-1] + 1, end))
-        if self._label_side == "before":
-            start = groups[j - 1][-1] + 1 if j > 0 else 0
-            return list(range(start, groups[j][0]))
-        return []
+    def _label_steps(self, walk: _TokenWalk, span: ObjectSpan) -> list[int]:
+        first, stop = span.tokens.start, span.tokens.stop
+        if span.label_first:
+            start = walk.steps[first - 1] + 1 if first > 0 else 0
+            return list(range(start, walk.steps[first]))
+        end = walk.steps[stop] if stop < len(walk.steps) else len(walk.logprobs)
+        return list(range(walk.steps[stop - 1] + 1, end))
 
-    def _expected_box(self, walk: _TokenWalk, j: int, image_size: tuple[int, int]) -> Box | None:
+    def _expected_box(
+        self, walk: _TokenWalk, span: ObjectSpan, image_size: tuple[int, int]
+    ) -> Box | None:
         """EV box, or None when there is no distribution to take the expectation over."""
         if walk.loc_probs is None:
             return None
-        values = expected_locations(walk.loc_probs[walk.groups[j]], self._coords)
+        steps = [walk.steps[k] for k in span.tokens]
+        values = expected_locations(walk.loc_probs[steps], self._coords)
         if not torch.isfinite(values).all():
             return None
         return tuple(float(v) for v in self.codec.locations_to_box(values.tolist(), image_size))
-
-
-def _label_side(codec: Codec) -> str | None:
-    """Whether ``codec`` writes a label before or after an object's location tokens.
-
-    Read off one encoded example; None when the codec writes no label or has no
-    location tokens (then labels play no part in the score).
-    """
-    if codec.space is None:
-        return None
-    marker = "thing"
-    text = codec.encode([(16.0, 16.0, 48.0, 48.0)], [marker], (64, 64))
-    label_at = text.find(marker)
-    loc_at = [text.find(tok) for tok in codec.location_tokens if tok in text]
-    if label_at < 0 or not loc_at:
-        return None
-    return "before" if label_at < min(loc_at) else "after"
 
 
 def _check_generation(generation: Generation) -> None:
@@ -327,9 +264,9 @@ def summarize(samples: Sequence[Sample], decoded: Sequence[DecodedGeneration]) -
     if len(samples) != len(decoded):
         raise ValueError(f"{len(samples)} samples but {len(decoded)} decoded generations")
     for i, s in enumerate(samples):
-        if s.task not in TASKS:
+        if s.task not in BOX_TASKS:
             raise ValueError(
-                f"sample {i} ({s.image_id!r}): task must be one of {TASKS}, got {s.task!r}"
+                f"sample {i} ({s.image_id!r}): task must be one of {BOX_TASKS}, got {s.task!r}"
             )
         if s.task == "grounding" and not s.boxes:
             raise ValueError(f"sample {i} ({s.image_id!r}): a grounding sample needs a box")

@@ -54,8 +54,8 @@ import torch.nn.functional as F
 
 from loctune.codecs.base import LocationSpace
 from loctune.targets import TargetSpec, make_targets
+from loctune.types import IGNORE_INDEX
 
-IGNORE = -100
 LOSS_NAMES = ("ce", "soft_ce", "gem")
 KERNELS = ("torch", "triton", "auto")
 
@@ -608,14 +608,14 @@ class LocationLoss:
                 )
         if not shift:
             return labels, continuous
-        labels = F.pad(labels[..., 1:], (0, 1), value=IGNORE)
+        labels = F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
         if continuous is not None:
             continuous = F.pad(continuous[..., 1:, :], (0, 0, 0, 1), value=float("nan"))
         return labels, continuous
 
     def _plan(self, vocab: int, labels: torch.Tensor, continuous, num_items_in_batch) -> _Plan:
         cfg = self.config
-        valid = labels != IGNORE
+        valid = labels != IGNORE_INDEX
         bad = valid & ((labels < 0) | (labels >= vocab))
         if bad.any():
             raise ValueError(

@@ -164,7 +164,8 @@ def evaluate_detections(
         evaluator.accumulate()
         evaluator.summarize()
     # pycocotools writes -1 where a value is undefined.
-    result.stats = {k: NAN if v < 0 else float(v) for k, v in zip(COCO_STATS, evaluator.stats)}
+    stats = zip(COCO_STATS, evaluator.stats, strict=True)
+    result.stats = {k: NAN if v < 0 else float(v) for k, v in stats}
     precision = evaluator.eval["precision"]  # [IoU 10, recall 101, class, area 4, maxDets 3]
     for k, name in enumerate(categories):
         all_iou = precision[:, :, k, 0, -1]

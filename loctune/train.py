@@ -41,7 +41,7 @@ from loctune.config import save_config
 from loctune.losses import LossConfig
 from loctune.models.base import VLMAdapter
 from loctune.report import read_jsonl
-from loctune.types import Sample
+from loctune.types import IGNORE_INDEX, Sample
 
 __all__ = ["SampleDataset", "TrainConfig", "TrainResult", "load_weights", "train"]
 
@@ -514,7 +514,7 @@ def _default_loss(config: TrainConfig, adapter: VLMAdapter) -> LossFn:
 
 def _supervised_tokens(labels: torch.Tensor, shift: bool) -> torch.Tensor:
     """Label positions the loss counts (causal models predict token t+1 at t, so the first never is)."""
-    return ((labels[:, 1:] if shift else labels) != -100).sum()
+    return ((labels[:, 1:] if shift else labels) != IGNORE_INDEX).sum()
 
 
 def _evaluate(

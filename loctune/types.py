@@ -14,6 +14,11 @@ from PIL import Image
 
 Box = tuple[float, float, float, float]
 
+#: tasks whose answer is boxes, the ones the box metrics and the HF adapters take
+BOX_TASKS: tuple[str, ...] = ("grounding", "detection")
+#: label of a position no loss is taken at (prompt, padding), PyTorch's cross-entropy default
+IGNORE_INDEX = -100
+
 
 @dataclass
 class Sample:
@@ -59,16 +64,55 @@ class Detection:
     score: float = 1.0
 
 
+Span = tuple[int, int]  # character offsets [start, end) into a codec's text
+
+
+@dataclass(frozen=True)
+class ObjectSpan:
+    """Where a codec's text writes one object, so that no caller has to re-parse it.
+
+    ``index`` is the object's position in the boxes given to ``encode`` (in
+    ``DecodeResult.detections`` for ``decode``). ``locations`` and ``label``
+    are character spans of its location text and of its label as written
+    (raw, before white space is collapsed; a label shared by several boxes,
+    as Kosmos-2 writes, is the same span for each). ``tokens`` are the
+    positions of its location tokens among all location tokens of the text,
+    which is also their order among the location ids of the text's
+    tokenisation; empty for a codec that writes coordinates as plain text.
+    """
+
+    index: int
+    locations: Span
+    label: Span
+    tokens: range
+
+    @property
+    def label_first(self) -> bool:
+        """Whether the label is written before the location text."""
+        return self.label[0] < self.locations[0]
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """A codec's text for some objects and, in text order, where each one is written."""
+
+    text: str
+    spans: tuple[ObjectSpan, ...]
+
+
 @dataclass
 class DecodeResult:
     """What a codec could read from a generation.
 
     Decoding never raises on model output; ``n_malformed`` counts the fragments
     (objects, token groups) that could not be turned into a valid box.
+    ``spans[i]`` is where ``detections[i]`` was read (not part of equality:
+    two results are equal when they found the same objects).
     """
 
     detections: list[Detection]
     n_malformed: int = 0
+    spans: list[ObjectSpan] = field(default_factory=list, compare=False)
 
     def __iter__(self):
         return iter(self.detections)

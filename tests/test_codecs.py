@@ -415,7 +415,12 @@ def test_random_text_decodes_to_boxes_on_the_image(codec):
     @given(text=st.one_of(st.text(), mixed.map("".join)), size=sizes)
     def check(text, size):
         result = codec.decode(text, size)
-        assert result.n_malformed >= 0
+        assert isinstance(result.n_malformed, int) and len(result.spans) == len(result)
+        if codec.space is not None:  # each object was read from its own location tokens
+            found = [codec.location_indices(text[slice(*s.locations)]) for s in result.spans]
+            assert all(len(f) == codec.tokens_per_box for f in found)
+            if not codec.location_indices(text):
+                assert not result.detections
         w, h = size
         for det in result:
             x1, y1, x2, y2 = det.box

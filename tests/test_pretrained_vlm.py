@@ -61,16 +61,16 @@ def test_batch_norm_statistics_stay_pretrained_in_training_mode(adapter):
     model.train()
     bn = model.vision.backbone.bn1
     before = bn.running_mean.clone()
-    model.unfreeze(["vision"])
+    model.vision.requires_grad_(True)
     model.vision(torch.randn(4, 3, 64, 64) * 3)
-    model.freeze(["vision"])
+    model.vision.requires_grad_(False)
     assert not bn.training and torch.equal(bn.running_mean, before)
 
 
 def test_feature_cache_hits_misses_and_invalidation(adapter, samples):
     model = adapter.model
     vision = model.vision
-    model.freeze(["vision"])
+    model.vision.requires_grad_(False)
     vision.cache.clear()
     vision.cache.hits = vision.cache.misses = 0
     batch = adapter.collate(samples[:4])
@@ -88,16 +88,16 @@ def test_feature_cache_hits_misses_and_invalidation(adapter, samples):
     changed = vision(batch["pixel_values"])
     assert vision.cache.misses == 12 and not torch.allclose(changed, first)
     # a trainable backbone bypasses the cache and gets gradients
-    model.unfreeze(["vision"])
+    model.vision.requires_grad_(True)
     vision(batch["pixel_values"][:1]).sum().backward()
     assert vision.cache.misses == 12 and vision.backbone.conv_stem.weight.grad is not None
     model.zero_grad(set_to_none=True)
-    model.freeze(["vision"])
+    model.vision.requires_grad_(False)
 
 
 def test_features_cached_under_autocast_serve_a_float32_call(adapter, samples):
     model = adapter.model
-    model.freeze(["vision"])
+    model.vision.requires_grad_(False)
     model.vision.cache.clear()
     model.vision.cache.hits = model.vision.cache.misses = 0
     batch = adapter.collate(samples[:2])

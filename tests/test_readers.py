@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from loctune.boxes import xywh_to_xyxy
 from loctune.data import (
     DataError,
     load_dataset,
@@ -197,6 +198,12 @@ def test_referring_jsonl_lines_and_errors(tmp_path):
     assert examples(report, "empty_box")[0].startswith(f"{path}:4: box: box [5, 5, 20, 5]")
     assert examples(report, "missing_image")[0].startswith(f"{path}:5: image: image file not found")
     assert "entirely outside the 64x48 image" in examples(report, "outside_image")[0]
+
+
+def test_xywh_to_xyxy_keeps_the_shape_and_leaves_its_input_alone():
+    one = [1, 2, 10, 20]
+    assert xywh_to_xyxy(one).tolist() == [1.0, 2.0, 11.0, 22.0] and one == [1, 2, 10, 20]
+    assert xywh_to_xyxy([[0, 0, 1, 1], [5, 5, 2, 3]]).tolist() == [[0, 0, 1, 1], [5, 5, 7, 8]]
 
 
 def test_referring_jsonl_xywh_flag(tmp_path):

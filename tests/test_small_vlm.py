@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -82,6 +83,30 @@ def test_detection_answers_hold_every_box():
     batch = adapter.collate(data)
     n_loc = torch.isin(batch["labels"], torch.tensor(adapter.loc_token_ids)).sum(1)
     assert n_loc.tolist() == [adapter.codec.tokens_per_box * len(s.boxes) for s in data]
+
+
+@pytest.mark.parametrize("codec, codec_kwargs", CODECS)
+def test_continuous_locations_follow_the_codecs_spans(codec, codec_kwargs):
+    one = make_detection_split("train", 1, seed=1)[0]
+    w, h = one.image_size
+    boxes = [
+        (0.1 * w, 0.2 * h, 0.5 * w, 0.6 * h),
+        (0.55 * w, 0.1 * h, 0.9 * w, 0.3 * h),
+        one.boxes[0],
+    ]
+    many = replace(one, boxes=boxes, labels=[one.labels[0]] * 3)
+    adapter = build(codec, codec_kwargs, samples=[many])
+    batch = adapter.collate([many, one])
+    loc = torch.isin(batch["labels"], torch.tensor(adapter.loc_token_ids))
+    for row, s in enumerate([many, one]):
+        spans = adapter.codec.encode_spans(s.boxes, s.labels, s.image_size).spans
+        want = [
+            v
+            for sp in spans
+            for v in adapter.codec.box_to_continuous(s.boxes[sp.index], s.image_size)
+        ]
+        assert len(want) == adapter.codec.tokens_per_box * len(s.boxes)
+        torch.testing.assert_close(batch["loc_continuous"][row][loc[row]], torch.tensor(want))
 
 
 def test_answer_with_unknown_words_is_a_clear_error(samples):
@@ -214,25 +239,6 @@ def test_generate_fills_generation_fields(samples):
         assert all(lp <= 0 for lp in g.token_logprobs)
         assert isinstance(g.text, str)
     assert adapter.model.training  # generate restores the mode it found
-
-
-def test_freeze_parts_for_staged_training(samples):
-    adapter = build()
-    model = adapter.model
-    model.freeze(("vision", "text"))
-    assert model.trainable_parts() == ["projector"]
-    batch = adapter.collate(samples[:2])
-    adapter.forward(batch).sum().backward()
-    assert all(p.grad is None for p in model.vision.parameters())
-    assert model.embed_tokens.weight.grad is None
-    assert all(p.grad is not None for p in model.projector.parameters())
-    assert model.num_parameters(trainable_only=True) == sum(
-        p.numel() for p in model.projector.parameters()
-    )
-    model.unfreeze()
-    assert model.trainable_parts() == ["vision", "projector", "text"]
-    with pytest.raises(ValueError, match="part"):
-        model.freeze(("decoder",))
 
 
 @pytest.mark.parametrize(

@@ -24,56 +24,17 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from loctune.codecs.base import Codec, LocationSpace
+from loctune.codecs import get_codec
 from loctune.config import apply_overrides, load_config, parse_overrides, save_config
 from loctune.models.base import Generation, VLMAdapter
 from loctune.train import TrainConfig, load_weights, train
-from loctune.types import DecodeResult, Sample
+from loctune.types import Sample
 
 N_LOC = 8
 WORDS = ["red", "green", "blue"]
 BOS, EOS = N_LOC, N_LOC + 1
 VOCAB = N_LOC + 2 + len(WORDS)
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
-
-
-class TinyCodec(Codec):
-    """Four bin tokens per box, no text around them: just enough codec for the loop."""
-
-    space = LocationSpace("bins", N_LOC)
-
-    @property
-    def location_tokens(self) -> list[str]:
-        return [f"<l{k}>" for k in range(N_LOC)]
-
-    def encode(self, boxes, labels, image_size):
-        return "".join(
-            self.location_tokens[k] for b in boxes for k in self.box_to_locations(b, image_size)
-        )
-
-    def decode(self, text, image_size):
-        return DecodeResult([])
-
-    def box_to_continuous(self, box, image_size):
-        w, h = image_size
-        return [
-            (box[0] / w * (N_LOC - 1),),
-            (box[1] / h * (N_LOC - 1),),
-            (box[2] / w * (N_LOC - 1),),
-            (box[3] / h * (N_LOC - 1),),
-        ]
-
-    def box_to_locations(self, box, image_size):
-        return [round(v[0]) for v in self.box_to_continuous(box, image_size)]
-
-    def locations_to_box(self, values, image_size):
-        w, h = image_size
-        return (
-            values[0][0] * w / (N_LOC - 1),
-            values[1][0] * h / (N_LOC - 1),
-            values[2][0] * w / (N_LOC - 1),
-            values[3][0] * h / (N_LOC - 1),
-        )
 
 
 class TinyModel(nn.Module):
@@ -100,7 +61,7 @@ class TinyModel(nn.Module):
 
 
 class TinyAdapter(VLMAdapter):
-    codec = TinyCodec()
+    codec = get_codec("bins", n_bins=N_LOC, token_format="<l{}>")  # four bin tokens per box
 
     def __init__(self, dropout: float = 0.0):
         self.model = TinyModel(dropout=dropout)

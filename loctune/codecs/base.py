@@ -3,18 +3,21 @@
 A codec turns pixel boxes into the text a model family writes
 (``encode``) and back (``decode``), and exposes the geometry of its location
 tokens (:class:`LocationSpace`) so that targets and losses can put distance
-back into supervision without knowing the family.
+back into supervision without knowing the family. Both directions also say
+where each object is written (``encode_spans``, ``DecodeResult.spans``), so
+collation and evaluation tie tokens to boxes without re-parsing the text.
 """
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from loctune.types import Box, DecodeResult
+from loctune.types import Box, DecodeResult, Encoding
 
 
 @dataclass(frozen=True)
@@ -65,19 +68,38 @@ class Codec(ABC):
     name: str = ""
     tokens_per_box: int = 4
     space: LocationSpace | None = None  # None: coordinates written as plain text
+    _token: re.Pattern | None = None  # a location token, its index in group 1; None: plain text
 
     @property
     @abstractmethod
     def location_tokens(self) -> list[str]:
         """Token strings of the location vocabulary; index k is location k of ``space``."""
 
-    @abstractmethod
-    def encode(self, boxes: Sequence[Box], labels: Sequence[str], image_size: tuple[int, int]) -> str:
+    def encode(
+        self, boxes: Sequence[Box], labels: Sequence[str], image_size: tuple[int, int]
+    ) -> str:
         """Text for these objects (pixel xyxy boxes on an image of (width, height))."""
+        return self.encode_spans(boxes, labels, image_size).text
+
+    @abstractmethod
+    def encode_spans(
+        self, boxes: Sequence[Box], labels: Sequence[str], image_size: tuple[int, int]
+    ) -> Encoding:
+        """The text of :meth:`encode` and, per object, where its locations and label are."""
 
     @abstractmethod
     def decode(self, text: str, image_size: tuple[int, int]) -> DecodeResult:
-        """Objects found in ``text``; never raises on malformed model output."""
+        """Objects found in ``text``, with their spans; never raises on malformed model output."""
+
+    def location_indices(self, text: str) -> list[int]:
+        """Index of every location token in ``text``, in order (what ``ObjectSpan.tokens`` counts).
+
+        A tokenisation of the text holds the same indices at its location ids;
+        a generation where they differ was not read the way it was written.
+        """
+        if self._token is None:
+            return []
+        return [int(m.group(1)) for m in self._token.finditer(text)]
 
     @abstractmethod
     def box_to_locations(self, box: Box, image_size: tuple[int, int]) -> list[int]:
@@ -94,7 +116,9 @@ class Codec(ABC):
         """
 
     @abstractmethod
-    def locations_to_box(self, values: Sequence[Sequence[float]], image_size: tuple[int, int]) -> Box:
+    def locations_to_box(
+        self, values: Sequence[Sequence[float]], image_size: tuple[int, int]
+    ) -> Box:
         """Pixel box from ``tokens_per_box`` locations, each ``space.dim`` values.
 
         Integer locations give exactly what ``decode`` gives for those tokens;

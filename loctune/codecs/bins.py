@@ -13,15 +13,18 @@ import numpy as np
 
 from loctune.codecs.base import Codec, LocationSpace, register_codec
 from loctune.codecs.parsing import (
+    TextWriter,
     check_locations,
     check_objects,
     continuous,
     dequantize,
+    object_span,
     quantize,
     token_pattern,
     token_runs,
+    token_starts,
 )
-from loctune.types import Box, DecodeResult, Detection
+from loctune.types import Box, DecodeResult, Detection, Encoding
 
 _AXES = {"x1": (0, 0), "y1": (1, 1), "x2": (2, 0), "y2": (3, 1)}  # box index, size index
 
@@ -72,7 +75,7 @@ class BinCodec(Codec):
         self.separator = separator
         self.strict = strict
         self.space = LocationSpace("bins", n_bins)
-        self._pattern = token_pattern(token_format)
+        self._token = token_pattern(token_format)
         self._tokens = [token_format.format(k) for k in range(n_bins)]
 
     @property
@@ -100,31 +103,45 @@ class BinCodec(Codec):
             )
         return tuple(coords)
 
-    def encode(
+    def encode_spans(
         self, boxes: Sequence[Box], labels: Sequence[str], image_size: tuple[int, int]
-    ) -> str:
-        check_objects(boxes, labels, self._pattern, self.separator.strip())
+    ) -> Encoding:
+        check_objects(boxes, labels, self._token, self.separator.strip())
         gap = " " if self.separator else ""
-        parts = []
-        for box, label in zip(boxes, labels, strict=True):
-            locs = "".join(self._tokens[k] for k in self.box_to_locations(box, image_size))
-            parts.append(f"{label}{gap}{locs}" if self.label_first else f"{locs}{gap}{label}")
-        return self.separator.join(parts)
+        out = TextWriter(self._token)
+        for i, (box, label) in enumerate(zip(boxes, labels, strict=True)):
+            if i:
+                out.write(self.separator)
+            tokens = "".join(self._tokens[k] for k in self.box_to_locations(box, image_size))
+            if self.label_first:
+                label_span, _, locations = out.write(label), out.write(gap), out.write(tokens)
+            else:
+                locations, _, label_span = out.write(tokens), out.write(gap), out.write(label)
+            out.add(i, locations, label_span)
+        return out.encoding()
 
     def decode(self, text: str, image_size: tuple[int, int]) -> DecodeResult:
-        detections, bad = [], 0
-        for label, values in token_runs(text, self._pattern, self.label_first, self.separator):
-            bad += int(len(values) % 4 != 0)  # a truncated or padded run
-            for i in range(len(values) // 4):
-                group = values[4 * i : 4 * i + 4]
+        result, starts = DecodeResult([]), token_starts(text, self._token)
+        for run in token_runs(text, self._token, self.label_first, self.separator):
+            result.n_malformed += int(len(run.tokens) % 4 != 0)  # a truncated or padded run
+            for i in range(0, len(run.tokens) - 3, 4):
+                group = run.tokens[i : i + 4]
+                values = [int(m.group(1)) for m in group]
                 box = None
-                if all(k < self.n_bins for k in group):
-                    box = self.locations_to_box(group, image_size)
-                if box is not None and self._ordered(box):
-                    detections.append(Detection(label, box))
-                else:
-                    bad += 1
-        return DecodeResult(detections, bad)
+                if all(k < self.n_bins for k in values):
+                    box = self.locations_to_box(values, image_size)
+                if box is None or not self._ordered(box):
+                    result.n_malformed += 1
+                    continue
+                span = object_span(
+                    starts,
+                    len(result.detections),
+                    (group[0].start(), group[-1].end()),
+                    run.label_span,
+                )
+                result.detections.append(Detection(run.label, box))
+                result.spans.append(span)
+        return result
 
     def _ordered(self, box: Box) -> bool:
         if self.strict:

@@ -16,13 +16,16 @@ from collections.abc import Sequence
 
 from loctune.codecs.base import Codec, LocationSpace, register_codec
 from loctune.codecs.parsing import (
+    TextWriter,
     check_locations,
     check_objects,
     clean_label,
+    object_span,
     token_pattern,
     token_runs,
+    token_starts,
 )
-from loctune.types import Box, DecodeResult, Detection
+from loctune.types import Box, DecodeResult, Detection, Encoding
 
 
 def _cell(row: int, col: int, n: int) -> int:
@@ -48,7 +51,7 @@ class PatchCodec(Codec):
         self.grid = grid
         self.separator = separator
         self.space = LocationSpace("grid", grid)
-        self._pattern = token_pattern(token_format)
+        self._token = token_pattern(token_format)
         self._tokens = [token_format.format(k) for k in range(grid * grid)]
 
     @property
@@ -80,26 +83,36 @@ class PatchCodec(Codec):
         n = self.grid
         return ((c1 + 0.5) * w / n, (r1 + 0.5) * h / n, (c2 + 0.5) * w / n, (r2 + 0.5) * h / n)
 
-    def encode(
+    def encode_spans(
         self, boxes: Sequence[Box], labels: Sequence[str], image_size: tuple[int, int]
-    ) -> str:
-        check_objects(boxes, labels, self._pattern, self.separator.strip())
-        return self.separator.join(
-            f"{label} " + "".join(self._tokens[k] for k in self.box_to_locations(box, image_size))
-            for box, label in zip(boxes, labels, strict=True)
-        )
+    ) -> Encoding:
+        check_objects(boxes, labels, self._token, self.separator.strip())
+        out = TextWriter(self._token)
+        for i, (box, label) in enumerate(zip(boxes, labels, strict=True)):
+            if i:
+                out.write(self.separator)
+            label_span = out.write(label)
+            out.write(" ")
+            tokens = "".join(self._tokens[k] for k in self.box_to_locations(box, image_size))
+            out.add(i, out.write(tokens), label_span)
+        return out.encoding()
 
     def decode(self, text: str, image_size: tuple[int, int]) -> DecodeResult:
-        detections, bad = [], 0
-        for label, values in token_runs(text, self._pattern, True, self.separator):
-            bad += len(values) % 2  # a truncated run
-            for i in range(len(values) // 2):
-                box = self._cells_to_box(values[2 * i], values[2 * i + 1], image_size)
+        result, starts = DecodeResult([]), token_starts(text, self._token)
+        for run in token_runs(text, self._token, True, self.separator):
+            result.n_malformed += len(run.tokens) % 2  # a truncated run
+            for i in range(0, len(run.tokens) - 1, 2):
+                ul, lr = run.tokens[i : i + 2]
+                box = self._cells_to_box(int(ul.group(1)), int(lr.group(1)), image_size)
                 if box is None:
-                    bad += 1
-                else:
-                    detections.append(Detection(label, box))
-        return DecodeResult(detections, bad)
+                    result.n_malformed += 1
+                    continue
+                span = object_span(
+                    starts, len(result.detections), (ul.start(), lr.end()), run.label_span
+                )
+                result.detections.append(Detection(run.label, box))
+                result.spans.append(span)
+        return result
 
     def _cells_to_box(self, ul: int, lr: int, image_size: tuple[int, int]) -> Box | None:
         """The box of two cell indices, or None when a cell is off the grid or corners reverse."""
@@ -166,39 +179,52 @@ class Kosmos2Codec(PatchCodec):
         w, h = image_size
         return (x1 * w, y1 * h, x2 * w, y2 * h)
 
-    def encode(
+    def encode_spans(
         self, boxes: Sequence[Box], labels: Sequence[str], image_size: tuple[int, int]
-    ) -> str:
-        check_objects(boxes, labels, self._pattern)
+    ) -> Encoding:
+        check_objects(boxes, labels, self._token)
         for i, label in enumerate(labels):
             if "<" in label:
                 raise ValueError(f"labels[{i}] = {label!r}: a Kosmos-2 phrase cannot contain '<'")
-        out = []
-        objects = zip(boxes, labels, strict=True)
-        for label, group in itertools.groupby(objects, key=lambda obj: obj[1]):
-            pairs = (
-                "".join(self._tokens[k] for k in self.box_to_locations(box, image_size))
-                for box, _ in group
-            )
-            out.append(f"<phrase>{label}</phrase><object>{KOSMOS_DELIMITER.join(pairs)}</object>")
-        return "".join(out)
+        out = TextWriter(self._token)
+        objects = enumerate(zip(boxes, labels, strict=True))
+        for label, group in itertools.groupby(objects, key=lambda obj: obj[1][1]):
+            out.write("<phrase>")
+            label_span = out.write(label)
+            out.write("</phrase><object>")
+            for j, (i, (box, _)) in enumerate(group):
+                if j:
+                    out.write(KOSMOS_DELIMITER)
+                tokens = "".join(self._tokens[k] for k in self.box_to_locations(box, image_size))
+                out.add(i, out.write(tokens), label_span)
+            out.write("</object>")
+        return out.encoding()
 
     def decode(self, text: str, image_size: tuple[int, int]) -> DecodeResult:
-        detections, bad, last = [], 0, 0
+        result, last, starts = DecodeResult([]), 0, token_starts(text, self._token)
         for m in _KOSMOS_OBJECT.finditer(text):
-            bad += self._count_stray(text[last : m.start()])
+            result.n_malformed += self._count_stray(text[last : m.start()])
             last = m.end()
             label = clean_label(m.group("phrase") or "")
+            label_span = m.span("phrase") if m.group("phrase") is not None else (m.start(),) * 2
+            at = m.start("body")
             for pair in m.group("body").split(KOSMOS_DELIMITER):
-                cells = [int(v) for v in self._pattern.findall(pair)]
-                box = self._cells_to_box(*cells, image_size) if len(cells) == 2 else None
+                cells = list(self._token.finditer(text, at, at + len(pair)))
+                at += len(pair) + len(KOSMOS_DELIMITER)
+                box = None
+                if len(cells) == 2:
+                    box = self._cells_to_box(*(int(c.group(1)) for c in cells), image_size)
                 if box is None:
-                    bad += 1
-                else:
-                    detections.append(Detection(label, box))
-        bad += self._count_stray(text[last:])
-        return DecodeResult(detections, bad)
+                    result.n_malformed += 1
+                    continue
+                span = object_span(
+                    starts, len(result.detections), (cells[0].start(), cells[1].end()), label_span
+                )
+                result.detections.append(Detection(label, box))
+                result.spans.append(span)
+        result.n_malformed += self._count_stray(text[last:])
+        return result
 
     def _count_stray(self, text: str) -> int:
         """Phrases without an object, and runs of patch tokens outside any object."""
-        return len(_KOSMOS_PHRASE.findall(text)) + len(token_runs(text, self._pattern, True, ""))
+        return len(_KOSMOS_PHRASE.findall(text)) + len(token_runs(text, self._token, True, ""))

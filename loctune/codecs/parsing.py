@@ -2,17 +2,21 @@
 
 Model output is untrusted: the parser walks the text once, collects runs of
 location tokens with the label text next to them, and reports what it could
-not use instead of raising. Caller input (boxes and labels to encode) is
+not use instead of raising. Encoding and decoding both say where each object
+is written (:class:`~loctune.types.ObjectSpan`), so callers align text with
+tokens through the codec instead of re-parsing. Caller input (boxes and labels to encode) is
 trusted less kindly: a mistake there raises with the offending field named.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 from collections.abc import Sequence
+from typing import NamedTuple
 
-from loctune.types import Box
+from loctune.types import Box, Encoding, ObjectSpan, Span
 
 _TAG = re.compile(r"<[^<>]*>")
 
@@ -91,10 +95,20 @@ def clean_label(text: str) -> str:
     return " ".join(_TAG.sub("", text).split())
 
 
-def token_runs(
-    text: str, token: re.Pattern, label_first: bool, sep: str
-) -> list[tuple[str, list[int]]]:
-    """``(label, [token values])`` for each maximal run of location tokens.
+class TokenRun(NamedTuple):
+    """One maximal run of location tokens, the label read next to it and its span."""
+
+    label: str
+    label_span: Span
+    tokens: list[re.Match]
+
+    @property
+    def values(self) -> list[int]:
+        return [int(m.group(1)) for m in self.tokens]
+
+
+def token_runs(text: str, token: re.Pattern, label_first: bool, sep: str) -> list[TokenRun]:
+    """Each maximal run of location tokens with the label text next to it.
 
     Tokens separated only by white space belong to one run. The label is the
     text before the run (``label_first``) or after it, up to the neighbouring
@@ -102,21 +116,61 @@ def token_runs(
     last separator before it, or before the first one after it), so garbage
     between objects does not leak into labels.
     """
-    runs: list[tuple[int, int, list[int]]] = []  # start, end, values
+    runs: list[list[re.Match]] = []
     for m in token.finditer(text):
-        if runs and not text[runs[-1][1] : m.start()].strip():
-            start, _, values = runs[-1]
-            runs[-1] = (start, m.end(), [*values, int(m.group(1))])
+        if runs and not text[runs[-1][-1].end() : m.start()].strip():
+            runs[-1].append(m)
         else:
-            runs.append((m.start(), m.end(), [int(m.group(1))]))
+            runs.append([m])
     mark = sep.strip()
     out = []
-    for i, (start, end, values) in enumerate(runs):
+    for i, run in enumerate(runs):
         if label_first:
-            label = text[runs[i - 1][1] if i else 0 : start]
-            label = label.split(mark)[-1] if mark else label
+            start, end = runs[i - 1][-1].end() if i else 0, run[0].start()
+            cut = text.rfind(mark, start, end) if mark else -1
+            start = cut + len(mark) if cut >= 0 else start
         else:
-            label = text[end : runs[i + 1][0] if i + 1 < len(runs) else len(text)]
-            label = label.split(mark)[0] if mark else label
-        out.append((clean_label(label), values))
+            start, end = run[-1].end(), runs[i + 1][0].start() if i + 1 < len(runs) else len(text)
+            cut = text.find(mark, start, end) if mark else -1
+            end = cut if cut >= 0 else end
+        out.append(TokenRun(clean_label(text[start:end]), (start, end), run))
     return out
+
+
+def token_starts(text: str, token: re.Pattern | None) -> list[int] | None:
+    """Start offsets of every location token in ``text``; None for a plain-text codec."""
+    return None if token is None else [m.start() for m in token.finditer(text)]
+
+
+def object_span(starts: list[int] | None, index: int, locations: Span, label: Span) -> ObjectSpan:
+    """:class:`ObjectSpan` of an object, its token positions read off ``token_starts``."""
+    if starts is None:
+        return ObjectSpan(index, locations, label, range(0))
+    first, stop = (bisect.bisect_left(starts, at) for at in locations)
+    return ObjectSpan(index, locations, label, range(first, stop))
+
+
+class TextWriter:
+    """Builds a codec's text piece by piece and records where each object went."""
+
+    def __init__(self, token: re.Pattern | None):
+        self._token = token
+        self._parts: list[str] = []
+        self._length = 0
+        self._objects: list[tuple[int, Span, Span]] = []
+
+    def write(self, text: str) -> Span:
+        """Append ``text``; returns its span."""
+        start = self._length
+        self._parts.append(text)
+        self._length += len(text)
+        return start, self._length
+
+    def add(self, index: int, locations: Span, label: Span) -> None:
+        """Record object ``index`` as written at these spans."""
+        self._objects.append((index, locations, label))
+
+    def encoding(self) -> Encoding:
+        text = "".join(self._parts)
+        starts = token_starts(text, self._token)
+        return Encoding(text, tuple(object_span(starts, *o) for o in self._objects))

@@ -11,8 +11,14 @@ import re
 from collections.abc import Sequence
 
 from loctune.codecs.base import Codec, register_codec
-from loctune.codecs.parsing import check_locations, check_objects, clean_label
-from loctune.types import Box, DecodeResult, Detection
+from loctune.codecs.parsing import (
+    TextWriter,
+    check_locations,
+    check_objects,
+    clean_label,
+    object_span,
+)
+from loctune.types import Box, DecodeResult, Detection, Encoding
 
 _BOX = re.compile(r"<\|box_start\|>(.*?)(?:<\|box_end\|>|(?=<\|box_start\|>)|$)", re.S)
 _CORNERS = re.compile(r"\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*,\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*")
@@ -59,29 +65,33 @@ class Qwen2VLCodec(Codec):
         coords = check_locations(values, 4, 1)
         return tuple(v / SCALE * s for (v,), s in zip(coords, (w, h, w, h), strict=True))
 
-    def encode(
+    def encode_spans(
         self, boxes: Sequence[Box], labels: Sequence[str], image_size: tuple[int, int]
-    ) -> str:
+    ) -> Encoding:
         check_objects(boxes, labels, _MARKUP)
-        out = []
-        for box, label in zip(boxes, labels, strict=True):
+        out = TextWriter(None)
+        for i, (box, label) in enumerate(zip(boxes, labels, strict=True)):
             x1, y1, x2, y2 = self.box_to_locations(box, image_size)
-            out.append(
-                f"<|object_ref_start|>{label}<|object_ref_end|>"
-                f"<|box_start|>({x1},{y1}),({x2},{y2})<|box_end|>"
-            )
-        return "".join(out)
+            out.write("<|object_ref_start|>")
+            label_span = out.write(label)
+            out.write("<|object_ref_end|><|box_start|>")
+            out.add(i, out.write(f"({x1},{y1}),({x2},{y2})"), label_span)
+            out.write("<|box_end|>")
+        return out.encoding()
 
     def decode(self, text: str, image_size: tuple[int, int]) -> DecodeResult:
-        detections, bad, last, label = [], 0, 0, ""
+        result, last, label, label_span = DecodeResult([]), 0, "", (0, 0)
         for m in _BOX.finditer(text):
-            refs = _REF.findall(text[last : m.start()])
-            label = clean_label(refs[-1]) if refs else label
+            refs = list(_REF.finditer(text, last, m.start()))
+            if refs:
+                label, label_span = clean_label(refs[-1].group(1)), refs[-1].span(1)
             last = m.end()
             corners = _CORNERS.fullmatch(m.group(1))
             k = [int(v) for v in corners.groups()] if corners else []
             if not k or max(k) > SCALE or k[2] <= k[0] or k[3] <= k[1]:
-                bad += 1
+                result.n_malformed += 1
                 continue
-            detections.append(Detection(label, self.locations_to_box(k, image_size)))
-        return DecodeResult(detections, bad)
+            span = object_span(None, len(result.detections), m.span(1), label_span)
+            result.detections.append(Detection(label, self.locations_to_box(k, image_size)))
+            result.spans.append(span)
+        return result

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loctune.boxes import xywh_to_xyxy
 from loctune.data.common import (
     PromptFn,
     SampleSet,
@@ -112,8 +113,7 @@ class CocoIndex:
                 "malformed", where, f"expected [x, y, width, height] numbers, got {bbox!r}"
             )
             return None
-        x, y, w, h = (float(b) for b in bbox)
-        return self.validator.box((x, y, x + w, y + h), image.size, where)
+        return self.validator.box(tuple(xywh_to_xyxy(bbox).tolist()), image.size, where)
 
     def category(self, position: int, ann: dict) -> str | None:
         name = self.categories.get(ann.get("category_id"))

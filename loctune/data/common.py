@@ -50,10 +50,6 @@ class SampleSet(Sequence[Sample]):
     def n_boxes(self) -> int:
         return sum(len(s.boxes) for s in self.samples)
 
-    def split_names(self) -> list[str]:
-        """The dataset's own split names (``meta["split"]``), in first-seen order."""
-        return list(dict.fromkeys(s.meta["split"] for s in self.samples if "split" in s.meta))
-
 
 def read_image_size(
     path: str | os.PathLike, where: str, validator: Validator

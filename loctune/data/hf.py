@@ -24,6 +24,7 @@ from typing import Any, Literal
 import datasets
 from PIL import Image, UnidentifiedImageError
 
+from loctune.boxes import xywh_to_xyxy
 from loctune.data.common import (
     PromptFn,
     SampleSet,
@@ -174,9 +175,8 @@ class _RowReader:
         if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(map(is_number, bbox))):
             validator.fail("malformed", where, f"expected 4 numbers, got {bbox!r}")
             return None
-        x1, y1, a, b = (float(v) for v in bbox)
-        corners = (x1, y1, x1 + a, y1 + b) if self.xywh else (x1, y1, a, b)
-        return validator.box(corners, size, where)
+        corners = xywh_to_xyxy(bbox).tolist() if self.xywh else map(float, bbox)
+        return validator.box(tuple(corners), size, where)
 
 
 def _class_label_names(feature: Any, category_key: str) -> list[str] | None:

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from loctune.boxes import xywh_to_xyxy
 from loctune.data.coco import CocoIndex
 from loctune.data.common import (
     SampleSet,
@@ -183,9 +184,8 @@ def read_referring_jsonl(
             size = _record_size(record, image_path, where, validator, sizes, check_images)
             if size is None:
                 continue
-            x1, y1, a, b = (float(c) for c in raw)
-            corners = (x1, y1, x1 + a, y1 + b) if box_format == "xywh" else (x1, y1, a, b)
-            box = validator.box(corners, size, f"{where}: {box_key}")
+            corners = xywh_to_xyxy(raw).tolist() if box_format == "xywh" else map(float, raw)
+            box = validator.box(tuple(corners), size, f"{where}: {box_key}")
             if box is None:
                 continue
             category = record.get("category")

@@ -47,7 +47,8 @@ EXTREMES: dict[str, tuple[int, int]] = {
     "bottommost": (1, 1),
 }
 SPLITS: dict[str, int] = {"train": 0, "validation": 1, "val": 1, "test": 2}
-TASKS: dict[str, int] = {"grounding": 0, "detection": 1, "caption": 2, "counting": 3}
+#: task name -> the id mixed into a scene's seed, so tasks draw different scenes
+TASK_IDS: dict[str, int] = {"grounding": 0, "detection": 1, "caption": 2, "counting": 3}
 #: tasks whose answer is plain text (``meta["answer"]``), not boxes: pretraining only
 TEXT_TASKS: tuple[str, ...] = ("caption", "counting")
 BACKGROUNDS: tuple[str, ...] = ("gradient", "texture")
@@ -439,7 +440,7 @@ def _scene(
 def _stream(seed: int, task: str, split: str, index: int) -> np.random.Generator:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
-    key = (TASKS[task], SPLITS[split], index)
+    key = (TASK_IDS[task], SPLITS[split], index)
     return np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=key))
 
 
@@ -447,8 +448,8 @@ def make_sample(
     task: str, split: str, index: int, seed: int = 0, config: SyntheticConfig | None = None
 ) -> Sample:
     """Sample ``index`` of a split: the same arguments always give the same sample."""
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
+    if task not in TASK_IDS:
+        raise ValueError(f"task must be one of {sorted(TASK_IDS)}, got {task!r}")
     cfg = config or SyntheticConfig()
     rng = _stream(seed, task, split, index)
     image, objects, target, expression = _scene(rng, cfg, grounding=task == "grounding")

@@ -24,6 +24,7 @@ from PIL import Image
 
 from loctune.codecs import Codec, get_codec
 from loctune.models.base import Generation, InContextAnswer, Turn, VLMAdapter
+from loctune.models.padding import pad_with_mask
 from loctune.models.small_vlm import (
     SmallVLM,
     SmallVLMConfig,
@@ -31,10 +32,9 @@ from loctune.models.small_vlm import (
     small_vlm_config,
 )
 from loctune.models.tokenizer import WordTokenizer
-from loctune.types import Box, Sample
+from loctune.types import IGNORE_INDEX, Box, Sample
 
 ADAPTER_FILE = "adapter.json"
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -230,8 +230,9 @@ class SmallVLMAdapter(VLMAdapter):
         if train and "answer" in sample.meta:  # a text answer (caption, count): no boxes
             parts.append(Answer(sample.meta["answer"]))
         elif train:
-            text = self.codec.encode(sample.boxes, sample.labels, sample.image_size)
-            parts.append(Answer(text, [(box, sample.image_size) for box in sample.boxes]))
+            encoding = self.codec.encode_spans(sample.boxes, sample.labels, sample.image_size)
+            boxes = [(sample.boxes[span.index], sample.image_size) for span in encoding.spans]
+            parts.append(Answer(encoding.text, boxes))
         return parts
 
     def _answer_ids(self, answer: Answer, name: str) -> tuple[list[int], list[tuple[float, ...]]]:
@@ -317,7 +318,7 @@ class SmallVLMAdapter(VLMAdapter):
         pixel_values = torch.stack(
             [preprocess_image(im, cfg.image_size, cfg.image_mean, cfg.image_std) for im in images]
         )
-        ids, mask = _pad([e.ids for e in encoded], self.tokenizer.pad_id, left=not train)
+        ids, mask = pad_with_mask([e.ids for e in encoded], self.tokenizer.pad_id, left=not train)
         self._check_length(names, ids.shape[1])
         batch = {"pixel_values": pixel_values, "input_ids": ids, "attention_mask": mask}
         if not train:
@@ -517,13 +518,3 @@ def _answer_text(sample: Sample, codec: Codec) -> str:
         return sample.meta["answer"]
     return codec.encode(sample.boxes, sample.labels, sample.image_size)
 
-
-def _pad(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        span = slice(width - len(r), width) if left else slice(0, len(r))
-        ids[i, span] = torch.tensor(r, dtype=torch.long)
-        mask[i, span] = 1
-    return ids, mask

@@ -31,10 +31,10 @@ from transformers import AutoConfig, AutoProcessor, PreTrainedModel
 
 from loctune.codecs import Codec, get_codec
 from loctune.models.base import Generation, VLMAdapter
-from loctune.types import Sample
+from loctune.models.padding import pad_rows, pad_with_mask
+from loctune.types import BOX_TASKS, IGNORE_INDEX, Sample
 
-IGNORE_INDEX = -100
-TASKS = ("grounding", "detection", "inspection")
+TASKS = (*BOX_TASKS, "inspection")  # what an HF adapter accepts: boxes, or an inspection verdict
 METADATA_FILE = "loctune_adapter.json"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -93,14 +93,6 @@ def _check_sample(sample: Sample, position: int) -> None:
         raise ValueError(f"{name}: a grounding sample needs its referring expression in .prompt")
     if len(sample.boxes) != len(sample.labels):
         raise ValueError(f"{name}: {len(sample.boxes)} boxes but {len(sample.labels)} labels")
-
-
-def _pad(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    padded = [
-        ([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows
-    ]
-    return torch.tensor(padded, dtype=torch.long)
 
 
 class HFAdapter(VLMAdapter):
@@ -364,33 +356,29 @@ class HFAdapter(VLMAdapter):
         if not train:
             # decoder-only generation continues from the right edge: pad on the left
             left = not self.is_encoder_decoder
-            batch["input_ids"] = _pad(ids, pad_id, left)
-            batch["attention_mask"] = _pad([[1] * len(r) for r in ids], 0, left)
+            batch["input_ids"], batch["attention_mask"] = pad_with_mask(ids, pad_id, left)
             for key, rows in fields.items():
-                batch[key] = _pad(rows, 0, left)
+                batch[key] = pad_rows(rows, 0, left)
             return batch
         answers = [self.answer_ids(self.answer_text(s)) for s in samples]
         if self.is_encoder_decoder:
-            batch["input_ids"] = _pad(ids, pad_id, left=False)
-            batch["attention_mask"] = _pad([[1] * len(r) for r in ids], 0, left=False)
-            labels = _pad(answers, IGNORE_INDEX, left=False)
+            batch["input_ids"], batch["attention_mask"] = pad_with_mask(ids, pad_id, left=False)
+            labels = pad_rows(answers, IGNORE_INDEX, left=False)
             start = self._unwrapped.config.get_text_config().decoder_start_token_id
-            batch["decoder_input_ids"] = _pad(
+            batch["decoder_input_ids"], batch["decoder_attention_mask"] = pad_with_mask(
                 [[start] + a[:-1] for a in answers], pad_id, left=False
             )
-            batch["decoder_attention_mask"] = _pad([[1] * len(a) for a in answers], 0, left=False)
         else:
             rows = [p + a for p, a in zip(ids, answers, strict=True)]
-            batch["input_ids"] = _pad(rows, pad_id, left=False)
-            batch["attention_mask"] = _pad([[1] * len(r) for r in rows], 0, left=False)
-            labels = _pad(
+            batch["input_ids"], batch["attention_mask"] = pad_with_mask(rows, pad_id, left=False)
+            labels = pad_rows(
                 [[IGNORE_INDEX] * len(p) + a for p, a in zip(ids, answers, strict=True)],
                 IGNORE_INDEX,
                 left=False,
             )
             for key, rows_k in fields.items():
                 fill = self.token_fields[key]
-                batch[key] = _pad(
+                batch[key] = pad_rows(
                     [r + [fill] * len(a) for r, a in zip(rows_k, answers, strict=True)],
                     0,
                     left=False,
@@ -402,8 +390,8 @@ class HFAdapter(VLMAdapter):
     def _loc_continuous(self, samples: list[Sample], labels: torch.Tensor) -> torch.Tensor:
         """Unquantised coordinates at each location label, NaN elsewhere.
 
-        Location tokens are read back from the labels in groups of
-        ``codec.tokens_per_box`` and matched to the box that encodes to them,
+        The codec's spans say which box each location token of the answer
+        writes (the k-th location token of the text is the k-th location label),
         so the codec may order objects as its family does.
         """
         dim = self.codec.space.dim if self.codec.space is not None else 1
@@ -411,29 +399,23 @@ class HFAdapter(VLMAdapter):
         if not self._loc_ids:
             return out
         index_of = {tok: k for k, tok in enumerate(self._loc_ids)}
-        per_box = self.codec.tokens_per_box
         for b, sample in enumerate(samples):
             positions = [j for j, t in enumerate(labels[b].tolist()) if t in index_of]
-            unused = list(range(len(sample.boxes)))
-            for g in range(0, len(positions), per_box):
-                group = positions[g : g + per_box]
-                locs = [index_of[int(labels[b, j])] for j in group]
-                match = next(
-                    (
-                        i
-                        for i in unused
-                        if self.codec.box_to_locations(sample.boxes[i], sample.image_size) == locs
-                    ),
-                    None,
+            written = [index_of[int(labels[b, j])] for j in positions]
+            encoding = self.codec.encode_spans(sample.boxes, sample.labels, sample.image_size)
+            expected, values = [], []
+            for span in encoding.spans:
+                box = sample.boxes[span.index]
+                expected += self.codec.box_to_locations(box, sample.image_size)
+                values += self.codec.box_to_continuous(box, sample.image_size)
+            if written != expected:
+                raise ValueError(
+                    f"sample {sample.image_id or b}: location tokens {written} in the encoded "
+                    f"answer are not the {expected} its boxes encode to; codec "
+                    f"{self.codec.name!r} and tokenizer disagree"
                 )
-                if match is None:
-                    raise ValueError(
-                        f"sample {sample.image_id or b}: location tokens {locs} in the encoded answer "
-                        f"match none of its boxes; codec {self.codec.name!r} and tokenizer disagree"
-                    )
-                unused.remove(match)
-                values = self.codec.box_to_continuous(sample.boxes[match], sample.image_size)
-                out[b, group] = torch.tensor(values, dtype=out.dtype)
+            if positions:
+                out[b, positions] = torch.tensor(values, dtype=out.dtype)
         return out
 
     def model_inputs(
