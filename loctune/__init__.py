@@ -32,10 +32,19 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "loctune.data.synthetic": ("SyntheticConfig", "make_grounding_split", "make_detection_split"),
     "loctune.train": ("train", "TrainConfig", "TrainResult", "load_weights"),
     "loctune.config": ("load_config", "apply_overrides", "save_config"),
-    "loctune.evaluate": ("evaluate", "evaluate_generations", "EvalResult", "GenerationDecoder"),
-    "loctune.metrics": ("grounding_metrics", "coco_detection_metrics", "location_entropy"),
+    "loctune.evaluate": (
+        "evaluate", "evaluate_generations", "EvalResult", "GenerationDecoder",
+        "suppress_duplicates",
+    ),
+    "loctune.predict": ("predict", "Prediction", "expand_images", "infer_task"),
+    "loctune.exports": ("coco_export", "write_coco", "write_yolo_txt", "to_supervision"),
+    "loctune.metrics": (
+        "grounding_metrics", "coco_detection_metrics", "evaluate_detections",
+        "DetectionEvaluation", "duplicate_box_rate", "location_entropy",
+    ),
+    "loctune.plots": ("plot_results", "plot_pr_curves", "plot_confusion_matrix"),
     "loctune.compare": ("CompareConfig", "run_compare", "demo_config"),
-    "loctune.visualize": ("draw_detections",),
+    "loctune.visualize": ("draw_detections", "draw_truth_and_predictions"),
     "loctune.inspect": (
         "synthetic_inspection_set", "load_inspection_folder", "load_deeppcb", "tile_views",
         "detections_from_crops", "MultiScaleEncoder", "PatchCore",

@@ -188,40 +188,35 @@ def _open_model(args, train_samples, seed: int):
 
 
 def cmd_eval(args) -> int:
-    from loctune.evaluate import evaluate
+    from loctune.evaluate import evaluate, json_safe
     from loctune.models import load_model
 
     samples = load_splits(args.data, {args.split: args.n})[args.split]
     adapter = load_model(args.model)
-    result = evaluate(adapter, samples, batch_size=args.batch, max_new_tokens=args.max_new_tokens)
+    result = evaluate(adapter, samples, batch_size=args.batch, max_new_tokens=args.max_new_tokens,
+                      confidence=args.confidence, nms_iou=args.nms_iou or None)
     out = increment_run_dir(args.project, args.name)
-    result.save(out)
-    print(json.dumps({k: round(v, 4) for k, v in result.metrics.items()}, indent=1))
-    print(f"predictions and metrics saved to {out}")
+    result.save(out, samples)
+    metrics = {k: round(v, 4) for k, v in result.metrics.items()}
+    print(json.dumps(json_safe(metrics), indent=1))
+    print(f"predictions, metrics and plots saved to {out}")
     return 0
 
 
 def cmd_predict(args) -> int:
-    from loctune.evaluate import evaluate
     from loctune.models import load_model
-    from loctune.types import Sample
-    from loctune.visualize import draw_detections
+    from loctune.predict import predict
 
     adapter = load_model(args.model)
-    samples = [Sample(image=str(p), prompt=args.prompt, boxes=[], labels=[], task=args.task,
-                      image_id=Path(p).stem) for p in args.images]
-    result = evaluate(adapter, samples, batch_size=args.batch, max_new_tokens=args.max_new_tokens,
-                      score=False)
-    out = increment_run_dir(args.project, args.name)
-    out.mkdir(parents=True)
-    records = []
-    for sample, pred in zip(samples, result.predictions, strict=True):
-        draw_detections(sample.load_image(), pred["detections"], out / f"{sample.image_id}.png")
-        records.append({"image": str(sample.image), "prompt": args.prompt, **pred})
-    (out / "predictions.json").write_text(json.dumps(records, indent=1))
-    for r in records:
-        dets = ", ".join(f"{d['label']} {[round(c) for c in d['box']]} ({d['score']:.2f})" for d in r["detections"])
-        print(f"{r['image']}: {dets or 'nothing found'}")
+    prediction = predict(adapter, args.images, args.prompt, task=args.task, conf=args.conf,
+                         confidence=args.confidence, nms_iou=args.nms_iou or None,
+                         batch_size=args.batch, max_new_tokens=args.max_new_tokens)
+    out = prediction.save(increment_run_dir(args.project, args.name), save_txt=args.save_txt,
+                          save_coco=args.save_coco)
+    for sample, r in zip(prediction.samples, prediction.records, strict=True):
+        dets = ", ".join(f"{d['label']} {[round(c) for c in d['box']]} ({d['score']:.2f})"
+                         for d in r["detections"])
+        print(f"{sample.image}: {dets or 'nothing found'}")
     print(f"drawn boxes and predictions.json saved to {out}")
     return 0
 
@@ -324,6 +319,8 @@ def cmd_inspect(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from loctune.evaluate import CONFIDENCE_MODES, NMS_IOU
+
     p = argparse.ArgumentParser(prog="loctune", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -337,6 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--batch", type=int, default=None if sp.prog.endswith("train") else 8)
         sp.add_argument("--max-new-tokens", type=int,
                         help="generation length (default: room for the most boxes in the data)")
+
+    def decoding(sp):
+        sp.add_argument("--confidence", default="tokens", choices=CONFIDENCE_MODES,
+                        help="detection score: all object tokens, location tokens, location mass")
+        sp.add_argument("--nms-iou", type=float, default=NMS_IOU,
+                        help="drop a detection overlapping a better one of its label by more "
+                             "(0: keep all)")
 
     t = sub.add_parser("train", help="fine-tune a model with loctune's supervision")
     common_model(t)
@@ -370,13 +374,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test",
                    help="split to score; a file without splits is scored whole")
     e.add_argument("--n", type=int)
+    decoding(e)
     e.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("predict", help="draw predicted boxes on images and write JSON")
     common_model(pr, needs_data=False)
-    pr.add_argument("images", nargs="+")
+    pr.add_argument("images", nargs="+", help="image files, folders or glob patterns")
     pr.add_argument("--prompt", required=True, help="referring expression or 'detect a ; b'")
-    pr.add_argument("--task", default="grounding", choices=["grounding", "detection"])
+    pr.add_argument("--task", choices=["grounding", "detection"],
+                    help="default: detection for a prompt starting 'detect', else grounding")
+    pr.add_argument("--conf", type=float, default=0.0, help="drop detections scoring lower")
+    pr.add_argument("--save-txt", action="store_true", help="also YOLO labels/<image>.txt")
+    pr.add_argument("--save-coco", action="store_true", help="also COCO coco_results.json")
+    decoding(pr)
     pr.set_defaults(func=cmd_predict)
 
     c = sub.add_parser("compare", help="methods x labelled sizes x seeds, with a report")

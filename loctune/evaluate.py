@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from loctune.codecs import Codec
 from loctune.metrics import (
-    coco_detection_metrics,
+    DetectionEvaluation,
+    evaluate_detections,
     grounding_metrics,
     location_entropy,
     nanmean,
@@ -44,6 +45,7 @@ from loctune.types import BOX_TASKS, Box, Detection, ObjectSpan, Sample
 ConfidenceMode = Literal["tokens", "loc_tokens", "loc_mass"]
 CONFIDENCE_MODES: tuple[str, ...] = ("tokens", "loc_tokens", "loc_mass")
 _EV_KEYS = ("acc50", "miou", "ap", "ap50", "ap75")  # metrics that depend on the boxes
+NMS_IOU = 0.7  # default duplicate suppression of detection answers (torchvision-style NMS)
 
 
 @dataclass
@@ -52,13 +54,14 @@ class DecodedGeneration:
 
     ``ev_detections[i]`` is ``detections[i]`` with its expected-value box (same
     label and score). ``loc_entropies`` holds one entropy per generated location
-    token, in nats.
+    token, in nats. ``n_suppressed`` objects were dropped as duplicates (``nms_iou``).
     """
 
     detections: list[Detection]
     ev_detections: list[Detection]
     n_malformed: int
     loc_entropies: list[float]
+    n_suppressed: int = 0
 
 
 def expected_locations(probs: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
@@ -109,6 +112,12 @@ class GenerationDecoder:
     An object's label tokens are all steps between its location tokens and the
     neighbouring location token on the side where its span puts the label
     (separators included, as the model chose them too).
+
+    ``nms_iou`` drops an object that overlaps a higher-scoring object of the same
+    label by more than that IoU (a box repeated in one generation has IoU 1), the
+    usual post-processing of a detector and a known need after fine-tuning VLMs
+    for detection; ``None`` keeps every object. EV boxes follow their argmax box.
+    Only detection answers are suppressed.
     """
 
     def __init__(
@@ -117,9 +126,12 @@ class GenerationDecoder:
         loc_token_ids: Sequence[int],
         confidence: ConfidenceMode = "tokens",
         mass_radius: float = 1.0,
+        nms_iou: float | None = None,
     ):
         if confidence not in CONFIDENCE_MODES:
             raise ValueError(f"confidence must be one of {CONFIDENCE_MODES}, got {confidence!r}")
+        if nms_iou is not None and not 0.0 < nms_iou < 1.0:
+            raise ValueError(f"nms_iou must be in (0, 1) or None, got {nms_iou!r}")
         space = codec.space
         if space is not None and len(loc_token_ids) != space.size:
             raise ValueError(
@@ -129,10 +141,15 @@ class GenerationDecoder:
         self.codec = codec
         self.confidence = confidence
         self.mass_radius = mass_radius
+        self.nms_iou = nms_iou
         self._loc_index = {int(t): k for k, t in enumerate(loc_token_ids)}
         self._coords = space.coords(dtype=torch.float64) if space is not None else None
 
-    def __call__(self, generation: Generation, image_size: tuple[int, int]) -> DecodedGeneration:
+    def __call__(
+        self, generation: Generation, image_size: tuple[int, int], task: str = "detection"
+    ) -> DecodedGeneration:
+        """Decode one generation; duplicates are suppressed for detection only (a grounding
+        answer is its first box, whatever follows)."""
         _check_generation(generation)
         decoded = self.codec.decode(generation.text, image_size)
         walk = self._walk(generation)
@@ -152,8 +169,17 @@ class GenerationDecoder:
                 ev_box = self._expected_box(walk, span, image_size) or box
             detections.append(Detection(det.label, box, score))
             ev_detections.append(Detection(det.label, ev_box, score))
+        n_raw = len(detections)
+        if self.nms_iou is not None and task == "detection" and len(detections) > 1:
+            keep = suppress_duplicates(detections, self.nms_iou)
+            detections = [detections[k] for k in keep]
+            ev_detections = [ev_detections[k] for k in keep]
         return DecodedGeneration(
-            detections, ev_detections, decoded.n_malformed + n_unaligned, entropies
+            detections,
+            ev_detections,
+            decoded.n_malformed + n_unaligned,
+            entropies,
+            n_raw - len(detections),
         )
 
     def _walk(self, generation: Generation) -> _TokenWalk:
@@ -210,6 +236,23 @@ class GenerationDecoder:
         return tuple(float(v) for v in self.codec.locations_to_box(values.tolist(), image_size))
 
 
+def suppress_duplicates(detections: Sequence[Detection], iou_threshold: float) -> list[int]:
+    """Indices of the detections non-maximum suppression keeps, per label, best score first.
+
+    Ties in score keep the earlier object, so a repeated box drops its repeat.
+    """
+    from torchvision.ops import batched_nms
+
+    boxes = torch.tensor([d.box for d in detections], dtype=torch.float64)
+    # a tiny rank term breaks score ties in generation order
+    order = torch.arange(len(detections), dtype=torch.float64) * 1e-9
+    scores = torch.tensor([d.score for d in detections], dtype=torch.float64) - order
+    labels = {name: k for k, name in enumerate(dict.fromkeys(d.label for d in detections))}
+    groups = torch.tensor([labels[d.label] for d in detections])
+    keep = batched_nms(boxes, scores, groups, iou_threshold)
+    return sorted(keep.tolist())
+
+
 def _check_generation(generation: Generation) -> None:
     n = len(generation.token_ids)
     if len(generation.token_logprobs) != n:
@@ -225,41 +268,88 @@ def _check_generation(generation: Generation) -> None:
 
 @dataclass
 class EvalResult:
-    """Flat ``metrics`` and one ``predictions`` record per sample."""
+    """Flat ``metrics``, one ``predictions`` record per sample and, when there were
+    detection samples, their full ``detection`` evaluation (per class, PR, confusion)."""
 
     metrics: dict[str, float]
     predictions: list[dict[str, Any]]
+    detection: DetectionEvaluation | None = None
 
-    def save(self, directory: str | Path) -> Path:
-        """Write ``predictions.jsonl`` and ``metrics.json`` (NaN written as null)."""
+    def save(
+        self, directory: str | Path, samples: Sequence[Sample] = (), n_images: int = 8
+    ) -> Path:
+        """Write ``predictions.jsonl`` and ``metrics.json`` (NaN written as null) and, for
+        detection, ``per_class.csv``, ``coco_results.json`` with its ``coco_gt.json``,
+        ``pr_curves.png`` and ``confusion_matrix.png``. Given the ``samples``, the first
+        ``n_images`` are drawn with truth and predictions side by side in ``examples.png``.
+        """
+        from loctune.exports import write_coco
+        from loctune.plots import plot_confusion_matrix, plot_pr_curves
+
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "predictions.jsonl", "w") as f:
             for record in self.predictions:
-                f.write(json.dumps(_json_safe(record)) + "\n")
-        (out / "metrics.json").write_text(json.dumps(_json_safe(self.metrics), indent=2) + "\n")
+                f.write(json.dumps(json_safe(record)) + "\n")
+        (out / "metrics.json").write_text(json.dumps(json_safe(self.metrics), indent=2) + "\n")
+        if self.detection is not None and self.detection.classes:
+            ev = self.detection
+            rows = ["class,ap,ap50"] + [
+                f"{c},{v['ap']:.6g},{v['ap50']:.6g}" for c, v in ev.per_class.items()
+            ]
+            (out / "per_class.csv").write_text("\n".join(rows) + "\n")
+            detected = [r for r in self.predictions if r["task"] == "detection"]
+            write_coco(detected, ev.classes, out)
+            plot_pr_curves(ev, out / "pr_curves.png")
+            plot_confusion_matrix(ev, out / "confusion_matrix.png")
+        if samples and n_images > 0:
+            save_examples(samples, self.predictions, out / "examples.png", n_images)
         return out
 
 
-def _json_safe(value: Any) -> Any:
+def save_examples(
+    samples: Sequence[Sample], records: Sequence[dict[str, Any]], path: str | Path, n: int = 8
+) -> None:
+    """The first ``n`` samples with truth and predictions side by side, two pairs a row."""
+    from loctune.visualize import draw_truth_and_predictions, tile
+
+    pairs = [
+        draw_truth_and_predictions(s.load_image(), r["detections"], s.boxes, s.labels)
+        for s, r in list(zip(samples, records, strict=True))[:n]
+    ]
+    tile(pairs, columns=2).save(path)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as None, so ``json.dumps`` writes valid JSON (null)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
 def summarize(samples: Sequence[Sample], decoded: Sequence[DecodedGeneration]) -> dict[str, float]:
-    """Metrics of decoded generations against their samples.
+    """Metrics of decoded generations against their samples (see :func:`_summarize`)."""
+    return _summarize(samples, decoded)[0]
+
+
+def _summarize(
+    samples: Sequence[Sample], decoded: Sequence[DecodedGeneration]
+) -> tuple[dict[str, float], DetectionEvaluation | None]:
+    """Flat metrics, and the full evaluation of the detection samples' argmax boxes.
 
     Grounding samples give ``acc50``/``miou`` (first predicted box vs the
     sample's box), detection samples ``ap``/``ap50``/``ap75``; each also with an
     ``ev_`` prefix for expected-value boxes. ``unparseable_rate`` is the share of
     samples with ground truth whose generation yields no valid object;
-    ``n_malformed`` counts broken fragments; ``loc_entropy`` is the mean entropy
-    (nats) over all generated location tokens.
+    ``n_malformed`` counts broken fragments; ``suppressed_rate`` is the share of
+    decoded objects dropped as duplicates; ``loc_entropy`` is the mean entropy
+    (nats) over all generated location tokens. Crowd regions a reader keeps in
+    ``Sample.meta["crowd"]`` (``[label, box]`` pairs) are passed to COCOeval as
+    crowd, so detections on them are neither true nor false positives.
     """
     if len(samples) != len(decoded):
         raise ValueError(f"{len(samples)} samples but {len(decoded)} decoded generations")
@@ -274,6 +364,9 @@ def summarize(samples: Sequence[Sample], decoded: Sequence[DecodedGeneration]) -
     detection = [i for i, s in enumerate(samples) if s.task == "detection"]
 
     metrics: dict[str, float] = {}
+    evaluation = None
+    truth = [_ground_truth(samples[i]) for i in detection]
+    crowd = [_crowd(samples[i]) for i in detection]
     for prefix, field in (("", "detections"), ("ev_", "ev_detections")):
         if grounding:
             preds = [getattr(decoded[i], field) for i in grounding]
@@ -282,21 +375,25 @@ def summarize(samples: Sequence[Sample], decoded: Sequence[DecodedGeneration]) -
             )
             metrics.update({prefix + k: v for k, v in scores.items()})
         if detection:
-            scores = coco_detection_metrics(
-                [getattr(decoded[i], field) for i in detection],
-                [_ground_truth(samples[i]) for i in detection],
+            found = evaluate_detections(
+                [getattr(decoded[i], field) for i in detection], truth, crowd=crowd
             )
+            evaluation = evaluation or found
             metrics.update(
-                {prefix + k: v for k, v in scores.items() if k in _EV_KEYS or not prefix}
+                {prefix + k: v for k, v in found.metrics().items() if k in _EV_KEYS or not prefix}
             )
     expected = [d for s, d in zip(samples, decoded, strict=True) if s.boxes]
     metrics["unparseable_rate"] = (
         sum(not d.detections for d in expected) / len(expected) if expected else float("nan")
     )
     metrics["n_malformed"] = sum(d.n_malformed for d in decoded)
+    n_objects = sum(len(d.detections) + d.n_suppressed for d in decoded)
+    metrics["suppressed_rate"] = (
+        sum(d.n_suppressed for d in decoded) / n_objects if n_objects else 0.0
+    )
     metrics["loc_entropy"] = nanmean([h for d in decoded for h in d.loc_entropies])
     metrics["n_samples"] = len(samples)
-    return metrics
+    return metrics, evaluation
 
 
 def _ground_truth(sample: Sample) -> list[Detection]:
@@ -307,19 +404,25 @@ def _ground_truth(sample: Sample) -> list[Detection]:
     return [Detection(label, box) for box, label in zip(sample.boxes, sample.labels, strict=True)]
 
 
+def _crowd(sample: Sample) -> list[Detection]:
+    return [Detection(label, tuple(box)) for label, box in sample.meta.get("crowd", ())]
+
+
 def evaluate_generations(
     samples: Sequence[Sample],
     generations: Sequence[Generation],
     codec: Codec,
     loc_token_ids: Sequence[int],
     confidence: ConfidenceMode = "tokens",
+    nms_iou: float | None = NMS_IOU,
 ) -> EvalResult:
     """Score generations made elsewhere (one per sample, in order) as :func:`evaluate` does."""
     if len(samples) != len(generations):
         raise ValueError(f"{len(samples)} samples but {len(generations)} generations")
-    decoder = GenerationDecoder(codec, loc_token_ids, confidence=confidence)
-    decoded = [decoder(g, s.image_size) for s, g in zip(samples, generations, strict=True)]
-    return EvalResult(summarize(samples, decoded), _records(samples, generations, decoded))
+    decoder = GenerationDecoder(codec, loc_token_ids, confidence=confidence, nms_iou=nms_iou)
+    decoded = [decoder(g, s.image_size, s.task) for s, g in zip(samples, generations, strict=True)]
+    metrics, detection = _summarize(samples, decoded)
+    return EvalResult(metrics, _records(samples, generations, decoded), detection)
 
 
 def _records(
@@ -336,6 +439,8 @@ def _records(
             "detections": [asdict(det) for det in d.detections],
             "ev_detections": [asdict(det) for det in d.ev_detections],
             "n_malformed": d.n_malformed,
+            "n_suppressed": d.n_suppressed,
+            "image_size": list(s.image_size),
             "gt": {"boxes": [list(b) for b in s.boxes], "labels": list(s.labels)},
         }
         for s, g, d in zip(samples, generations, decoded, strict=True)
@@ -350,13 +455,15 @@ def evaluate(
     progress: bool = True,
     score: bool = True,
     confidence: ConfidenceMode = "tokens",
+    nms_iou: float | None = NMS_IOU,
 ) -> EvalResult:
     """Generate for every sample with ``adapter``, decode both ways and score.
 
     ``max_new_tokens`` defaults to room for the largest ground truth (at least
     four objects). ``score=False`` skips the metrics, for unlabelled images
     (prediction). ``confidence`` is the detection score, see
-    :class:`GenerationDecoder`. The model is in eval mode for the run and put
+    :class:`GenerationDecoder`, as is ``nms_iou`` (duplicate suppression for
+    detection answers; ``None`` turns it off). The model is in eval mode for the run and put
     back in its previous mode afterwards, so a training loop can call this.
     """
     if not samples:
@@ -366,7 +473,9 @@ def evaluate(
     if max_new_tokens is None:
         most = max(len(s.boxes) for s in samples)
         max_new_tokens = 16 + (adapter.codec.tokens_per_box + 8) * max(most, 4)
-    decoder = GenerationDecoder(adapter.codec, adapter.loc_token_ids, confidence=confidence)
+    decoder = GenerationDecoder(
+        adapter.codec, adapter.loc_token_ids, confidence=confidence, nms_iou=nms_iou
+    )
     generations: list[Generation] = []
     decoded: list[DecodedGeneration] = []
     was_training = adapter.model.training
@@ -384,12 +493,14 @@ def evaluate(
                         f"adapter.generate returned {len(out)} generations for {len(batch)} samples"
                     )
                 generations.extend(out)
-                decoded.extend(decoder(g, s.image_size) for s, g in zip(batch, out, strict=True))
+                decoded.extend(
+                    decoder(g, s.image_size, s.task) for s, g in zip(batch, out, strict=True)
+                )
                 bar.update(len(batch))
     finally:
         adapter.model.train(was_training)
-    metrics = summarize(samples, decoded) if score else {}
-    return EvalResult(metrics, _records(samples, generations, decoded))
+    metrics, detection = _summarize(samples, decoded) if score else ({}, None)
+    return EvalResult(metrics, _records(samples, generations, decoded), detection)
 
 
 __all__ = [
@@ -400,5 +511,8 @@ __all__ = [
     "evaluate",
     "evaluate_generations",
     "expected_locations",
+    "json_safe",
+    "save_examples",
     "summarize",
+    "suppress_duplicates",
 ]

@@ -13,6 +13,7 @@ from loctune.evaluate import (
     evaluate,
     evaluate_generations,
     expected_locations,
+    suppress_duplicates,
 )
 from loctune.metrics import coco_detection_metrics, grounding_metrics, location_entropy
 from loctune.models.base import Generation
@@ -270,3 +271,95 @@ def test_evaluate_without_scoring_and_with_bad_samples():
     assert result.metrics == {} and result.predictions[0]["detections"][0]["label"] == "it"
     with pytest.raises(ValueError, match="grounding sample needs a box"):
         evaluate(ReplayAdapter([gen]), unlabelled, progress=False)
+
+
+# --- duplicates, crowd regions, the saved detection files -----------------------------------
+
+
+def detection_pieces(*boxes, label="thing"):
+    pieces = []
+    for k, box in enumerate(boxes):
+        pieces += ([" ; "] if k else []) + [f"{label} ", *rc(*box)]
+    return pieces
+
+
+def test_repeated_box_is_suppressed_for_detection_but_kept_for_grounding():
+    """A box written twice is one false positive less after NMS: AP50 0.5 -> 1.0."""
+    truth = [(16, 16, 48, 48)]
+    gen = make_generation(detection_pieces((2, 2, 5, 5), (2, 2, 5, 5)))
+    kept = evaluate_generations([sample(truth, ["thing"], "detection")], [gen], ROWCOL, loc_ids(),
+                                nms_iou=None)
+    suppressed = evaluate_generations([sample(truth, ["thing"], "detection")], [gen], ROWCOL,
+                                      loc_ids())
+    assert len(kept.predictions[0]["detections"]) == 2 and kept.metrics["ap50"] < 1
+    assert len(suppressed.predictions[0]["detections"]) == 1
+    assert suppressed.metrics["ap50"] == pytest.approx(1.0)
+    assert suppressed.metrics["suppressed_rate"] == pytest.approx(0.5)
+    assert suppressed.predictions[0]["n_suppressed"] == 1
+    grounding = evaluate_generations([sample(truth, ["thing"])], [gen], ROWCOL, loc_ids())
+    assert len(grounding.predictions[0]["detections"]) == 2  # a grounding answer is its first box
+
+
+def test_suppression_keeps_the_better_box_and_other_labels():
+    dets = [Detection("a", (0, 0, 10, 10), 0.4), Detection("a", (1, 0, 11, 10), 0.9),
+            Detection("b", (0, 0, 10, 10), 0.1), Detection("a", (50, 50, 60, 60), 0.2)]
+    assert suppress_duplicates(dets, 0.7) == [1, 2, 3]
+    assert suppress_duplicates(dets, 0.95) == [0, 1, 2, 3]  # IoU 9/11 = 0.82 is kept at 0.95
+    with pytest.raises(ValueError, match="nms_iou"):
+        GenerationDecoder(ROWCOL, loc_ids(), nms_iou=1.5)
+
+
+def test_detections_on_crowd_regions_are_ignored_not_false_positives():
+    crowd_sample = sample([(16, 16, 48, 48)], ["thing"], "detection")
+    crowd_sample.meta["crowd"] = [["thing", [56, 56, 64, 64]]]
+    gen = make_generation(detection_pieces((2, 2, 5, 5), (7, 7, 7, 7)), logprobs=None)
+    plain = evaluate_generations([sample([(16, 16, 48, 48)], ["thing"], "detection")], [gen],
+                                 ROWCOL, loc_ids())
+    crowd = evaluate_generations([crowd_sample], [gen], ROWCOL, loc_ids())
+    assert plain.metrics["ap50"] < 1 and crowd.metrics["ap50"] == pytest.approx(1.0)
+
+
+def test_detection_eval_saves_per_class_coco_files_and_plots_that_pycocotools_reads(tmp_path):
+    from PIL import Image
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    Image.new("RGB", SIZE, (40, 40, 40)).save(tmp_path / "im.png")
+    samples = [Sample(str(tmp_path / "im.png"), "detect thing ; blob", [(16, 16, 48, 48),
+                      (0, 0, 16, 16)], ["thing", "blob"], task="detection", image_id=str(i))
+               for i in (7, 9)]
+    gens = [make_generation(detection_pieces((2, 2, 5, 5)) + [" ; ", "blob ", *rc(0, 0, 1, 1)]),
+            make_generation(detection_pieces((0, 0, 1, 1), (6, 6, 7, 7)))]
+    result = evaluate_generations(samples, gens, ROWCOL, loc_ids())
+    out = result.save(tmp_path / "eval", samples)
+    for name in ("per_class.csv", "coco_results.json", "coco_gt.json", "pr_curves.png",
+                 "confusion_matrix.png", "examples.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "per_class.csv").read_text().splitlines()[0] == "class,ap,ap50"
+    gt = COCO(str(out / "coco_gt.json"))
+    assert sorted(gt.getImgIds()) == [7, 9]  # the source's integer ids are kept
+    evaluator = COCOeval(gt, gt.loadRes(str(out / "coco_results.json")), "bbox")
+    evaluator.evaluate(), evaluator.accumulate(), evaluator.summarize()
+    assert evaluator.stats[1] == pytest.approx(result.metrics["ap50"])
+    assert Image.open(out / "examples.png").width > 2 * 320  # two truth|prediction pairs a row
+
+
+def test_predict_drops_detections_under_conf_with_their_ev_twins(tmp_path):
+    from PIL import Image
+
+    from loctune.predict import predict
+
+    for name in ("a", "b"):
+        Image.new("RGB", SIZE).save(tmp_path / f"{name}.png")
+    pieces = detection_pieces((2, 2, 5, 5), (6, 6, 7, 7))
+    lp = [0.0] + [math.log(0.9)] * 4 + [0.0, 0.0] + [math.log(0.3)] * 4
+    gens = [make_generation(pieces, logprobs=lp) for _ in range(2)]
+    prediction = predict(ReplayAdapter(gens), [tmp_path], "detect thing", conf=0.5,
+                         progress=False)
+    for record in prediction.records:
+        assert record["task"] == "detection"
+        (kept,) = record["detections"]  # the 0.3 object goes, the 0.9 one stays
+        assert kept["box"] == pytest.approx([20, 20, 44, 44]) and kept["score"] > 0.5
+        assert len(record["ev_detections"]) == 1
+    out = prediction.save(tmp_path / "out", save_txt=True)
+    assert (out / "labels" / "a.txt").read_text().count("\n") == 1

@@ -115,6 +115,9 @@ def test_coco_options_and_raise_policy(tmp_path):
     with_crowd = read_coco(path, tmp_path / "img", include_crowd=True, keep_empty=False)
     (a,) = with_crowd.samples
     assert a.meta["iscrowd"] == [False, False, True]
+    # by default the crowd region is no training box but stays for evaluation (COCOeval crowd)
+    (plain,) = read_coco(path, tmp_path / "img", keep_empty=False).samples
+    assert len(plain.boxes) == 2 and plain.meta["crowd"] == [["cat", [0.0, 0.0, 9.0, 9.0]]]
     with pytest.raises(DataError, match=r"instances\.json: annotations\[3\] \(id=13\) category_id"):
         read_coco(path, tmp_path / "img", on_error="raise")
 

@@ -3,8 +3,10 @@
 Boxes are ``[x, y, width, height]`` in pixels, converted to ``(x1, y1, x2, y2)``.
 Image paths are ``file_name`` relative to ``image_root`` (default: the JSON's
 folder). ``iscrowd=1`` annotations mark a *region* of many objects, not one
-object: they are skipped by default (counted as ``crowd`` in the report), or
-kept with ``include_crowd=True`` and flagged in ``meta["iscrowd"]``. Images
+object: they are kept out of training by default (counted as ``crowd`` in the
+report) and kept in ``meta["crowd"]``, so evaluation ignores detections on them as
+pycocotools does; ``include_crowd=True`` trains on them as boxes flagged in
+``meta["iscrowd"]``. Images
 without annotations are kept as samples with no boxes (negatives for detection)
 unless ``keep_empty=False``.
 """
@@ -156,6 +158,7 @@ def read_coco(
     )
     objects: dict[Any, list[tuple[Box, str, Any, bool]]] = {i: [] for i in index.image_ids}
     invalid: Counter[Any] = Counter()
+    regions: dict[Any, list[list]] = {i: [] for i in index.image_ids}  # crowd: [label, box]
     for ann_id, (position, ann) in index.annotations.items():
         if not index.known_image(position, ann):
             continue
@@ -167,8 +170,12 @@ def read_coco(
             validator.skip(
                 "crowd",
                 f"{path}: annotations[{position}] (id={ann_id}) iscrowd",
-                "crowd region skipped (include_crowd=True keeps it)",
+                "crowd region kept out of training, ignored in AP (include_crowd=True trains on it)",
             )
+            name = index.category(position, ann)
+            region = index.box(position, ann, image) if name is not None else None
+            if region is not None:
+                regions[ann["image_id"]].append([name, list(region)])
             continue
         name = index.category(position, ann)
         box = index.box(position, ann, image) if name is not None else None
@@ -193,6 +200,7 @@ def read_coco(
             "ann_ids": [a for _, _, a, _ in found],
             "iscrowd": [c for _, _, _, c in found],
             "n_invalid_boxes": invalid[image_id],
+            "crowd": regions[image_id],
         }
         samples.append(
             Sample(
