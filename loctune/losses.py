@@ -562,12 +562,14 @@ class LocationLoss:
             loss = loss + self._emd(loc_logits, plan)
         return loss + plan.offset * plan.scale
 
-    def compute_loss_func(self, shift: bool = True) -> Callable:
+    def compute_loss_func(self, *, shift: bool) -> Callable:
         """Drop-in for ``transformers.Trainer(compute_loss_func=...)``.
 
         Returns ``fn(outputs, labels, num_items_in_batch=None)``; ``outputs`` has
         ``.logits`` (or a ``"logits"`` key). ``shift=True`` for causal models,
-        ``False`` for encoder-decoders whose logits align with their labels.
+        ``False`` for encoder-decoders whose logits align with their labels; there
+        is no default, since a wrong one trains misaligned without an error
+        (:func:`loctune.hf_trainer.compute_loss_func` takes it from the adapter).
         """
 
         def fn(outputs, labels, num_items_in_batch=None):
