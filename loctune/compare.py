@@ -124,6 +124,7 @@ def run_cell(cfg: CompareConfig, method: str, size: int, seed: int, pool, val, t
         warmup_steps=cfg.warmup_steps,
         eval_every=cfg.eval_every,
         save_every=cfg.eval_every,
+        best_metric="",  # a cell reports its final model on the test split: no best/ per cell
         seed=seed,
         loss=loss_config(method),
         progress=progress,

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from loctune.config import save_config
+from loctune.config import config_to_dict, save_config
 from loctune.losses import LossConfig
 from loctune.models.base import VLMAdapter
 from loctune.report import read_jsonl
@@ -52,6 +52,9 @@ LossFn = Callable[..., torch.Tensor]
 
 _STATE_FILE = "trainer_state.json"
 _WEIGHTS_FILE = "model.safetensors"
+MAX_AUTO_EVALS = 10  # eval_every=0: every epoch, but no more validations than this per run
+#: ``best_metric="auto"``: the first of these an evaluation reports (detection, grounding)
+MAIN_METRICS = ("ap", "acc50")
 
 
 @dataclass
@@ -65,9 +68,17 @@ class TrainConfig:
     ``adapter.model.named_parameters()`` names (``trainable`` empty: all that
     the adapter leaves trainable), applied for this call only, so staged
     training is two calls, e.g. ``trainable=["projector.*"]`` then none.
-    ``best_metric`` names a key of ``eval_fn``'s result; when set, ``best/``
-    keeps the weights of the best evaluation. ``cpu`` trains on CPU processes even
-    where a GPU is visible (what ``accelerate launch --cpu`` asks for).
+    Validation (when ``train`` gets an ``eval_fn``): ``eval_every=0`` validates
+    every epoch, spaced to at most :data:`MAX_AUTO_EVALS` evaluations in a run of
+    many short epochs, and at the end; ``eval_every=N`` every N steps and at the
+    end; ``-1`` at the end only. ``best_metric`` names a key of ``eval_fn``'s result,
+    or ``"auto"`` for the task's main one (COCO AP for detection, else Acc@0.5);
+    ``best/`` keeps the model of the best evaluation, a folder ``load_model``
+    opens; ``""`` keeps none. ``patience=K`` stops after K evaluations without a
+    better ``best_metric``. ``log_with`` names Accelerate trackers
+    (``tensorboard``, ``wandb``, ``mlflow``, ``trackio``...), none by default;
+    they log under ``run_dir``. ``cpu`` trains on CPU processes even where a GPU
+    is visible (what ``accelerate launch --cpu`` asks for).
     """
 
     run_dir: str = "runs/train"
@@ -84,8 +95,10 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0
     save_every: int = 0
-    best_metric: str = ""
+    best_metric: str = "auto"
     best_mode: Literal["max", "min"] = "max"
+    patience: int = 0
+    log_with: list[str] = field(default_factory=list)
     seed: int = 0
     num_workers: int = 0
     trainable: list[str] = field(default_factory=list)
@@ -98,9 +111,17 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("steps", "warmup_steps", "eval_every", "save_every", "num_workers"):
+        for name in ("steps", "warmup_steps", "save_every", "num_workers", "patience"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.eval_every < -1:
+            raise ValueError(
+                f"TrainConfig.eval_every must be >= -1 (0: every epoch, -1: at the end only), "
+                f"got {self.eval_every}"
+            )
+        for name in ("lr", "min_lr", "weight_decay", "max_grad_norm", "epochs"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"TrainConfig.{name} must be finite, got {getattr(self, name)}")
         if self.steps == 0 and not self.epochs > 0:
             raise ValueError(
                 f"TrainConfig needs steps > 0 or epochs > 0, got steps=0, epochs={self.epochs}"
@@ -121,6 +142,16 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.best_mode must be 'max' or 'min', got {self.best_mode!r}"
             )
+
+    def eval_interval(self, n_samples: int, global_batch: int) -> int:
+        """Steps between validations (0: at the end only), see the class docstring."""
+        if self.eval_every > 0:
+            return self.eval_every
+        if self.eval_every < 0:
+            return 0
+        total = self.total_steps(n_samples, global_batch)
+        per_epoch = math.ceil(n_samples / global_batch)
+        return max(per_epoch, math.ceil(total / MAX_AUTO_EVALS))
 
     def total_steps(self, n_samples: int, global_batch: int) -> int:
         """Optimizer steps of the whole run for a dataset of ``n_samples``."""
@@ -260,6 +291,8 @@ def train(
             num_steps=config.grad_accum, sync_with_dataloader=False
         ),
         step_scheduler_with_optimizer=False,  # one scheduler step per optimizer step, any process count
+        log_with=list(config.log_with) or None,
+        project_dir=str(run_dir),
     )
     restore_flags = _apply_freeze(adapter.model, config.trainable, config.freeze)
     try:
@@ -274,7 +307,8 @@ def train(
 
 
 def load_weights(adapter: VLMAdapter, checkpoint: str | Path) -> None:
-    """Load the weights of a ``last/`` or ``best/`` checkpoint directory into ``adapter.model``."""
+    """Load the weights of a ``last/`` checkpoint (or an FSDP/DeepSpeed run's ``best/``)
+    into ``adapter.model``; a single-device ``best/`` is a model folder: ``load_model`` it."""
     from accelerate.utils import load_checkpoint_in_model
 
     path = Path(checkpoint)
@@ -326,6 +360,9 @@ def _run(accelerator, adapter, samples, config, run_dir, eval_fn, resume, loss_f
                 _remove(stale)
         save_config(config, run_dir / "config.yaml")
     accelerator.wait_for_everyone()
+    if config.log_with:
+        accelerator.init_trackers(run_dir.name, config=_flat(config_to_dict(config)))
+    interval = config.eval_interval(len(samples), global_batch)
 
     micro_per_step = config.grad_accum * world
     sampler = _StreamBatchSampler(
@@ -348,12 +385,14 @@ def _run(accelerator, adapter, samples, config, run_dir, eval_fn, resume, loss_f
     # the loss is already a mean over the whole step's tokens, so undo both.
     scale = config.grad_accum * world
     best_value, metrics = state["best_value"], dict(state["metrics"])
+    stale_evals = state.get("stale_evals", 0)  # evaluations since the best one (patience)
     progress = _progress_bar(total, start, enabled=config.progress and is_main)
     loss_sum = torch.zeros((), device=accelerator.device)
     steps_since_log, clock = 0, time.perf_counter()
     grad_norm: float | None = None
     batches = iter(loader)
     module.train()
+    step = start
     for step in range(start + 1, total + 1):
         micro = [next(batches) for _ in range(config.grad_accum)]
         local_items = sum(_supervised_tokens(b["labels"], shift) for b in micro)
@@ -399,28 +438,43 @@ def _run(accelerator, adapter, samples, config, run_dir, eval_fn, resume, loss_f
             }
             if grad_norm is not None:
                 record["grad_norm"] = grad_norm
+            if not math.isfinite(record["loss"]):
+                raise FloatingPointError(
+                    f"training loss is {record['loss']} at step {step} (lr {lr:g}); stopped "
+                    f"before saving non-finite weights. Lower lr, or use mixed_precision=bf16 "
+                    f"instead of fp16. The last good checkpoint is {last_dir}"
+                )
             events.append(record)
             progress.set_postfix(
                 loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}"
             )
             loss_sum.zero_()
             steps_since_log, clock = 0, time.perf_counter()
-        evaluating = eval_fn is not None and (
-            (config.eval_every and step % config.eval_every == 0) or step == total
-        )
-        improved = False
+        evaluating = eval_fn is not None and ((interval and step % interval == 0) or step == total)
+        improved = stop = False
         if evaluating:
             values = _evaluate(accelerator, module, adapter, eval_fn)
             events.append({"step": step, **{f"eval/{k}": v for k, v in values.items()}})
             improved, best_value = _improves(values, config, best_value)
+            stale_evals = 0 if improved else stale_evals + 1
+            stop = bool(config.patience) and stale_evals >= config.patience and step < total
+            if is_main:
+                progress.write(_eval_line(step, step * global_batch / len(samples), values))
         for record in events:
             metrics.update({k: v for k, v in record.items() if k != "step"})
             if is_main:
                 with metrics_file.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+                    f.write(json.dumps(_json_value(record)) + "\n")
+            if config.log_with:
+                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
         if improved:
-            _publish(accelerator, best_dir, lambda d: accelerator.save_model(module, d))
-        if (config.save_every and step % config.save_every == 0) or step == total:
+            _publish(accelerator, best_dir, partial(_save_model_folder, accelerator, adapter, module))
+        if stop and is_main:
+            progress.write(
+                f"early stop at step {step}: {config.patience} evaluations without a better "
+                f"{_resolve_metric(config.best_metric, values)} (best {best_value:.4g})"
+            )
+        if (config.save_every and step % config.save_every == 0) or step == total or stop:
             state = {
                 "step": step,
                 "total_steps": total,
@@ -428,24 +482,27 @@ def _run(accelerator, adapter, samples, config, run_dir, eval_fn, resume, loss_f
                 "n_samples": len(samples),
                 "seed": config.seed,
                 "best_value": best_value,
+                "stale_evals": stale_evals,
                 "metrics": metrics,
             }
             _publish(accelerator, last_dir, partial(_save_full_state, accelerator, state))
         # Events fire after the step's clock was read; keep them out of the next throughput window.
         if events:
             clock = time.perf_counter()
+        if stop:
+            break
     progress.close()
     if is_main:
-        _write_csv(metrics_file, run_dir / "metrics.csv")
+        _write_run_tables(metrics_file, run_dir)
+    if config.log_with:
+        accelerator.end_training()
     accelerator.wait_for_everyone()
     return TrainResult(
         metrics=metrics,
         run_dir=run_dir,
-        step=total,
+        step=step,
         last_checkpoint=last_dir,
-        best_checkpoint=best_dir
-        if (best_dir / _WEIGHTS_FILE).exists() or any(best_dir.glob("*.index.json"))
-        else None,
+        best_checkpoint=best_dir if best_dir.is_dir() and any(best_dir.iterdir()) else None,
     )
 
 
@@ -531,19 +588,59 @@ def _evaluate(
     return values
 
 
+def _resolve_metric(name: str, values: Mapping[str, float]) -> str | None:
+    """``best_metric`` as a key of ``values``; ``"auto"``: the first of MAIN_METRICS there,
+    or None (with a warning) when an ``eval_fn`` of its own reports none of them."""
+    if name == "auto":
+        found = [m for m in MAIN_METRICS if m in values]
+        if not found:
+            logger.warning(
+                "best_metric='auto' finds none of %s among eval_fn's metrics %s: no best/ is "
+                "kept; name one with best_metric=...", MAIN_METRICS, sorted(values)
+            )
+            return None
+        return found[0]
+    if name not in values:
+        raise KeyError(
+            f"TrainConfig.best_metric {name!r} is not among eval_fn's metrics {sorted(values)}"
+        )
+    return name
+
+
 def _improves(
     values: Mapping[str, float], config: TrainConfig, best: float | None
 ) -> tuple[bool, float | None]:
-    """Whether ``values`` beat ``best`` on ``config.best_metric``; the new best."""
-    if not config.best_metric:
+    """Whether ``values`` beat ``best`` on ``config.best_metric``; the new best.
+
+    A non-finite value never improves (an evaluation that decoded nothing is no best)."""
+    key = _resolve_metric(config.best_metric, values) if config.best_metric else None
+    if key is None:
         return False, best
-    if config.best_metric not in values:
-        raise KeyError(
-            f"TrainConfig.best_metric {config.best_metric!r} is not among eval_fn's metrics {sorted(values)}"
-        )
-    value = values[config.best_metric]
+    value = values[key]
+    if not math.isfinite(value):
+        return False, best
     better = best is None or (value > best if config.best_mode == "max" else value < best)
     return better, value if better else best
+
+
+def _eval_line(step: int, epoch: float, values: Mapping[str, float]) -> str:
+    """One line per validation: the task's numbers, then the parse failures."""
+    shown = [k for k in ("ap", "ap50", "acc50", "miou", "unparseable_rate") if k in values]
+    shown = shown or sorted(values)[:6]
+    cells = " ".join(f"{k} {values[k]:.4f}" for k in shown)
+    return f"val step {step} epoch {epoch:.2f} | {cells}"
+
+
+def _save_model_folder(accelerator, adapter: VLMAdapter, module: nn.Module, directory: Path):
+    """``best/`` as a folder ``load_model`` opens (the adapter's own save), except under
+    FSDP/DeepSpeed, where only Accelerate can gather the sharded weights: there it
+    holds ``model.safetensors`` for :func:`load_weights`."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        accelerator.save_model(module, directory)
+    elif accelerator.is_main_process:
+        adapter.save_pretrained(str(directory))
 
 
 def _save_full_state(accelerator, state: dict[str, Any], directory: Path) -> None:
@@ -613,13 +710,45 @@ def _truncate_metrics(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
-def _write_csv(jsonl: Path, out: Path) -> None:
-    rows = read_jsonl(jsonl)
+def _write_run_tables(jsonl: Path, run_dir: Path) -> None:
+    """``metrics.csv``, one row per validation (with the training numbers last logged
+    before it; every logged step when nothing was validated), and ``results.png``."""
+    from loctune.plots import plot_results
+
+    by_step: dict[int, dict[str, Any]] = {}
+    for row in read_jsonl(jsonl):
+        by_step.setdefault(row["step"], {}).update(row)
+    steps = [by_step[k] for k in sorted(by_step)]
+    rows, latest = [], {}
+    validated = any(k.startswith("eval/") for r in steps for k in r)
+    for row in steps:
+        latest.update({k: v for k, v in row.items() if not k.startswith("eval/")})
+        if not validated or any(k.startswith("eval/") for k in row):
+            rows.append({**latest, **row})
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    with out.open("w", newline="") as f:
+    with (run_dir / "metrics.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
+    if steps:
+        plot_results(steps, run_dir / "results.png")
+
+
+def _json_value(record: Mapping[str, Any]) -> dict[str, Any]:
+    """NaN/inf as null, so metrics.jsonl is valid JSON."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in record.items()}
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config as ``a.b`` keys of scalars, the form trackers accept as hyperparameters."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value if isinstance(value, int | float | str | bool) else str(value)
+    return out
 
 
 def _remove(path: Path) -> None:

@@ -370,3 +370,16 @@ def test_n_val_zero_trains_on_every_training_image(tmp_path, capsys):
     assert "20 train / 0 val" in capsys.readouterr().out
     train("small:tiny", data, tmp_path / "runs2", "--grid", "8", "--steps", "1")
     assert "18 train / 2 val" in capsys.readouterr().out
+
+
+def test_a_plain_train_validates_keeps_a_best_model_folder_that_eval_opens(tmp_path, capsys):
+    """No eval_every / best_metric given: validation per epoch, best/ by the task's metric."""
+    data = WRITERS["yolo"](tmp_path / "data")
+    run = train("small:tiny", data, tmp_path / "runs", "--steps", "4", "--max-new-tokens", "8")
+    rows = (run / "metrics.csv").read_text().splitlines()
+    # 3 training images in batches of 2: an epoch is 2 steps, so validation at steps 2 and 4
+    assert [r.split(",")[0] for r in rows[1:]] == ["2", "4"] and "eval/ap" in rows[0]
+    assert (run / "best").is_dir()
+    assert main(["eval", "--model", str(run / "best"), "--data", str(data), "--split", "val",
+                 "--project", str(tmp_path / "eval"), "--max-new-tokens", "8"]) == 0
+    assert json.loads((tmp_path / "eval" / "exp" / "metrics.json").read_text())["n_samples"] == 1

@@ -91,7 +91,19 @@ class TinyAdapter(VLMAdapter):
         return [Generation(text="", token_ids=[], token_logprobs=[]) for _ in samples]
 
     def save_pretrained(self, path):
-        raise NotImplementedError
+        """The adapter's own folder format: here the model's state dict as safetensors."""
+        from safetensors.torch import save_model
+
+        Path(path).mkdir(parents=True, exist_ok=True)
+        save_model(self.model, str(Path(path) / "tiny.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, path):
+        from safetensors.torch import load_model
+
+        adapter = cls()
+        load_model(adapter.model, str(Path(path) / "tiny.safetensors"))
+        return adapter
 
 
 def ce_loss(logits, labels, continuous=None, shift=True, num_items_in_batch=None):
@@ -305,8 +317,8 @@ def test_best_checkpoint_keeps_the_weights_of_the_best_evaluation(tmp_path):
     config = base_config(tmp_path, eval_every=2, best_metric="score")
     result = train(make_adapter(), make_samples(), config, eval_fn=eval_fn, loss_fn=ce_loss)
     assert len(snapshots) == 4 and result.metrics["eval/score"] == 0.2
-    restored = make_adapter()
-    load_weights(restored, result.best_checkpoint)
+    # best/ is the adapter's own save, reopened as any model folder is
+    restored = TinyAdapter.from_pretrained(result.best_checkpoint)
     assert_same_weights(snapshots[1], weights(restored), atol=0)
     assert [r["eval/score"] for r in read_metrics(tmp_path) if "eval/score" in r] == [
         0.1,
@@ -472,3 +484,70 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+# --- validation schedule, early stopping, run tables, trackers, non-finite losses ----------
+
+
+@pytest.mark.parametrize(
+    ("changes", "n", "interval"),
+    [
+        ({"steps": 0, "epochs": 3}, 24, 6),  # 24 samples / batch 4: every epoch is 6 steps
+        ({"steps": 0, "epochs": 40}, 24, 24),  # 240 steps: every 4th epoch, 10 validations
+        ({"steps": 8, "eval_every": 3}, 24, 3),
+        ({"steps": 8, "eval_every": -1}, 24, 0),
+    ],
+)
+def test_validation_runs_every_epoch_by_default_at_most_ten_times(changes, n, interval):
+    assert base_config(Path("unused"), **changes).eval_interval(n, 4) == interval
+
+
+def test_patience_stops_after_evaluations_without_improvement(tmp_path, capsys):
+    scores = iter([0.5, 0.4, 0.3, 0.2, 0.1, 0.0, 0.0, 0.0])
+    config = base_config(tmp_path, steps=16, eval_every=2, best_metric="acc50", patience=2,
+                         progress=True)
+    adapter = make_adapter()
+    result = train(adapter, make_samples(), config, loss_fn=ce_loss,
+                   eval_fn=lambda a: {"acc50": next(scores), "miou": 0.0})
+    assert result.step == 6  # best at step 2, then 2 evaluations without a better one
+    restored = make_adapter()
+    load_weights(restored, result.last_checkpoint)  # last/ is saved where the run stopped
+    assert_same_weights(weights(adapter), weights(restored), atol=0)
+    out = capsys.readouterr()
+    assert "early stop at step 6" in out.out + out.err
+    assert "val step 2 epoch 0.33 | acc50 0.5000 miou 0.0000" in out.out + out.err
+    state = json.loads((tmp_path / "last" / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["stale_evals"] == 2
+
+
+def test_metrics_csv_has_one_row_per_validation_and_results_png(tmp_path):
+    import csv
+
+    config = base_config(tmp_path, steps=8, eval_every=4, log_every=1)
+    train(make_adapter(), make_samples(), config, loss_fn=ce_loss,
+          eval_fn=lambda a: {"acc50": 0.5, "ap": float("nan")})
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert [int(r["step"]) for r in rows] == [4, 8]
+    assert all(r["loss"] and r["eval/acc50"] == "0.5" for r in rows)
+    assert (tmp_path / "results.png").stat().st_size > 0
+    assert all(json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().split("\n")
+               if line)  # NaN written as null: valid JSON
+
+
+def test_a_non_finite_loss_stops_the_run_without_saving_it(tmp_path):
+    def nan_loss(logits, labels, **kwargs):
+        return ce_loss(logits, labels, **kwargs) * float("nan")
+
+    with pytest.raises(FloatingPointError, match="training loss is nan at step 1"):
+        train(make_adapter(), make_samples(), base_config(tmp_path), loss_fn=nan_loss)
+    assert not (tmp_path / "last").exists()
+    with pytest.raises(ValueError, match="lr must be finite|lr must be > 0"):
+        base_config(tmp_path, lr=float("inf"))
+
+
+def test_tensorboard_tracker_logs_under_the_run(tmp_path):
+    pytest.importorskip("tensorboard")
+    config = base_config(tmp_path, steps=3, log_with=["tensorboard"])
+    train(make_adapter(), make_samples(), config, loss_fn=ce_loss)
+    events = list(tmp_path.rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
