@@ -60,6 +60,8 @@ class CocoIndex:
             if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
                 raise DataError(f"{path}: categories[{i}]: expected {{'id', 'name'}}, got {cat!r}")
             self.categories[cat["id"]] = str(cat["name"])
+        for cat_id in _grouping_categories(data["categories"], data["annotations"]):
+            del self.categories[cat_id]
         self.classes = [self.categories[k] for k in sorted(self.categories, key=_sort_key)]
         self._raw_images = {}
         for i, img in enumerate(data["images"]):
@@ -214,6 +216,23 @@ def read_coco(
             )
         )
     return SampleSet(samples, index.classes, validator.finish(samples))
+
+
+def _grouping_categories(categories: list, annotations: Any) -> list[Any]:
+    """Ids of categories that only group others: named as another category's
+    ``supercategory`` and used by no annotation. Roboflow exports list such a category
+    (id 0, e.g. "cells" over "RBC", "WBC"); as a class it would be one no box has."""
+    used = (
+        {a.get("category_id") for a in annotations if isinstance(a, dict)}
+        if isinstance(annotations, list)
+        else set()
+    )
+    return [
+        c["id"]
+        for c in categories
+        if c["id"] not in used
+        and any(o is not c and o.get("supercategory") == c["name"] for o in categories)
+    ]
 
 
 def _sort_key(key: Any) -> tuple[str, Any]:

@@ -7,10 +7,15 @@ path                              format
 ================================  =================================
 ``*.yaml`` / ``*.yml``            ``yolo`` (Ultralytics data.yaml)
 ``*.json`` holding an object      ``coco`` (instances)
-``*.json`` holding a list         ``refcoco`` (refs; needs ``instances=``)
+``*.json``: Label Studio tasks    ``label_studio`` (JSON or JSON-MIN export)
+``*.json`` holding another list   ``refcoco`` (refs; needs ``instances=``)
 ``*.jsonl``                       ``referring_jsonl``
 ``*.csv``                         ``csv``
+``*.xml``: CVAT ``<annotations>`` ``cvat`` (CVAT for images 1.1)
 folder with ``data.yaml``         ``yolo``
+folder with ``annotations.xml``   ``cvat``
+folder with ``*/_annotations``    ``coco`` (a Roboflow COCO export: one
+``.coco.json``                    JSON per split folder)
 folder of ``*.xml`` (or with an   ``voc``
 ``annotations/`` folder of them)
 folder saved by ``datasets``      ``hf`` (``load_from_disk``)
@@ -31,14 +36,20 @@ from pathlib import Path
 from typing import Any
 
 from loctune.data.coco import read_coco
-from loctune.data.common import SampleSet, detection_prompt
+from loctune.data.common import SampleSet, detection_prompt, load_json
 from loctune.data.csv_boxes import read_csv_boxes
+from loctune.data.cvat import is_cvat, read_cvat
+from loctune.data.labelstudio import is_label_studio, read_label_studio
 from loctune.data.refcoco import read_refcoco, read_referring_jsonl
 from loctune.data.validate import DataError, ValidationReport
 from loctune.data.voc import read_voc
 from loctune.data.yolo import read_yolo
 
-FORMATS = ("coco", "refcoco", "referring_jsonl", "yolo", "voc", "csv", "hf")
+FORMATS = (
+    "coco", "refcoco", "referring_jsonl", "yolo", "voc", "csv", "hf", "label_studio", "cvat",
+)
+ROBOFLOW_COCO = "_annotations.coco.json"  # one per split folder of a Roboflow COCO export
+_ROBOFLOW_SPLITS = {"train": "train", "valid": "val", "val": "val", "test": "test"}
 _HF_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
 
 
@@ -53,12 +64,20 @@ def detect_format(path: str | os.PathLike) -> str:
     if suffix == ".csv":
         return "csv"
     if suffix == ".json":
-        return "refcoco" if _first_char(path) == "[" else "coco"
+        if _first_char(path) != "[":
+            return "coco"
+        return "label_studio" if is_label_studio(load_json(path)) else "refcoco"
+    if suffix == ".xml" and is_cvat(path):
+        return "cvat"
     if suffix in (".p", ".pkl", ".pickle"):
         return "refcoco"  # read_refcoco refuses it with the conversion recipe
     if path.is_dir():
         if (path / "data.yaml").is_file():
             return "yolo"
+        if (path / "annotations.xml").is_file() and is_cvat(path / "annotations.xml"):
+            return "cvat"
+        if (path / ROBOFLOW_COCO).is_file() or any(path.glob(f"*/{ROBOFLOW_COCO}")):
+            return "coco"
         if any(path.glob("*.xml")) or any((path / "annotations").glob("*.xml")):
             return "voc"
         if any((path / marker).is_file() for marker in _HF_MARKERS):
@@ -91,6 +110,8 @@ def load_dataset(path_or_spec: Any, format: str | None = None, **options: Any) -
         format = detect_format(path)
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; expected one of {FORMATS}")
+    if format == "coco" and path.is_dir():
+        return _load_roboflow_coco(path, options)
     if format == "yolo":
         return read_yolo(path / "data.yaml" if path.is_dir() else path, **options)
     if format == "voc":
@@ -109,8 +130,27 @@ def load_dataset(path_or_spec: Any, format: str | None = None, **options: Any) -
         if "instances" not in options:
             raise DataError(f"{path}: RefCOCO refs need the COCO instances file: pass instances=")
         return read_refcoco(path, options.pop("instances"), **options)
-    reader = {"coco": read_coco, "referring_jsonl": read_referring_jsonl, "csv": read_csv_boxes}
+    reader = {
+        "coco": read_coco,
+        "referring_jsonl": read_referring_jsonl,
+        "csv": read_csv_boxes,
+        "label_studio": read_label_studio,
+        "cvat": read_cvat,
+    }
     return reader[format](path, **options)
+
+
+def _load_roboflow_coco(root: Path, options: dict[str, Any]) -> SampleSet:
+    """A Roboflow COCO export: ``train/``, ``valid/``, ``test/`` each with its images and
+    ``_annotations.coco.json`` (``valid`` is loctune's ``val``); or one such folder."""
+    if (root / ROBOFLOW_COCO).is_file():
+        return read_coco(root / ROBOFLOW_COCO, **options)
+    spec = {
+        _ROBOFLOW_SPLITS.get(folder.name, folder.name): folder / ROBOFLOW_COCO
+        for folder in sorted(root.iterdir())
+        if (folder / ROBOFLOW_COCO).is_file()
+    }
+    return _load_splits(spec, "coco", options)
 
 
 def shared_data_dir() -> Path:

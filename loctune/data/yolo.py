@@ -104,6 +104,10 @@ def _split_images(entry: Any, root: Path, where: str, validator: Validator) -> l
     for item in entries:
         path = Path(str(item))
         path = path if path.is_absolute() else root / path
+        if not path.exists() and str(item).startswith("../"):
+            # Roboflow exports write "train: ../train/images" beside the export's root;
+            # Ultralytics reads it from the root, as here
+            path = root / str(item)[3:]
         if path.is_dir():
             images.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
         elif path.suffix == ".txt" and path.is_file():
