@@ -11,12 +11,13 @@ EXPECTED = [
     ("bccd", 292, 72, 3),
     ("microcontroller", 142, 7, 4),
     ("neu-det", 1770, 30, 6),
+    ("synthetic-novel", 500, 200, 3),
 ]
 
 
 @pytest.mark.parametrize("name, n_train, n_test, n_classes", EXPECTED)
 def test_named_set_has_its_original_split(name, n_train, n_test, n_classes):
-    if not (shared_data_dir() / name).is_dir():
+    if name != "synthetic-novel" and not (shared_data_dir() / name).is_dir():
         pytest.skip(f"shared/data/{name} not present")
     both = named_set(name)
     splits = [s.meta["split"] for s in both]
@@ -48,3 +49,15 @@ def test_voc_filename_without_suffix_finds_the_image(tmp_path):
     )
     (sample,) = load_dataset(tmp_path, "voc")
     assert str(sample.image).endswith("a.jpg") and sample.labels == ["dent"]
+
+
+def test_the_held_out_synthetic_domain_shares_no_shape_or_background_with_pretraining():
+    from loctune.data.synthetic import NOVEL_DOMAIN, SHAPES
+    from loctune.pretrain import SourceConfig
+
+    novel = named_set("synthetic-novel", "test")
+    assert {label for s in novel for label in s.labels} <= set(NOVEL_DOMAIN.shapes)
+    assert not set(NOVEL_DOMAIN.shapes) & set(SHAPES)
+    assert not set(NOVEL_DOMAIN.backgrounds) & set(SourceConfig().backgrounds)
+    again = named_set("synthetic-novel", "test")
+    assert [s.boxes for s in again] == [s.boxes for s in novel]  # generated from a fixed seed

@@ -41,7 +41,7 @@ from loctune.data.csv_boxes import read_csv_boxes
 from loctune.data.cvat import is_cvat, read_cvat
 from loctune.data.labelstudio import is_label_studio, read_label_studio
 from loctune.data.refcoco import read_refcoco, read_referring_jsonl
-from loctune.data.validate import DataError, ValidationReport
+from loctune.data.validate import DataError, ValidationReport, Validator
 from loctune.data.voc import read_voc
 from loctune.data.yolo import read_yolo
 
@@ -216,13 +216,31 @@ def neu_det(split: str = "all", root: str | os.PathLike | None = None, **options
     return _merge_splits(parts, str(root), options)
 
 
+def synthetic_novel(split: str = "all", root: None = None, **options: Any) -> SampleSet:
+    """The held-out synthetic domain: detection of hexagons, diamonds and rings on coloured
+    grain (``synthetic.NOVEL_DOMAIN``), none of which a pretraining source draws; 500 train
+    and 200 test scenes, generated (``root`` is not used)."""
+    from loctune.data.synthetic import NOVEL_DOMAIN, NOVEL_SHAPES, make_detection_split
+
+    if root is not None or options:
+        raise ValueError("synthetic-novel is generated: it takes no root or reader options")
+    sizes = {"train": 500, "test": 200}
+    parts = {}
+    for name in _wanted(split, sizes):
+        samples = make_detection_split(name, sizes[name], seed=0, config=NOVEL_DOMAIN)
+        report = Validator(f"{SYNTHETIC_NOVEL}/{name}").finish(samples)
+        parts[name] = SampleSet(samples, list(NOVEL_SHAPES), report)
+    return _merge_splits(parts, SYNTHETIC_NOVEL, {})
+
+
+SYNTHETIC_NOVEL = "synthetic-novel"
 BCCD_CLASSES = ("RBC", "WBC", "Platelets")
 MICROCONTROLLER_CLASSES = ("Arduino_Nano", "ESP8266", "Heltec_ESP32_Lora", "Raspberry_Pi_3")
 NEU_DET_CLASSES = (
     "crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches"
 )
 NAMED_SETS = {"raccoon": raccoon, "bccd": bccd, "microcontroller": microcontroller,
-              "neu-det": neu_det}
+              "neu-det": neu_det, SYNTHETIC_NOVEL: synthetic_novel}
 
 
 def named_set(name: str, split: str = "all", root: str | os.PathLike | None = None,

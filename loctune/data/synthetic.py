@@ -32,6 +32,8 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "orange": (235, 130, 30),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
+#: shapes no default scene and no pretraining source draws: the held-out synthetic domain's
+NOVEL_SHAPES: tuple[str, ...] = ("hexagon", "diamond", "ring")
 SIZES: tuple[str, ...] = ("small", "large")
 # relation word -> (box-centre axis, sign): "left of a" means x < x(a) - margin.
 RELATIONS: dict[str, tuple[int, int]] = {
@@ -51,7 +53,8 @@ SPLITS: dict[str, int] = {"train": 0, "validation": 1, "val": 1, "test": 2}
 TASK_IDS: dict[str, int] = {"grounding": 0, "detection": 1, "caption": 2, "counting": 3}
 #: tasks whose answer is plain text (``meta["answer"]``), not boxes: pretraining only
 TEXT_TASKS: tuple[str, ...] = ("caption", "counting")
-BACKGROUNDS: tuple[str, ...] = ("gradient", "texture")
+# "grain" (coloured multi-scale noise, like stone or fabric) is drawn by no pretraining source
+BACKGROUNDS: tuple[str, ...] = ("gradient", "texture", "grain")
 _MAX_SCENE_ATTEMPTS = 200
 _MAX_PLACEMENT_ATTEMPTS = 60
 
@@ -88,7 +91,7 @@ class SyntheticConfig:
                 f"{self.min_objects}, {self.max_objects}"
             )
         for name, values, known in (
-            ("shapes", self.shapes, SHAPES),
+            ("shapes", self.shapes, SHAPES + NOVEL_SHAPES),
             ("colors", self.colors, PALETTE),
             ("backgrounds", self.backgrounds, BACKGROUNDS),
         ):
@@ -109,6 +112,14 @@ class SyntheticConfig:
                 raise ValueError(
                     f"SyntheticConfig.{name} must satisfy 0 < lo <= hi < 0.5, got {(lo, hi)}"
                 )
+
+
+#: the held-out synthetic domain of the transfer study: shapes and a background that no
+#: pretraining source draws (``named_set("synthetic-novel")``), every colour
+NOVEL_DOMAIN = SyntheticConfig(
+    image_size=128, min_objects=1, max_objects=4, shapes=NOVEL_SHAPES, colors=tuple(PALETTE),
+    backgrounds=("grain",),
+)
 
 
 @dataclass
@@ -167,6 +178,10 @@ def _polygon(
         polar = [(1.15 * r, -90 + 120 * k) for k in range(3)]
     elif shape == "star":
         polar = [(1.1 * r * (1.0 if k % 2 == 0 else 0.45), -90 + 36 * k) for k in range(10)]
+    elif shape == "hexagon":
+        polar = [(1.05 * r, 30 + 60 * k) for k in range(6)]
+    elif shape == "diamond":
+        polar = [(1.3 * r, -90), (0.75 * r, 0), (1.3 * r, 90), (0.75 * r, 180)]
     elif shape == "cross":
         a, w = r, 0.35 * r  # arm length and half-width
         pts = [(w, a), (w, w), (a, w), (a, -w), (w, -w), (w, -a)]
@@ -187,9 +202,12 @@ def _shape_mask(obj: SceneObject, size: int) -> np.ndarray:
     canvas = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(canvas)
     cx, cy = obj.center
-    if obj.shape == "circle":
+    if obj.shape in ("circle", "ring"):
         r = obj.radius
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+        if obj.shape == "ring":
+            hole = 0.55 * r
+            draw.ellipse([cx - hole, cy - hole, cx + hole, cy + hole], fill=0)
     else:
         draw.polygon(_polygon(obj.shape, cx, cy, obj.radius, obj.rotation), fill=255)
     return np.asarray(canvas) > 0
@@ -208,6 +226,8 @@ def _background(rng: np.random.Generator, cfg: SyntheticConfig) -> np.ndarray:
     kind = cfg.backgrounds[0] if len(cfg.backgrounds) == 1 else str(rng.choice(cfg.backgrounds))
     if kind == "texture":
         pixels = pixels + _texture(rng, s)[..., None] * rng.uniform(15, 45)
+    elif kind == "grain":
+        pixels = pixels + _grain(rng, s) * rng.uniform(20, 50)
     img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)
     for _ in range(int(rng.integers(0, cfg.max_clutter + 1))):
@@ -240,6 +260,18 @@ def _texture(rng: np.random.Generator, s: int) -> np.ndarray:
         ),
         dtype=np.float64,
     ) / 127.5 - 1
+
+
+def _grain(rng: np.random.Generator, s: int) -> np.ndarray:
+    """``[s, s, 3]`` coloured noise in about [-1, 1], summed over four scales (stone, fabric)."""
+    out = np.zeros((s, s, 3))
+    for octave in range(4):
+        cells = 4 * 2**octave
+        coarse = rng.uniform(0, 255, size=(cells, cells, 3)).astype(np.uint8)
+        layer = np.asarray(Image.fromarray(coarse, "RGB").resize((s, s), Image.Resampling.BICUBIC),
+                           dtype=np.float64)
+        out += (layer / 127.5 - 1) / 2**octave
+    return out / 1.875
 
 
 def _render(
