@@ -722,6 +722,7 @@ for _name, _config in {
     ),
     "wasserstein": LossConfig("ce", emd_weight=1.0),
     "gem": LossConfig("gem"),
+    "gem_linear": LossConfig("gem", h="linear"),  # the paper's linear h, beside its logsigmoid
     "gem_distance_inverse": LossConfig("gem", TargetSpec("distance_inverse")),
 }.items():
     register_loss(_name, _config)

@@ -329,6 +329,7 @@ def test_presets_and_overrides():
     assert {"ce", "soft_ce", "gem", "gem_distance_inverse", "dist2", "two_bin", "label_smoothing"} <= set(
         list_losses()
     )
+    assert loss_config("gem_linear").h == "linear" and loss_config("gem").h == "logsigmoid"
     dist2 = loss_config("dist2")
     assert (dist2.name, dist2.targets.kind, dist2.hard_weight, dist2.soft_weight) == (
         "soft_ce",
