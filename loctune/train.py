@@ -20,6 +20,7 @@ are worth knowing because experiments depend on them:
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -51,6 +52,9 @@ EvalFn = Callable[[VLMAdapter], Mapping[str, float]]
 LossFn = Callable[..., torch.Tensor]
 
 _STATE_FILE = "trainer_state.json"
+_MANIFEST = "manifest.json"
+#: LossConfig fields that choose how the loss is computed, not what it is: free to change on resume
+_KERNEL_FIELDS = ("kernel", "chunk_elements", "fused_chunk_rows")
 _WEIGHTS_FILE = "model.safetensors"
 MAX_AUTO_EVALS = 10  # eval_every=0: every epoch, but no more validations than this per run
 #: ``best_metric="auto"``: the first of these an evaluation reports (detection, grounding)
@@ -346,8 +350,11 @@ def _run(accelerator, adapter, samples, config, run_dir, eval_fn, resume, loss_f
     state = (
         _read_state(checkpoint) if checkpoint else {"step": 0, "best_value": None, "metrics": {}}
     )
+    recipe = _recipe(config, adapter)
     if checkpoint:
+        _check_manifest(checkpoint)
         _check_same_data(state, checkpoint, len(samples), global_batch, config.seed)
+        _check_same_recipe(state, checkpoint, recipe)
     start = state["step"]
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -484,6 +491,7 @@ def _run(accelerator, adapter, samples, config, run_dir, eval_fn, resume, loss_f
                 "best_value": best_value,
                 "stale_evals": stale_evals,
                 "metrics": metrics,
+                "recipe": recipe,
             }
             _publish(accelerator, last_dir, partial(_save_full_state, accelerator, state))
         # Events fire after the step's clock was read; keep them out of the next throughput window.
@@ -645,8 +653,93 @@ def _save_model_folder(accelerator, adapter: VLMAdapter, module: nn.Module, dire
 
 def _save_full_state(accelerator, state: dict[str, Any], directory: Path) -> None:
     accelerator.save_state(str(directory))
+    accelerator.wait_for_everyone()  # every process's RNG state is on disk before the manifest
     if accelerator.is_main_process:
         (directory / _STATE_FILE).write_text(json.dumps(state, indent=2))
+        _write_manifest(directory)
+
+
+def _write_manifest(directory: Path) -> None:
+    """``manifest.json``: size and SHA-256 of every file of the checkpoint, so a resume can
+    tell a complete checkpoint from a truncated, zeroed or partly missing one."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != _MANIFEST)
+    entries = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+               for p in files}
+    (directory / _MANIFEST).write_text(json.dumps(entries, indent=1))
+
+
+def _check_manifest(checkpoint: Path) -> None:
+    """Refuse to resume from a checkpoint whose files differ from what was saved."""
+    file = checkpoint / _MANIFEST
+    if not file.is_file():
+        raise ValueError(
+            f"cannot resume from {checkpoint}: no {_MANIFEST} (written with every checkpoint; "
+            "the save was interrupted or the folder comes from elsewhere). Use a new run_dir."
+        )
+    try:
+        entries = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: corrupt checkpoint manifest ({err})") from None
+    for name, entry in entries.items():
+        path = checkpoint / name
+        problem = (
+            "is missing" if not path.is_file()
+            else f"has {path.stat().st_size} bytes, {entry['size']} were saved"
+            if path.stat().st_size != entry["size"]
+            else "differs from what was saved (SHA-256)" if _sha256(path) != entry["sha256"]
+            else None
+        )
+        if problem:
+            raise ValueError(
+                f"cannot resume from {checkpoint}: {name} {problem}; the checkpoint is damaged. "
+                "Use a new run_dir, or resume=False."
+            )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _recipe(config: TrainConfig, adapter: VLMAdapter) -> dict[str, Any]:
+    """What a resumed run must share with the saved one besides the data stream: the loss
+    and the codec (their tensors may even fit, and train the wrong objective silently)."""
+    loss = {k: v for k, v in config_to_dict(config.loss).items() if k not in _KERNEL_FIELDS}
+    return {"loss": loss, "codec": _codec_name(adapter.codec)}
+
+
+def _codec_name(codec: Any) -> str:
+    spec = getattr(codec, "spec", None)
+    if isinstance(spec, str):
+        return spec
+    space = getattr(codec, "space", None)
+    size = getattr(space, "size", None)
+    return f"{codec.name}:{size} location tokens" if size else str(codec.name)
+
+
+def _check_same_recipe(state: Mapping[str, Any], checkpoint: Path, recipe: dict) -> None:
+    saved = state.get("recipe")
+    if saved is None:
+        return  # checkpoints written before the recipe was recorded
+    changed = _changed_fields(saved, recipe)
+    if changed:
+        detail = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items())
+        raise ValueError(
+            f"cannot resume from {checkpoint}: the run was trained otherwise ({detail}). "
+            "Resume with the same settings, or start a new run_dir."
+        )
+
+
+def _changed_fields(old: Any, new: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        out: dict[str, tuple[Any, Any]] = {}
+        for key in dict.fromkeys([*old, *new]):
+            out.update(_changed_fields(old.get(key), new.get(key), f"{prefix}{key}."))
+        return out
+    return {} if old == new else {prefix.rstrip("."): (old, new)}
 
 
 def _publish(accelerator, final: Path, write: Callable[[Path], None]) -> None:

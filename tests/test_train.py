@@ -551,3 +551,38 @@ def test_tensorboard_tracker_logs_under_the_run(tmp_path):
     train(make_adapter(), make_samples(), config, loss_fn=ce_loss)
     events = list(tmp_path.rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+@pytest.mark.parametrize("damage", ["truncate", "zero", "delete_rng", "delete_manifest"])
+def test_resume_refuses_a_damaged_checkpoint_naming_the_file(damage, tmp_path):
+    train(make_adapter(), make_samples(), base_config(tmp_path), loss_fn=ce_loss)
+    last = tmp_path / "last"
+    weights_file = next(last.glob("model*.safetensors"))
+    rng_file = next(last.glob("random_states*.pkl"))
+    if damage == "truncate":
+        weights_file.write_bytes(weights_file.read_bytes()[:-100])
+        expected = f"{weights_file.name} has"
+    elif damage == "zero":  # the header intact, the tensors zeroed
+        data = bytearray(weights_file.read_bytes())
+        header = 8 + int.from_bytes(data[:8], "little")
+        data[header:] = bytes(len(data) - header)
+        weights_file.write_bytes(bytes(data))
+        expected = f"{weights_file.name} differs from what was saved"
+    elif damage == "delete_rng":
+        rng_file.unlink()
+        expected = f"{rng_file.name} is missing"
+    else:
+        (last / "manifest.json").unlink()
+        expected = "no manifest.json"
+    with pytest.raises(ValueError, match=expected):
+        train(make_adapter(), make_samples(), base_config(tmp_path), resume=True,
+              loss_fn=ce_loss)
+
+
+def test_resume_with_another_loss_is_refused_with_the_field_named(tmp_path):
+    from loctune.losses import loss_config
+
+    train(make_adapter(), make_samples(), base_config(tmp_path), loss_fn=ce_loss)
+    other = base_config(tmp_path, loss=loss_config("gem"))
+    with pytest.raises(ValueError, match="loss.name: 'ce' then, 'gem' now"):
+        train(make_adapter(), make_samples(), other, resume=True, loss_fn=ce_loss)
