@@ -284,6 +284,7 @@ def train(
 
     if not train_samples:
         raise ValueError("train() needs at least one training sample")
+    adapter.check_samples(train_samples)
     run_dir = Path(config.run_dir)
     set_seed(config.seed)
     accelerator = Accelerator(

@@ -586,3 +586,16 @@ def test_resume_with_another_loss_is_refused_with_the_field_named(tmp_path):
     other = base_config(tmp_path, loss=loss_config("gem"))
     with pytest.raises(ValueError, match="loss.name: 'ce' then, 'gem' now"):
         train(make_adapter(), make_samples(), other, resume=True, loss_fn=ce_loss)
+
+
+def test_a_prompt_longer_than_the_models_positions_is_refused_before_training(tmp_path):
+    from loctune.models.small_vlm_adapter import SmallVLMAdapter
+
+    classes = [f"class{k}" for k in range(80)]  # a COCO-sized "detect ..." prompt
+    long = Sample(Image.new("RGB", (32, 32)), "detect " + " ; ".join(classes), [(2, 2, 20, 20)],
+                  ["class0"], task="detection", image_id="coco-like")
+    adapter = SmallVLMAdapter.build("rowcol", samples=[long], config="tiny", seed=0)
+    with pytest.raises(ValueError, match=r"sample 'coco-like' needs \d+ positions .* "
+                                         r"max_positions=64: shorten the prompt"):
+        train(adapter, [long], base_config(tmp_path), loss_fn=ce_loss)
+    assert not (tmp_path / "last").exists()

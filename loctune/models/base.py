@@ -99,6 +99,12 @@ class VLMAdapter(ABC):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits ``[B, S, V]`` for a collated training batch."""
 
+    def check_samples(self, samples: Sequence[Sample]) -> None:
+        """Raise a clear error, before training, for samples this model cannot take (e.g. too
+        long for its positions); by default every sample is accepted here and checked when
+        it is collated."""
+        return None
+
     @abstractmethod
     def generate(self, samples: list[Sample], max_new_tokens: int = 32) -> list[Generation]:
         """Greedy answers for the samples' prompts, with token log-probabilities."""

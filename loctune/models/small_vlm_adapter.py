@@ -220,13 +220,18 @@ class SmallVLMAdapter(VLMAdapter):
 
     # -- batches ------------------------------------------------------------------------
 
-    def sample_parts(self, sample: Sample, train: bool = True) -> list[Part]:
+    def sample_parts(
+        self, sample: Sample, train: bool = True, image: Image.Image | None = None
+    ) -> list[Part]:
         """A sample as a sequence: ``image <bos> prompt <sep>``, then its answer when ``train``.
 
         The answer is the codec's text for the boxes, or ``meta["answer"]`` for tasks
-        answered in words (captions, counts).
+        answered in words (captions, counts). ``image`` stands in for the sample's
+        own (which is then not loaded), e.g. to count positions.
         """
-        parts: list[Part] = [sample.load_image(), "<bos>", sample.prompt, "<sep>"]
+        parts: list[Part] = [
+            sample.load_image() if image is None else image, "<bos>", sample.prompt, "<sep>"
+        ]
         if train and "answer" in sample.meta:  # a text answer (caption, count): no boxes
             parts.append(Answer(sample.meta["answer"]))
         elif train:
@@ -333,6 +338,26 @@ class SmallVLMAdapter(VLMAdapter):
                 if continuous:
                     loc_continuous[row, positions] = torch.tensor(continuous, dtype=torch.float32)
         return {**batch, "labels": labels, "loc_continuous": loc_continuous}
+
+    def check_samples(self, samples: Sequence[Sample]) -> None:
+        """Refuse, before training starts, the longest sample when it does not fit
+        ``max_positions`` (an 80-class "detect ..." prompt needs about 290), instead of
+        failing at whichever step first batches it."""
+        placeholder = Image.new("RGB", (1, 1))
+        longest, length = None, 0
+        for sample in samples:
+            n = len(self._encode(self.sample_parts(sample, True, placeholder), "").ids)
+            if n > length:
+                longest, length = sample, n
+        if longest is not None and length > self.config.max_positions:
+            prompt = self.tokenizer.encode(longest.prompt)
+            raise ValueError(
+                f"sample {longest.image_id!r} needs {length} positions ({self.config.n_image_tokens}"
+                f" image tokens, a {len(prompt)}-token prompt, its answer) but the model has "
+                f"max_positions={self.config.max_positions}: shorten the prompt (a reader's "
+                "prompt_fn, fewer classes), keep fewer boxes per image, or build the model with a "
+                "larger max_positions"
+            )
 
     def _check_length(self, names: Sequence[str], length: int) -> None:
         if length > self.config.max_positions:
