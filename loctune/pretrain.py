@@ -49,7 +49,8 @@ class SourceConfig:
 
 
 def _stage(**overrides: Any) -> TrainConfig:
-    return TrainConfig(**{"batch_size": 32, "log_every": 25, **overrides})
+    # a stage hands its final weights to the next one: no best/ to keep (best_metric="")
+    return TrainConfig(**{"batch_size": 32, "log_every": 25, "best_metric": "", **overrides})
 
 
 @dataclass
