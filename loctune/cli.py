@@ -89,102 +89,91 @@ def load_splits(
     return {split: parts[split] if n is None else parts[split][:n] for split, n in sizes.items()}
 
 
-def _loss_from_args(args, loss):
+def _method_loss(method: str):
     from loctune.losses import list_losses, loss_config
-    from loctune.targets import TargetSpec
 
+    try:
+        return loss_config(method)
+    except (KeyError, TypeError, ValueError) as err:
+        raise UsageError(
+            f"--method {method!r}: {err.args[0]} (presets: {', '.join(list_losses())}; "
+            "a variant is preset:key=value,...)"
+        ) from None
+
+
+#: ``loctune train`` flags and the RunConfig field each sets
+_TRAIN_FLAGS = {
+    "model": "model.name", "codec": "model.codec", "dtype": "model.dtype", "lora": "model.lora",
+    "qlora": "model.qlora", "freeze_vision": "model.freeze_vision", "data": "data",
+    "n_train": "n_train", "n_val": "n_val", "max_new_tokens": "max_new_tokens",
+    "steps": "train.steps", "epochs": "train.epochs", "batch": "train.batch_size",
+    "lr": "train.lr", "mixed_precision": "train.mixed_precision",
+}
+
+
+def run_config_from_args(args):
+    """The run's one record: ``--config`` file, then flags, then ``key=value`` overrides.
+
+    An override names a RunConfig field (``model.codec=patch:grid=16``, ``n_val=0``) or,
+    for brevity, a TrainConfig field (``lr=3e-4`` is ``train.lr=3e-4``).
+    """
+    from loctune.config import apply_overrides, config_to_dict, load_config, parse_overrides
+    from loctune.run_config import RunConfig
+
+    flags = [f"{field}={getattr(args, flag)}" for flag, field in _TRAIN_FLAGS.items()
+             if getattr(args, flag) is not None and getattr(args, flag) is not False]
+    try:
+        cfg = load_config(RunConfig, args.config) if args.config else RunConfig()
+        top = set(config_to_dict(cfg))
+        routed = [o if o.partition("=")[0].split(".")[0].strip() in top else f"train.{o}"
+                  for o in args.overrides]
+        parse_overrides(args.overrides)  # the override's own syntax errors name it as typed
+        cfg = apply_overrides(cfg, [*flags, *routed])
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     if args.method:
-        try:
-            loss = loss_config(args.method)
-        except (KeyError, TypeError, ValueError) as err:
-            raise UsageError(
-                f"--method {args.method!r}: {err.args[0]} (presets: {', '.join(list_losses())}; "
-                "a variant is preset:key=value,...)"
-            ) from None
-    if args.loss:
-        loss = replace(loss, name=args.loss)
-    if args.targets:
-        loss = replace(loss, targets=TargetSpec(kind=args.targets))
-    return loss
+        cfg = replace(cfg, train=replace(cfg.train, loss=_method_loss(args.method)))
+    if not cfg.data:
+        raise UsageError("train: give --data (or data: in --config)")
+    return cfg
 
 
 def cmd_train(args) -> int:
-    from loctune.config import apply_overrides, load_config, save_config
     from loctune.evaluate import evaluate
-    from loctune.train import TrainConfig, train
+    from loctune.models.spec import open_model
+    from loctune.train import train
 
-    cfg = load_config(TrainConfig, args.config) if args.config else TrainConfig()
+    cfg = run_config_from_args(args)
     # --resume continues the named run; a fresh run never overwrites one (exp, exp2, ...)
     run_dir = Path(args.project) / args.name if args.resume else increment_run_dir(
         args.project, args.name
     )
-    cfg = replace(
-        cfg,
-        run_dir=str(run_dir),
-        loss=_loss_from_args(args, cfg.loss),
-        **{k: v for k, v in dict(steps=args.steps, epochs=args.epochs, batch_size=args.batch,
-                                 lr=args.lr, mixed_precision=args.mixed_precision).items() if v is not None},
-    )
-    cfg = apply_overrides(cfg, args.overrides)
-    # --n-val 0: no validation, so nothing is carved from the training images
-    sizes = {"train": args.n_train} | ({} if args.n_val == 0 else {"val": args.n_val})
-    splits = load_splits(args.data, sizes)
+    cfg = replace(cfg, train=replace(cfg.train, run_dir=str(run_dir)))
+    # n_val=0: no validation, so nothing is carved from the training images
+    sizes = {"train": cfg.n_train} | ({} if cfg.n_val == 0 else {"val": cfg.n_val})
+    splits = load_splits(cfg.data, sizes)
     train_samples, val_samples = splits["train"], splits.get("val", [])
-    adapter = _open_model(args, train_samples, seed=cfg.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "train_config.yaml")
-    print(f"training {args.model} on {args.data}: {len(train_samples)} train / {len(val_samples)} val -> {run_dir}")
+    adapter = open_model(cfg.model, train_samples, seed=cfg.train.seed, target=cfg.data, log=print)
+    print(f"training {cfg.model.name} on {cfg.data}: {len(train_samples)} train / "
+          f"{len(val_samples)} val -> {run_dir}")
     result = train(
         adapter,
         train_samples,
-        cfg,
+        cfg.train,
         eval_fn=(
             lambda a: evaluate(
-                a, val_samples, max_new_tokens=args.max_new_tokens, progress=False
+                a, val_samples, max_new_tokens=cfg.max_new_tokens, progress=False
             ).metrics
         )
         if val_samples
         else None,
         resume=args.resume,
+        run_record=cfg,
     )
     adapter.save_pretrained(str(run_dir / "model"))
     print(json.dumps({k: round(v, 4) for k, v in result.metrics.items()}, indent=1))
     print(f"results saved to {run_dir} (model: {run_dir / 'model'})")
     return 0
-
-
-def _open_model(args, train_samples, seed: int):
-    """A checkpoint folder or shipped name; ``small[:preset]`` builds a fresh small VLM (weights
-    from ``seed``, pretrained parts where the preset names them); else a hub id."""
-    from loctune.models import load_model
-    from loctune.models.checkpoints import resolve_checkpoint
-    from loctune.models.small_vlm_adapter import ADAPTER_FILE, SmallVLMAdapter
-
-    folder = resolve_checkpoint(args.model)
-    if (Path(folder) / ADAPTER_FILE).is_file():
-        # a pretrained small VLM (loctune pretrain): stage 3 on the target set; the target's
-        # words join the vocabulary, and the target joins the checkpoint's record of its data
-        adapter = SmallVLMAdapter.from_pretrained(folder)
-        added = adapter.extend_vocabulary(train_samples)
-        if added:
-            print(f"added {len(added)} words to the vocabulary: {' '.join(added[:10])}")
-        config = adapter.model.config
-        adapter.model.config = replace(config, trained_on=(*config.trained_on, args.data))
-        return adapter
-    if args.model == "small" or args.model.startswith("small:"):
-        preset = args.model.partition(":")[2] or "small"
-        return SmallVLMAdapter.build(args.codec or "rowcol", samples=train_samples, config=preset,
-                                     codec_kwargs={"grid": args.grid}, seed=seed)
-    options = {}
-    if args.lora:
-        options["lora"] = {"r": args.lora, "qlora": args.qlora}
-    if args.freeze_vision:
-        options["freeze_vision"] = True
-    if args.dtype:
-        options["dtype"] = args.dtype
-    if args.codec:
-        options["codec"] = args.codec
-    return load_model(args.model, **options)
 
 
 def cmd_eval(args) -> int:
@@ -324,10 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loctune", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common_model(sp, needs_data=True):
-        sp.add_argument("--model", required=True, help="hub id, checkpoint dir, or 'small[:preset]'")
+    def common_model(sp, needs_data=True, required=True):
+        sp.add_argument("--model", required=required,
+                        help="checkpoint dir, shipped checkpoint name, 'small[:preset]' or hub id")
         if needs_data:
-            sp.add_argument("--data", required=True,
+            sp.add_argument("--data", required=required,
                             help="data.yaml, COCO json, VOC dir, CSV, JSONL, 'synthetic', 'raccoon'")
         sp.add_argument("--project", default=f"runs/{sp.prog.split()[-1]}")
         sp.add_argument("--name", default="exp")
@@ -343,14 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "(0: keep all)")
 
     t = sub.add_parser("train", help="fine-tune a model with loctune's supervision")
-    common_model(t)
-    t.add_argument("--config", help="YAML/JSON TrainConfig")
+    common_model(t, required=False)
+    t.add_argument("--config", help="YAML/JSON run record (a run's config.yaml: model, data, "
+                                    "train); flags and key=value override it")
     t.add_argument(
         "--method",
         help="named method, e.g. ce, distance_inverse, gem_distance_inverse, gem:beta=2",
     )
-    t.add_argument("--loss", choices=["ce", "soft_ce", "gem"])
-    t.add_argument("--targets", help="one_hot, distance_inverse, gaussian, label_smoothing, two_bin")
     t.add_argument("--steps", type=int)
     t.add_argument("--epochs", type=float)
     t.add_argument("--lr", type=float)
@@ -359,14 +348,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--freeze-vision", action="store_true")
     t.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights dtype of a hub model")
     t.add_argument("--qlora", action="store_true", help="with --lora: load the base model in 4 bit (CUDA)")
-    t.add_argument("--codec", help="override the family's codec (small VLM: rowcol or patch)")
-    t.add_argument("--grid", type=int, default=32, help="small VLM: location grid size")
+    t.add_argument("--codec", help="codec spec overriding the model's, e.g. rowcol:grid=16, "
+                                   "patch:grid=16, bins:n_bins=1000 (fresh small VLM: "
+                                   "rowcol:grid=32)")
     t.add_argument("--n-train", type=int)
     t.add_argument("--n-val", type=int,
                    help="validation images (default: the data's val split, or 10%% of train); "
                         "0: none, train on every training image")
     t.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    t.add_argument("overrides", nargs="*", help="key=value TrainConfig overrides")
+    t.add_argument("overrides", nargs="*",
+                   help="key=value overrides of the run record (model.codec=..., n_val=0) or "
+                        "of its train section (lr=3e-4 is train.lr=3e-4)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="generate, decode and score on a split")

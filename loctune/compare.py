@@ -96,11 +96,10 @@ def _make_adapter(cfg: CompareConfig, seed: int, pool: Sequence[Sample]):
 
         texts = [" ".join(synthetic_vocabulary())]
     return SmallVLMAdapter.build(
-        cfg.codec,
+        f"{cfg.codec}:grid={cfg.grid}",
         texts=texts,
         samples=pool,
         config=cfg.model_preset,
-        codec_kwargs={"grid": cfg.grid},
         image_size=cfg.image_size,
         seed=seed,
     )

@@ -26,8 +26,10 @@ __all__ = [
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
+    "format_spec",
     "load_config",
     "parse_overrides",
+    "parse_spec",
     "save_config",
 ]
 
@@ -93,6 +95,45 @@ def save_config(config: Any, path: str | Path) -> None:
         path.write_text(json.dumps(data, indent=2) + "\n")
     else:
         path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def parse_spec(spec: str, what: str = "spec") -> tuple[str, dict[str, Any]]:
+    """``"name:key=value,key=value"`` as ``(name, {key: value})``, values read as YAML scalars.
+
+    One grammar wherever a registered thing is named with options, so a variant is one
+    string on the command line and in a config: ``gem:beta=2``, ``rowcol:grid=16``.
+    """
+    name, sep, rest = spec.partition(":")
+    name = name.strip()
+    if not name:
+        raise ValueError(f"{what} {spec!r}: expected name or name:key=value,..., got no name")
+    options: dict[str, Any] = {}
+    for item in rest.split(",") if sep and rest.strip() else ():
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"{what} {spec!r}: expected name:key=value,key=value, got {item!r}")
+        try:
+            options[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            raise ValueError(f"{what} {spec!r}: {key.strip()}={value!r} is not a value") from None
+    return name, options
+
+
+def format_spec(name: str, options: Mapping[str, Any]) -> str:
+    """The string :func:`parse_spec` reads back to ``(name, options)``."""
+    spec = name + "".join((":" if i == 0 else ",") + f"{k}={_spec_value(v)}"
+                          for i, (k, v) in enumerate(options.items()))
+    try:
+        if parse_spec(spec) == (name, dict(options)):
+            return spec
+    except ValueError:
+        pass
+    raise ValueError(f"{name} options {dict(options)} cannot be written as one spec string")
+
+
+def _spec_value(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return text.removesuffix("\n...").strip()
 
 
 def _read_file(path: Path) -> dict[str, Any]:

@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from loctune.codecs.base import LocationSpace
+from loctune.config import parse_spec
 from loctune.targets import TargetSpec, make_targets
 from loctune.types import IGNORE_INDEX
 
@@ -740,7 +741,8 @@ def loss_config(name: str, **overrides) -> LossConfig:
     variant is one string wherever methods are named (compare's ``methods``, ``--method``);
     its values are read as YAML scalars, and keyword ``overrides`` win over them.
     """
-    name, overrides = _parse_spec(name, overrides)
+    name, parsed = parse_spec(name, "loss spec")
+    overrides = {**parsed, **overrides}
     if name not in _PRESETS:
         raise KeyError(f"unknown loss {name!r}; available: {list_losses()}")
     config = _PRESETS[name]
@@ -756,21 +758,6 @@ def loss_config(name: str, **overrides) -> LossConfig:
     if target_overrides:
         config = replace(config, targets=replace(config.targets, **target_overrides))
     return config
-
-
-def _parse_spec(spec: str, overrides: dict) -> tuple[str, dict]:
-    name, sep, rest = spec.partition(":")
-    if not sep:
-        return spec, overrides
-    import yaml
-
-    parsed = {}
-    for item in rest.split(","):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise ValueError(f"loss spec {spec!r}: expected name:key=value,key=value, got {item!r}")
-        parsed[key.strip()] = yaml.safe_load(value)
-    return name.strip(), {**parsed, **overrides}
 
 
 def build_loss(

@@ -60,8 +60,7 @@ class PretrainConfig:
     out_dir: str = "runs/pretrain"
     model: str = "pretrained"  # a SmallVLM preset (``pretrained``: EfficientNet-Lite0 + own decoder)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # SmallVLMConfig fields
-    codec: str = "rowcol"
-    grid: int = 32
+    codec: str = "rowcol:grid=32"  # a codec spec (loctune.codecs.get_codec)
     seed: int = 0
     source: SourceConfig = field(default_factory=SourceConfig)
     align: TrainConfig = field(
@@ -116,7 +115,6 @@ def run_pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> Pat
             cfg.codec,
             samples=[*everything, *test["grounding"], *test["detection"]],
             config=cfg.model,
-            codec_kwargs={"grid": cfg.grid},
             seed=cfg.seed,
             **cfg.model_overrides,
         )
@@ -163,7 +161,7 @@ def write_report(cfg: PretrainConfig, metrics: dict[str, Any], out: Path) -> Pat
     lines = [
         "# Pretraining on the synthetic source corpus",
         "",
-        f"Model preset `{cfg.model}`, codec `{cfg.codec}` (grid {cfg.grid}); "
+        f"Model preset `{cfg.model}`, codec `{cfg.codec}`; "
         f"{cfg.align.steps} alignment + {cfg.multitask.steps} multi-task steps; "
         f"{metrics['minutes']:.1f} min in all (this run, scoring included).",
         "",

@@ -264,8 +264,13 @@ def train(
     eval_fn: EvalFn | None = None,
     resume: bool = False,
     loss_fn: LossFn | None = None,
+    run_record: Any = None,
 ) -> TrainResult:
     """Train ``adapter.model`` on ``train_samples``; returns metrics and checkpoint paths.
+
+    ``run_record`` is the config saved as ``run_dir/config.yaml``: by default ``config``; a
+    caller that knows more of the run (model, data: the CLI's
+    :class:`~loctune.run_config.RunConfig`) passes that, so a run has one record.
 
     ``eval_fn(adapter) -> {metric: value}`` runs every ``config.eval_every`` steps
     and at the end, on every process (it must give the same answer on each; the
@@ -301,7 +306,8 @@ def train(
     )
     restore_flags = _apply_freeze(adapter.model, config.trainable, config.freeze)
     try:
-        return _run(accelerator, adapter, train_samples, config, run_dir, eval_fn, resume, loss_fn)
+        return _run(accelerator, adapter, train_samples, config, run_dir, eval_fn, resume, loss_fn,
+                    run_record)
     finally:
         restore_flags()
         accelerator.free_memory()
@@ -326,7 +332,9 @@ def load_weights(adapter: VLMAdapter, checkpoint: str | Path) -> None:
     load_checkpoint_in_model(_AdapterModule(adapter), str(file), strict=False)
 
 
-def _run(accelerator, adapter, samples, config, run_dir, eval_fn, resume, loss_fn) -> TrainResult:
+def _run(
+    accelerator, adapter, samples, config, run_dir, eval_fn, resume, loss_fn, run_record
+) -> TrainResult:
     is_main = accelerator.is_main_process
     world = accelerator.num_processes
     global_batch = config.batch_size * config.grad_accum * world
@@ -366,7 +374,7 @@ def _run(accelerator, adapter, samples, config, run_dir, eval_fn, resume, loss_f
                 logger.info("no checkpoint in %s; starting from step 0", last_dir)
             for stale in (metrics_file, run_dir / "metrics.csv", last_dir, best_dir):
                 _remove(stale)
-        save_config(config, run_dir / "config.yaml")
+        save_config(config if run_record is None else run_record, run_dir / "config.yaml")
     accelerator.wait_for_everyone()
     if config.log_with:
         accelerator.init_trackers(run_dir.name, config=_flat(config_to_dict(config)))

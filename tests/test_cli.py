@@ -202,7 +202,7 @@ def test_train_eval_predict_on_a_hub_family(family, checkpoints, tmp_path, capsy
     runs = tmp_path / "runs"
     run = train(checkpoints[family], data, runs, "--method", method, "log_every=1")
 
-    config = (run / "train_config.yaml").read_text()
+    config = (run / "config.yaml").read_text()
     assert "distance_inverse" in config and "steps: 3" in config
     logged = losses(run)
     assert len(logged) == 3 and all(math.isfinite(x) for x in logged)
@@ -253,7 +253,7 @@ def test_train_lowers_the_loss(checkpoints, tmp_path):
 def test_every_format_trains_from_the_command_line(fmt, tmp_path, capsys):
     data = WRITERS[fmt](tmp_path / "data")
     run = train("small:tiny", data, tmp_path / "runs", "--steps", "2")
-    assert (run / "train_config.yaml").is_file() and (run / "model").is_dir()
+    assert (run / "config.yaml").is_file() and (run / "model").is_dir()
     assert len(losses(run)) == 1 and math.isfinite(losses(run)[0])
     n_train, n_val = {"yolo": (3, 1)}.get(fmt, (4, 0))  # 4 images: 10% rounds to no val
     assert f"{n_train} train / {n_val} val" in capsys.readouterr().out
@@ -353,7 +353,7 @@ def test_method_variant_reaches_the_saved_config(tmp_path, capsys):
                  "gem_distance_inverse:beta=2,h=linear,power=3", "--steps", "1", "--n-train", "8",
                  "--project", str(tmp_path / "runs")])
     assert code == 0
-    saved = next((tmp_path / "runs").rglob("train_config.yaml")).read_text()
+    saved = next((tmp_path / "runs").rglob("config.yaml")).read_text()
     assert "beta: 2" in saved and "h: linear" in saved and "power: 3" in saved
     code = main(["train", "--model", "small:tiny", "--data", "synthetic", "--method",
                  "gem:beta", "--steps", "1", "--project", str(tmp_path / "runs2")])
@@ -368,9 +368,9 @@ def test_n_val_zero_trains_on_every_training_image(tmp_path, capsys):
                                 "box": [2, 2, 20, 20]}))
     data = tmp_path / "refs.jsonl"
     data.write_text("\n".join(rows) + "\n")
-    train("small:tiny", data, tmp_path / "runs", "--grid", "8", "--steps", "1", "--n-val", "0")
+    train("small:tiny", data, tmp_path / "runs", "--codec", "rowcol:grid=8", "--steps", "1", "--n-val", "0")
     assert "20 train / 0 val" in capsys.readouterr().out
-    train("small:tiny", data, tmp_path / "runs2", "--grid", "8", "--steps", "1")
+    train("small:tiny", data, tmp_path / "runs2", "--codec", "rowcol:grid=8", "--steps", "1")
     assert "18 train / 2 val" in capsys.readouterr().out
 
 

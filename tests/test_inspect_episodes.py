@@ -32,8 +32,7 @@ from loctune.models.small_vlm_adapter import Answer, SmallVLMAdapter, in_context
 from loctune.models.tokenizer import WordTokenizer
 from loctune.types import Detection
 
-CODEC_KWARGS = {"n_bins": 16, "strict": False}
-CODEC = get_codec("bins", **CODEC_KWARGS)
+CODEC = get_codec("bins:n_bins=16,strict=false")
 TILING = Tiling(2, 2, global_size=16)
 
 
@@ -50,7 +49,6 @@ def tiny_adapter(samples, seed=0) -> SmallVLMAdapter:
         CODEC,
         texts=texts,
         config="tiny",
-        codec_kwargs=CODEC_KWARGS,
         image_size=16,
         vision_width=32,
         vision_depth=1,

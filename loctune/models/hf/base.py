@@ -53,8 +53,8 @@ class LoraOptions:
 class LoadOptions:
     """How to load and prepare a checkpoint for fine-tuning.
 
-    ``codec``/``codec_options`` override the family's default codec (e.g. the
-    plain-text ``qwen2vl`` codec instead of added bin tokens for Qwen2-VL).
+    ``codec`` (a spec, ``"bins:n_bins=1000"``) overrides the family's default codec (e.g.
+    the plain-text ``qwen2vl`` codec instead of added bin tokens for Qwen2-VL).
     """
 
     dtype: str | torch.dtype = "fp32"
@@ -62,7 +62,6 @@ class LoadOptions:
     device_map: str | dict | None = None
     attn_implementation: str | None = None
     codec: str | None = None
-    codec_options: dict[str, Any] | None = None
     lora: LoraOptions | dict[str, Any] | bool | None = None
     freeze_vision: bool = False
     gradient_checkpointing: bool = False
@@ -116,12 +115,11 @@ class HFAdapter(VLMAdapter):
         codec: Codec,
         *,
         base_model_path: str = "",
-        codec_options: dict[str, Any] | None = None,
         added_tokens: Sequence[str] = (),
     ):
         """Wrap a loaded model; ``from_pretrained`` is the usual way in.
 
-        ``base_model_path``, ``codec_options`` and ``added_tokens`` (tokens
+        ``base_model_path`` and ``added_tokens`` (tokens
         this package added to the base vocabulary) are saved with the weights
         so that a saved LoRA adapter can rebuild its base.
         """
@@ -129,7 +127,6 @@ class HFAdapter(VLMAdapter):
         self.processor = processor
         self.codec = codec
         self.base_model_path = base_model_path
-        self.codec_options = dict(codec_options or {})
         self.added_tokens = list(added_tokens)
         self.is_encoder_decoder = bool(getattr(self._unwrapped.config, "is_encoder_decoder", False))
         self.tokenizer.padding_side = "right"
@@ -183,10 +180,6 @@ class HFAdapter(VLMAdapter):
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def build_codec(cls, name: str | None, options: dict[str, Any] | None) -> Codec:
-        return get_codec(name or cls.default_codec, **(options or {}))
-
-    @classmethod
     def from_pretrained(cls, path: str, **options: Any) -> HFAdapter:
         """Load a checkpoint (hub id or local dir), or a directory this class saved.
 
@@ -197,9 +190,7 @@ class HFAdapter(VLMAdapter):
         """
         opts = _load_options(options)
         saved = _read_metadata(path)
-        opts.codec = opts.codec or saved.get("codec")
-        opts.codec_options = opts.codec_options or saved.get("codec_options")
-        codec = cls.build_codec(opts.codec, opts.codec_options)
+        codec = get_codec(opts.codec or saved.get("codec") or cls.default_codec)
         processor = AutoProcessor.from_pretrained(path)
         added = cls.prepare_tokenizer(processor, codec)
         is_peft_dir = (Path(path) / "adapter_config.json").exists()
@@ -223,7 +214,6 @@ class HFAdapter(VLMAdapter):
             processor,
             codec,
             base_model_path=base_path,
-            codec_options=opts.codec_options,
             added_tokens=added,
         )
         if opts.freeze_vision:
@@ -519,8 +509,7 @@ class HFAdapter(VLMAdapter):
         meta = {
             "family": self.family,
             "model_type": self._unwrapped.config.model_type,
-            "codec": self.codec.name,
-            "codec_options": self.codec_options,
+            "codec": self.codec.spec,
             "base_model_path": self.base_model_path,
             "added_tokens": self.added_tokens,
         }
