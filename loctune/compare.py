@@ -12,69 +12,108 @@ import json
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from loctune import report
-from loctune.losses import loss_config
+from loctune.cells import CellGrid
+from loctune.losses import LossConfig, loss_config
+from loctune.models.spec import ModelConfig, open_model
+from loctune.train import TrainConfig
 from loctune.types import Sample
 
 
 @dataclass
+class CompareData:
+    """What every cell trains and is tested on: ``synthetic`` scenes (referring expressions,
+    ``image_size`` px, 2..``max_objects`` shapes, more :class:`SyntheticConfig` fields in
+    ``scene``), or a named set (``raccoon``, ``bccd``, ``microcontroller``, ``neu-det``,
+    ``synthetic-novel``: :data:`loctune.data.NAMED_SETS`) with its own train/test split,
+    validation carved from the training pool's tail. ``seed`` draws the synthetic scenes."""
+
+    name: str = "synthetic"
+    root: str | None = None  # a named set's folder; default ../shared/data/<name>
+    seed: int = 0
+    n_val: int = 200
+    n_test: int = 500  # synthetic only: a named set is tested on its whole test split
+    image_size: int = 64
+    max_objects: int = 5
+    scene: dict[str, Any] = field(default_factory=dict)
+
+
+def _cell_training() -> TrainConfig:
+    # a cell reports its final model on the test split: no best/ per cell
+    return TrainConfig(steps=1000, batch_size=32, lr=1e-3, warmup_steps=50, eval_every=250,
+                       save_every=250, best_metric="")
+
+
+@dataclass
 class CompareConfig:
-    """One comparison. Sizes above the pool size are an error, not silently capped."""
+    """One comparison: ``methods`` x ``sizes`` x ``seeds`` cells, each ``train`` (its ``loss``
+    set by the method) from ``model`` on ``data``. Sizes above the pool size are an error,
+    not silently capped. ``metric`` ``auto`` is Acc@0.5 for grounding data, AP50 for
+    detection. ``model.name`` a pretrained checkpoint: every cell fine-tunes it, and one
+    that was trained on ``data.name`` is refused."""
 
     out_dir: str = "runs/compare"
-    data: str = "synthetic"  # "synthetic" | "raccoon"
-    data_root: str | None = None  # for real data; default ../shared/data
     # loss presets, or variants "preset:key=value,..." (e.g. "gem:beta=2")
     methods: list[str] = field(default_factory=lambda: ["ce", "distance_inverse", "gaussian", "gem", "gem_distance_inverse"])
     sizes: list[int] = field(default_factory=lambda: [100, 300, 1000, 3000])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     baseline: str = "ce"
-    metric: str = "acc50"
-    # model and optimisation: the same for every cell
-    model_preset: str = "small"
-    codec: str = "rowcol"
-    grid: int = 32
-    image_size: int = 64
-    max_objects: int = 5  # synthetic scenes: 2..max_objects shapes
-    scene: dict[str, Any] = field(default_factory=dict)  # more SyntheticConfig fields, e.g. noise_std
-    steps: int = 1000
-    batch_size: int = 32
-    lr: float = 1e-3
-    warmup_steps: int = 50
-    eval_every: int = 250
-    # data
-    data_seed: int = 0
-    n_val: int = 200
-    n_test: int = 500
+    metric: str = "auto"
     n_draw: int = 6
+    model: ModelConfig = field(
+        default_factory=lambda: ModelConfig("small", codec="rowcol:grid=32", image_size=64)
+    )
+    data: CompareData = field(default_factory=CompareData)
+    train: TrainConfig = field(default_factory=_cell_training)
+
+    def __post_init__(self):
+        if self.train.loss != LossConfig():
+            raise ValueError("CompareConfig.train.loss is set per cell by methods; name the "
+                             "variant there instead (e.g. methods=[ce, 'gem:beta=2'])")
+
+
+#: CompareConfig fields that may change between runs of one comparison (more methods or
+#: seeds add cells; the others only change the report)
+RERUNNABLE = ("out_dir", "methods", "seeds", "baseline", "metric", "n_draw", "train.progress")
+CONFIG_FILE = "compare_config.json"
 
 
 def _loaders(cfg: CompareConfig) -> tuple[list[Sample], list[Sample], list[Sample]]:
     """(training pool, validation, test) for the configured data source."""
-    if cfg.data == "synthetic":
+    data = cfg.data
+    if data.name == "synthetic":
         from loctune.data.synthetic import SyntheticConfig, make_grounding_split
 
         try:
-            sc = SyntheticConfig(image_size=cfg.image_size, max_objects=cfg.max_objects, **cfg.scene)
+            sc = SyntheticConfig(image_size=data.image_size, max_objects=data.max_objects,
+                                 **data.scene)
         except TypeError as err:
-            raise ValueError(f"CompareConfig.scene: {err} (fields of SyntheticConfig expected)") from None
-        pool = make_grounding_split("train", max(cfg.sizes), seed=cfg.data_seed, config=sc)
-        val = make_grounding_split("val", cfg.n_val, seed=cfg.data_seed, config=sc)
-        test = make_grounding_split("test", cfg.n_test, seed=cfg.data_seed, config=sc)
+            raise ValueError(f"CompareConfig.data.scene: {err} (fields of SyntheticConfig expected)") from None
+        pool = make_grounding_split("train", max(cfg.sizes), seed=data.seed, config=sc)
+        val = make_grounding_split("val", data.n_val, seed=data.seed, config=sc)
+        test = make_grounding_split("test", data.n_test, seed=data.seed, config=sc)
         return pool, val, test
-    if cfg.data == "raccoon":
-        from loctune.data import raccoon
+    from loctune.data import NAMED_SETS, named_set
 
-        pool = raccoon("train", root=cfg.data_root)
-        test = raccoon("test", root=cfg.data_root)
-        # validation is carved from the training pool's tail so test stays untouched
-        n_val = min(cfg.n_val, len(pool) // 5)
-        return pool[: len(pool) - n_val], pool[len(pool) - n_val :], test
-    raise ValueError(f"CompareConfig.data must be 'synthetic' or 'raccoon', got {cfg.data!r}")
+    if data.name not in NAMED_SETS:
+        raise ValueError(f"CompareConfig.data.name must be 'synthetic' or one of "
+                         f"{sorted(NAMED_SETS)}, got {data.name!r}")
+    pool = list(named_set(data.name, "train", root=data.root))
+    test = list(named_set(data.name, "test", root=data.root))
+    # validation is carved from the training pool's tail so test stays untouched
+    n_val = min(data.n_val, len(pool) // 5)
+    return pool[: len(pool) - n_val], pool[len(pool) - n_val :], test
+
+
+def main_metric(cfg: CompareConfig, test: Sequence[Sample]) -> str:
+    """``cfg.metric``, or for ``auto`` the task's own: AP50 for detection, else Acc@0.5."""
+    if cfg.metric != "auto":
+        return cfg.metric
+    return "ap50" if any(s.task == "detection" for s in test) else "acc50"
 
 
 def training_subset(pool: Sequence[Sample], size: int, seed: int) -> list[Sample]:
@@ -87,60 +126,40 @@ def training_subset(pool: Sequence[Sample], size: int, seed: int) -> list[Sample
 
 
 def _make_adapter(cfg: CompareConfig, seed: int, pool: Sequence[Sample]):
-    """A fresh small VLM (initialised from ``seed``) whose vocabulary covers the task's words."""
-    from loctune.models.small_vlm_adapter import SmallVLMAdapter
-
+    """The cell's start: a fresh small VLM (initialised from ``seed``) or the pretrained
+    checkpoint, its vocabulary covering the task's words."""
     texts: list[str] = []
-    if cfg.data == "synthetic":
+    if cfg.data.name == "synthetic":
         from loctune.data.synthetic import synthetic_vocabulary
 
         texts = [" ".join(synthetic_vocabulary())]
-    return SmallVLMAdapter.build(
-        f"{cfg.codec}:grid={cfg.grid}",
-        texts=texts,
-        samples=pool,
-        config=cfg.model_preset,
-        image_size=cfg.image_size,
-        seed=seed,
-    )
+    return open_model(cfg.model, pool, texts, seed=seed, target=cfg.data.name, unseen=True)
 
 
-def run_cell(cfg: CompareConfig, method: str, size: int, seed: int, pool, val, test, progress: bool = True) -> dict:
+def run_cell(cfg: CompareConfig, grid: CellGrid, method: str, size: int, seed: int, pool, val,
+             test, progress: bool = True) -> dict:
     """Train and test one (method, size, seed); reuse its result if already done."""
     from loctune.evaluate import evaluate
-    from loctune.train import TrainConfig, train
+    from loctune.train import train
 
-    cell_dir = Path(cfg.out_dir) / "runs" / method / f"n{size}" / f"s{seed}"
-    done = cell_dir / "result.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    adapter = _make_adapter(cfg, seed, pool)
-    tcfg = TrainConfig(
-        run_dir=str(cell_dir),
-        steps=cfg.steps,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        warmup_steps=cfg.warmup_steps,
-        eval_every=cfg.eval_every,
-        save_every=cfg.eval_every,
-        best_metric="",  # a cell reports its final model on the test split: no best/ per cell
-        seed=seed,
-        loss=loss_config(method),
-        progress=progress,
-    )
-    t0 = time.time()
-    train(
-        adapter,
-        training_subset(pool, size, seed),
-        tcfg,
-        eval_fn=lambda a: evaluate(a, val, progress=False).metrics,
-        resume=True,
-    )
-    result = evaluate(adapter, test, progress=progress)
-    result.save(cell_dir / "test")
-    row = {"method": method, "size": size, "seed": seed, **result.metrics, "train_seconds": time.time() - t0}
-    done.write_text(json.dumps(row, indent=2))
-    return row
+    def run(cell_dir: Path) -> dict:
+        adapter = _make_adapter(cfg, seed, pool)
+        tcfg = replace(cfg.train, run_dir=str(cell_dir), seed=seed, loss=loss_config(method),
+                       progress=progress)
+        t0 = time.time()
+        train(
+            adapter,
+            training_subset(pool, size, seed),
+            tcfg,
+            eval_fn=lambda a: evaluate(a, val, progress=False).metrics,
+            resume=True,
+        )
+        result = evaluate(adapter, test, progress=progress)
+        result.save(cell_dir / "test")
+        return {"method": method, "size": size, "seed": seed, **result.metrics,
+                "train_seconds": time.time() - t0}
+
+    return grid.cell(("runs", method, f"n{size}", f"s{seed}"), run)
 
 
 def run_compare(cfg: CompareConfig, progress: bool = True, log: Callable[[str], None] = print) -> Path:
@@ -150,57 +169,58 @@ def run_compare(cfg: CompareConfig, progress: bool = True, log: Callable[[str], 
             loss_config(m)
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"CompareConfig.methods: {m!r}: {err.args[0]}") from None
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    grid = CellGrid(cfg.out_dir, cfg, CONFIG_FILE, RERUNNABLE)
     pool, val, test = _loaders(cfg)
     rows = []
     cells = [(m, n, s) for n in cfg.sizes for s in cfg.seeds for m in cfg.methods]
     for i, (m, n, s) in enumerate(cells, 1):
         log(f"[{i}/{len(cells)}] method={m} size={n} seed={s}")
-        rows.append(run_cell(cfg, m, n, s, pool, val, test, progress=progress))
-        report.write_csv(rows, out / "results.csv")
+        rows.append(run_cell(cfg, grid, m, n, s, pool, val, test, progress=progress))
+        grid.write_rows(rows)
     return write_report(cfg, rows, test)
 
 
 def write_report(cfg: CompareConfig, rows: list[dict], test: Sequence[Sample]) -> Path:
     """report.md, results.csv, accuracy_vs_labels.png, learning_curves.png, predictions.png."""
     out = Path(cfg.out_dir)
+    metric = main_metric(cfg, test)
     report.write_csv(rows, out / "results.csv")
-    report.plot_accuracy_vs_labels(rows, cfg.metric, cfg.methods, out / "accuracy_vs_labels.png")
+    report.plot_accuracy_vs_labels(rows, metric, cfg.methods, out / "accuracy_vs_labels.png")
     report.plot_learning_curves(_curves(cfg, "loss"), "training loss", out / "learning_curves.png")
     _draw_predictions(cfg, test, out / "predictions.png")
-    eff = report.data_efficiency(rows, cfg.metric, cfg.methods, cfg.baseline)
+    eff = report.data_efficiency(rows, metric, cfg.methods, cfg.baseline)
+    t, m = cfg.train, cfg.model
     lines = [
-        f"# loctune compare: {cfg.data}",
+        f"# loctune compare: {cfg.data.name}",
         "",
-        f"{cfg.metric} on {len(test)} held-out test examples; mean ± sample std over "
+        f"{metric} on {len(test)} held-out test examples; mean ± sample std over "
         f"{len(cfg.seeds)} seeds (seeds vary initialisation, data order and which examples are labelled); "
-        f"best per size in bold. Every cell: {cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.lr}, "
-        f"model preset `{cfg.model_preset}`, codec `{cfg.codec}` on a {cfg.grid}-grid, {cfg.image_size} px.",
+        f"best per size in bold. Every cell: {t.steps} steps, batch {t.batch_size}, lr {t.lr}, "
+        f"model `{m.name}`, codec `{m.codec or 'its own'}`"
+        + (f", {m.image_size} px." if m.image_size else "."),
         "",
-        report.markdown_table(rows, cfg.metric, cfg.methods),
+        report.markdown_table(rows, metric, cfg.methods),
         "",
     ]
     if cfg.baseline in cfg.methods and len(cfg.seeds) > 1:
         lines += [
-            f"### {cfg.metric} minus {cfg.baseline}'s, paired by seed",
+            f"### {metric} minus {cfg.baseline}'s, paired by seed",
             "",
             "A seed fixes the initialisation and the labelled subset for every method. Cells: mean ± "
             f"std of the per-seed difference (seeds where the method beat {cfg.baseline} / seeds, "
             "two-sided sign-test p).",
             "",
-            report.paired_table(rows, cfg.metric, cfg.methods, cfg.baseline),
+            report.paired_table(rows, metric, cfg.methods, cfg.baseline),
             "",
         ]
     for extra, higher_is_better in (("miou", True), ("ev_acc50", True), ("ap50", True),
                                     ("unparseable_rate", False), ("loc_entropy", False)):
-        if extra != cfg.metric and any(extra in r for r in rows):
+        if extra != metric and any(extra in r for r in rows):
             lines += [f"### {extra}", "", report.markdown_table(rows, extra, cfg.methods, bold=higher_is_better), ""]
     if eff:
         target, largest = eff[0]["target"], eff[0]["baseline_size"]
         lines += [
-            f"## Labels needed to reach {cfg.baseline} at n={largest} ({cfg.metric} {target:.3f})",
+            f"## Labels needed to reach {cfg.baseline} at n={largest} ({metric} {target:.3f})",
             "",
             "Interpolated in log(size) on the mean curve; '>' means not reached within the measured sizes.",
             "",
@@ -279,18 +299,13 @@ def demo_config(out_dir: str = "runs/demo") -> CompareConfig:
     half the scenes need the referring expression. Three methods, two
     labelled-set sizes, two seeds.
     """
-    return replace(
-        CompareConfig(out_dir=out_dir),
+    return CompareConfig(
+        out_dir=out_dir,
         methods=["ce", "distance_inverse", "gem_distance_inverse"],
         sizes=[250, 1000],
         seeds=[0, 1],
-        model_preset="tiny",
-        image_size=32,
-        grid=16,
-        max_objects=2,
-        scene={"min_objects": 1},
-        steps=600,
-        eval_every=300,
-        n_val=100,
-        n_test=300,
+        model=ModelConfig("small:tiny", codec="rowcol:grid=16", image_size=32),
+        data=CompareData(image_size=32, max_objects=2, scene={"min_objects": 1}, n_val=100,
+                         n_test=300),
+        train=replace(_cell_training(), steps=600, eval_every=300, save_every=300),
     )

@@ -24,6 +24,7 @@ C = TypeVar("C")
 
 __all__ = [
     "apply_overrides",
+    "changed_fields",
     "config_from_dict",
     "config_to_dict",
     "format_spec",
@@ -134,6 +135,16 @@ def format_spec(name: str, options: Mapping[str, Any]) -> str:
 def _spec_value(value: Any) -> str:
     text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
     return text.removesuffix("\n...").strip()
+
+
+def changed_fields(old: Any, new: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """``{dotted.field: (old, new)}`` where two plain config trees differ."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        out: dict[str, tuple[Any, Any]] = {}
+        for key in dict.fromkeys([*old, *new]):
+            out.update(changed_fields(old.get(key), new.get(key), f"{prefix}{key}."))
+        return out
+    return {} if old == new else {prefix.rstrip("."): (old, new)}
 
 
 def _read_file(path: Path) -> dict[str, Any]:

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from loctune.config import config_to_dict, save_config
+from loctune.config import changed_fields, config_to_dict, save_config
 from loctune.losses import LossConfig
 from loctune.models.base import VLMAdapter
 from loctune.report import read_jsonl
@@ -733,22 +733,13 @@ def _check_same_recipe(state: Mapping[str, Any], checkpoint: Path, recipe: dict)
     saved = state.get("recipe")
     if saved is None:
         return  # checkpoints written before the recipe was recorded
-    changed = _changed_fields(saved, recipe)
+    changed = changed_fields(saved, recipe)
     if changed:
         detail = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items())
         raise ValueError(
             f"cannot resume from {checkpoint}: the run was trained otherwise ({detail}). "
             "Resume with the same settings, or start a new run_dir."
         )
-
-
-def _changed_fields(old: Any, new: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
-    if isinstance(old, Mapping) and isinstance(new, Mapping):
-        out: dict[str, tuple[Any, Any]] = {}
-        for key in dict.fromkeys([*old, *new]):
-            out.update(_changed_fields(old.get(key), new.get(key), f"{prefix}{key}."))
-        return out
-    return {} if old == new else {prefix.rstrip("."): (old, new)}
 
 
 def _publish(accelerator, final: Path, write: Callable[[Path], None]) -> None:

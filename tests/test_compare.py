@@ -5,14 +5,18 @@ import json
 import pytest
 
 from loctune import report
-from loctune.compare import CompareConfig, run_compare, training_subset
+from loctune.compare import CompareConfig, CompareData, run_compare, training_subset
+from loctune.config import apply_overrides
+from loctune.models.spec import ModelConfig
+from loctune.train import TrainConfig
 
 
 def tiny_config(out):
     return CompareConfig(
-        out_dir=str(out), methods=["ce", "gem_distance_inverse:beta=2"], sizes=[4, 8], seeds=[0, 1], steps=2,
-        batch_size=4, eval_every=2, n_val=2, n_test=4, n_draw=2, model_preset="tiny", image_size=32,
-        grid=8, max_objects=3,
+        out_dir=str(out), methods=["ce", "gem_distance_inverse:beta=2"], sizes=[4, 8], seeds=[0, 1],
+        n_draw=2, model=ModelConfig("small:tiny", codec="rowcol:grid=8", image_size=32),
+        data=CompareData(n_val=2, n_test=4, image_size=32, max_objects=3),
+        train=TrainConfig(steps=2, batch_size=4, eval_every=2, save_every=2, best_metric=""),
     )
 
 
@@ -57,13 +61,35 @@ def test_training_subsets_are_seeded_and_checked():
 
 def test_scene_overrides_reach_the_synthetic_data(tmp_path):
     from loctune.compare import _loaders
-    from loctune.config import apply_overrides
 
-    cfg = apply_overrides(tiny_config(tmp_path), ["scene={min_objects: 1, max_objects: 1}"])
+    cfg = apply_overrides(tiny_config(tmp_path), ["data.scene={min_objects: 1, max_objects: 1}"])
     with pytest.raises(ValueError, match="max_objects"):
         _loaders(cfg)  # max_objects has its own field; duplicating it is an error, not a silent pick
-    cfg = apply_overrides(tiny_config(tmp_path), ["max_objects=1", "scene.min_objects=1"])
+    cfg = apply_overrides(tiny_config(tmp_path), ["data.max_objects=1", "data.scene.min_objects=1"])
     pool, _, _ = _loaders(cfg)
     assert all(len(s.meta["objects"]) == 1 for s in pool)
-    with pytest.raises(ValueError, match="CompareConfig.scene.*bogus"):
-        _loaders(apply_overrides(cfg, ["scene.bogus=1"]))
+    with pytest.raises(ValueError, match="CompareConfig.data.scene.*bogus"):
+        _loaders(apply_overrides(cfg, ["data.scene.bogus=1"]))
+
+
+def test_a_rerun_with_other_settings_is_refused_more_seeds_are_not(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg.methods, cfg.sizes, cfg.seeds = ["ce"], [4], [0]
+    run_compare(cfg, progress=False, log=lambda _: None)
+    for override, field in (("train.steps=3", "train.steps"), ("train.weight_decay=0.1",
+                            "train.weight_decay"), ("model.codec=patch:grid=4", "model.codec")):
+        with pytest.raises(ValueError, match=f"other settings \\({field}\\)"):
+            run_compare(apply_overrides(cfg, [override]), progress=False, log=lambda _: None)
+    logged = []
+    run_compare(apply_overrides(cfg, ["seeds=[0,1]"]), progress=False, log=logged.append)
+    assert len(logged) == 2 and (tmp_path / "runs" / "ce" / "n4" / "s1" / "result.json").exists()
+
+
+def test_every_training_field_reaches_the_cells_and_the_loss_only_through_methods(tmp_path):
+    cfg = apply_overrides(tiny_config(tmp_path), ["train.weight_decay=0.3", "train.grad_accum=2",
+                                                  "methods=[ce]", "sizes=[4]", "seeds=[0]"])
+    run_compare(cfg, progress=False, log=lambda _: None)
+    saved = (tmp_path / "runs" / "ce" / "n4" / "s0" / "config.yaml").read_text()
+    assert "weight_decay: 0.3" in saved and "grad_accum: 2" in saved
+    with pytest.raises(ValueError, match="train.loss is set per cell by methods"):
+        apply_overrides(cfg, ["train.loss.name=gem"])

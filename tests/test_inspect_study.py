@@ -22,16 +22,14 @@ TINY = [
     "n_train=3",
     "n_test=3",
     "render_size=64",
-    "model_preset=tiny",
-    "image_size=16",
-    "pixel_shuffle=1",
-    "vision_width=32",
-    "vision_depth=1",
+    "model.name=small:tiny",
+    "model.image_size=16",
+    "model.overrides={patch_size: 8, pixel_shuffle: 1, vision_width: 32, vision_depth: 1}",
     "single_image_steps=2",
-    "steps=3",
+    "train.steps=3",
     "group_images=6",
-    "warmup_steps=0",
-    "save_every=2",
+    "train.warmup_steps=0",
+    "train.save_every=2",
     "max_new_tokens=10",
 ]
 
@@ -74,7 +72,7 @@ def test_study_writes_a_report_with_the_numbers_of_its_cells(study):
 
 def test_study_trains_each_seed_through_the_training_loop_and_saves_it(study):
     saved = json.loads((study / "inspect_study_config.json").read_text())
-    assert saved["steps"] == 3 and saved["out_dir"] == str(study)
+    assert saved["train"]["steps"] == 3 and saved["out_dir"] == str(study)
     assert (study / "s1" / "model" / "adapter.json").is_file()
     for phase in ("train_single", "train_episodes"):  # both phases went through loctune.train
         assert '"loss"' in (study / "s1" / phase / "metrics.jsonl").read_text()
@@ -99,8 +97,10 @@ def test_a_rerun_reuses_finished_cells_and_prints_the_report(study, tmp_path, ca
 
 
 def test_a_rerun_with_other_settings_is_refused(study):
-    with pytest.raises(ValueError, match="other settings \\(steps\\)"):
-        main(["inspect-study", "--out", str(study), *TINY, "steps=4"])
+    with pytest.raises(ValueError, match="other settings \\(train.steps\\)"):
+        main(["inspect-study", "--out", str(study), *TINY, "train.steps=4"])
+    with pytest.raises(ValueError, match="other settings \\(train.weight_decay\\)"):
+        main(["inspect-study", "--out", str(study), *TINY, "train.weight_decay=0.5"])
 
 
 def test_config_errors_name_the_field():

@@ -107,3 +107,24 @@ def test_a_train_run_is_one_record_that_repeats_it(tmp_path, capsys):
     assert main(["train", "--model", "small:tiny", "--data", "synthetic", "n_train=-2",
                  "--project", str(tmp_path / "r4")]) == 2
     assert "n_train must be >= 0" in capsys.readouterr().err
+
+
+def test_the_readme_study_commands_name_real_fields():
+    """Every `loctune compare` / `inspect-study` line of the README builds its config."""
+    import shlex
+    from pathlib import Path
+
+    from loctune.compare import CompareConfig
+    from loctune.config import apply_overrides
+    from loctune.inspect.study import InspectStudyConfig
+
+    text = (Path(__file__).parents[1] / "README.md").read_text().replace("\\\n", "")
+    studies = {"compare": CompareConfig, "inspect-study": InspectStudyConfig}
+    checked = 0
+    for line in text.splitlines():
+        words = shlex.split(line.split("#")[0]) if line.startswith("loctune ") else []
+        if len(words) > 1 and words[1] in studies:
+            apply_overrides(studies[words[1]](), [w for w in words[2:] if "=" in w and
+                                                  not w.startswith("-")])
+            checked += 1
+    assert checked >= 8

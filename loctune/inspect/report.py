@@ -87,6 +87,7 @@ def write_study_report(
     )
     params = f"{times[0]['parameters'] / 1e6:.2f} M parameters, " if times else ""
     crop = cfg.render_size // cfg.tile_rows
+    small = cfg.small_config
     vlm_methods = {m: n for m, n in methods.items() if m.startswith("vlm")}
     lines = [
         "# loctune inspect-study: in-context inspection by the small VLM",
@@ -104,16 +105,16 @@ def write_study_report(
         "synthetic set draws each defect near-white or near-black at random, per sample).",
         "",
         f"Images are rendered at {cfg.render_size} px (defects 1-4 px wide) and shown at "
-        f"{cfg.image_size} px; tiling adds {cfg.tile_rows}x{cfg.tile_cols} crops ({crop} px each, "
-        f"also shown at {cfg.image_size} px) to the global view. Small VLM: preset "
-        f"`{cfg.model_preset}` with a {cfg.vision_width}-wide, {cfg.vision_depth}-block vision "
-        f"encoder, {params}{(cfg.image_size // cfg.patch_size // cfg.pixel_shuffle) ** 2} tokens "
-        f"per image, boxes as {cfg.n_bins} bins. Training, each step {cfg.group_images} images "
-        f"in episodes of one k: {cfg.single_image_steps} steps on single images (k=0, "
-        f"untiled), then {cfg.steps} steps with k per class drawn from {cfg.train_k}, "
-        f"{cfg.tiled_fraction:.0%} of them tiled, "
+        f"{small.image_size} px; tiling adds {cfg.tile_rows}x{cfg.tile_cols} crops ({crop} px "
+        f"each, also shown at {small.image_size} px) to the global view. Small VLM: "
+        f"`{cfg.model.name}` with a {small.vision_width}-wide, {small.vision_depth}-block vision "
+        f"encoder, {params}{(small.image_size // small.patch_size // small.pixel_shuffle) ** 2} "
+        f"tokens per image, boxes as `{cfg.model.codec}`. Training, each step "
+        f"{cfg.group_images} images in episodes of one k: {cfg.single_image_steps} steps on "
+        f"single images (k=0, untiled), then {cfg.train.steps} steps with k per class drawn "
+        f"from {cfg.train_k}, {cfg.tiled_fraction:.0%} of them tiled, "
         f"{'every answer' if cfg.supervise_examples else 'the query answer'} supervised; "
-        f"loss `{cfg.method}`, lr {cfg.lr}; {per_seed}.",
+        f"loss `{cfg.method}`, lr {cfg.train.lr}; {per_seed}.",
         "",
         "accuracy and F1 of the verdict (defective is the positive class; chance: accuracy "
         "0.5, F1 0.667 for always answering defective); AUROC of the score, averaged over "

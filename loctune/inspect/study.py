@@ -18,13 +18,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from loctune import report
+from loctune.cells import CellGrid
 from loctune.inspect.answers import answer_text
 from loctune.inspect.baseline import PatchCore, RandomConvFeatures
 from loctune.inspect.episodes import (
@@ -43,13 +44,17 @@ from loctune.inspect.records import inspection_sample
 from loctune.inspect.report import write_study_report
 from loctune.inspect.synthetic import DEFECT_TYPES, TEST_PRODUCTS, synthetic_inspection_set
 from loctune.inspect.tiling import Tiling
+from loctune.losses import LossConfig
+from loctune.models.small_vlm import SmallVLMConfig, small_vlm_config
 from loctune.models.small_vlm_adapter import ADAPTER_FILE, Answer, Part, SmallVLMAdapter
+from loctune.models.spec import ModelConfig, open_model
 from loctune.models.tokenizer import WordTokenizer
+from loctune.train import TrainConfig
 from loctune.types import Sample
 
 CONFIG_FILE = "inspect_study_config.json"
 #: config fields that may change between runs of one study without invalidating its parts
-_RERUNNABLE = ("out_dir", "seeds", "eval_k", "eval_batch_size")
+RERUNNABLE = ("out_dir", "seeds", "eval_k", "eval_batch_size", "train.progress")
 FEATURES = ("vlm", "conv")
 #: run directory of each training phase under s<seed>/
 PHASES = ("train_single", "train_episodes")
@@ -81,33 +86,36 @@ class InspectStudyConfig:
     render_size: int = 96
     n_train: int = 200  # good and defective images per training product
     n_test: int = 20  # good and defective images per test product: the queries and their examples
-    # model (small VLM preset, overridden) and box codec
-    model_preset: str = "small"
-    image_size: int = 32
-    patch_size: int = 8
-    pixel_shuffle: int = 2
-    vision_width: int = 64
-    vision_depth: int = 2
-    n_bins: int = 32
+    # a fresh small VLM (SmallVLMConfig fields in model.overrides) and its box codec
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(
+        "small", codec="bins:n_bins=32,strict=false", image_size=32,
+        overrides={"patch_size": 8, "pixel_shuffle": 2, "vision_width": 64, "vision_depth": 2},
+    ))
     tile_rows: int = 2
     tile_cols: int = 2
-    # training
+    # training: phase 1 single_image_steps on single images, then train.steps on episodes
     single_image_steps: int = 1000
     train_k: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8])
     tiled_fraction: float = 0.5
     supervise_examples: bool = True
-    steps: int = 2000
     group_images: int = 64
-    lr: float = 1e-3
-    warmup_steps: int = 30
-    method: str = "distance_inverse"  # loss preset, see loctune.losses.list_losses()
-    save_every: int = 100
+    method: str = "distance_inverse"  # loss preset or variant, see loctune.losses.list_losses()
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=2000, batch_size=1, lr=1e-3, warmup_steps=30, save_every=100, best_metric=""
+    ))
     # evaluation
     eval_batch_size: int = 16
     max_new_tokens: int = 48
     patchcore_features: list[str] = field(default_factory=lambda: list(FEATURES))
 
     def __post_init__(self):
+        if self.train.batch_size != 1 or self.train.steps < 1 or self.train.loss != LossConfig():
+            raise ValueError(
+                "InspectStudyConfig.train: batch_size must be 1 (a step is a group of "
+                "group_images images), steps >= 1, and the loss is named by method"
+            )
+        if not self.model.is_fresh_small:
+            raise ValueError("InspectStudyConfig.model.name must be 'small' or 'small:PRESET'")
         for name in ("seeds", "eval_k", "train_k"):
             if not getattr(self, name):
                 raise ValueError(f"InspectStudyConfig.{name} must not be empty")
@@ -131,6 +139,17 @@ class InspectStudyConfig:
             )
 
     @property
+    def image_size(self) -> int:
+        return self.small_config.image_size
+
+    @property
+    def small_config(self) -> SmallVLMConfig:
+        """The small VLM's config as the study builds it."""
+        preset = self.model.name.partition(":")[2] or "small"
+        sizes = {"image_size": self.model.image_size} if self.model.image_size else {}
+        return replace(small_vlm_config(preset), **sizes, **self.model.overrides)
+
+    @property
     def tiling(self) -> Tiling:
         return Tiling(self.tile_rows, self.tile_cols, global_size=self.image_size)
 
@@ -139,9 +158,7 @@ def run_inspect_study(
     cfg: InspectStudyConfig, progress: bool = True, log: Callable[[str], None] = print
 ) -> Path:
     """Run every missing part of the study, then (re)write its report; returns report.md."""
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_config(cfg, out / CONFIG_FILE)
+    grid = CellGrid(cfg.out_dir, cfg, CONFIG_FILE, RERUNNABLE)
     train_set = synthetic_inspection_set(
         "train", cfg.n_train, cfg.n_train, seed=cfg.data_seed, size=cfg.render_size
     )
@@ -153,23 +170,9 @@ def run_inspect_study(
         log(f"seed {seed}: model")
         adapter = trained_model(cfg, seed, train_set, progress)
         log(f"seed {seed}: evaluation on {len(test_set)} queries of {', '.join(TEST_PRODUCTS)}")
-        rows += evaluate_seed(cfg, seed, adapter, test_set, progress)
-        report.write_csv(rows, out / "results.csv")
+        rows += evaluate_seed(cfg, grid, seed, adapter, test_set, progress)
+        grid.write_rows(rows)
     return write_report(cfg, rows, train_set, test_set)
-
-
-def _check_config(cfg: InspectStudyConfig, path: Path) -> None:
-    """Save the config; refuse one that differs from the saved one in what results depend on."""
-    now = asdict(cfg)
-    if path.exists():
-        saved = json.loads(path.read_text())
-        changed = sorted(k for k in now if k not in _RERUNNABLE and saved.get(k) != now[k])
-        if changed:
-            raise ValueError(
-                f"{path}: this study was run with other settings ({', '.join(changed)}); "
-                "its finished parts would not match. Use another out_dir."
-            )
-    path.write_text(json.dumps(now, indent=2))
 
 
 def _seed_dir(cfg: InspectStudyConfig, seed: int) -> Path:
@@ -182,7 +185,7 @@ def build_model(cfg: InspectStudyConfig, seed: int, samples: Sequence[Sample]) -
     class, tiled, every answer as long as a defect spanning all crops makes it."""
     from loctune.codecs import get_codec
 
-    codec = get_codec("bins", n_bins=cfg.n_bins, strict=False)
+    codec = get_codec(cfg.model.codec)
     tiling = cfg.tiling
     answers = [answer_text(s, codec, t) for s in samples for t in (None, tiling)]
     longest_type = max(DEFECT_TYPES, key=lambda t: len(WordTokenizer.split(t)))
@@ -190,22 +193,12 @@ def build_model(cfg: InspectStudyConfig, seed: int, samples: Sequence[Sample]) -
     everywhere = inspection_sample(
         Image.new("RGB", (size, size)), "bound", [(0, 0, size, size)], [longest_type]
     )
-    image_tokens = (cfg.image_size // cfg.patch_size // cfg.pixel_shuffle) ** 2
+    small = cfg.small_config
+    image_tokens = (small.image_size // small.patch_size // small.pixel_shuffle) ** 2
     turns = 2 * max(*cfg.train_k, *cfg.eval_k) + 1
     longest = Episode([everywhere] * (turns - 1), everywhere, tiling)
     max_positions = sum(_positions(part, image_tokens) for part in episode_parts(longest, codec))
-    return SmallVLMAdapter.build(
-        codec,
-        texts=answers,
-        config=cfg.model_preset,
-        image_size=cfg.image_size,
-        patch_size=cfg.patch_size,
-        pixel_shuffle=cfg.pixel_shuffle,
-        vision_width=cfg.vision_width,
-        vision_depth=cfg.vision_depth,
-        max_positions=max_positions,
-        seed=seed,
-    )
+    return open_model(cfg.model, texts=answers, seed=seed, max_positions=max_positions)
 
 
 def _positions(part: Part, image_tokens: int) -> int:
@@ -222,7 +215,7 @@ def trained_model(
 ) -> SmallVLMAdapter:
     """The seed's trained model: reopened when saved, else trained (resuming a checkpoint)."""
     from loctune.losses import loss_config
-    from loctune.train import TrainConfig, train
+    from loctune.train import train
 
     seed_dir = _seed_dir(cfg, seed)
     model_dir = seed_dir / "model"
@@ -243,17 +236,9 @@ def trained_model(
             tiled_fraction=tiled_fraction,
             seed=seed + 10_000 * phase,
         )
-        tcfg = TrainConfig(
-            run_dir=str(seed_dir / PHASES[phase]),
-            steps=steps,
-            batch_size=1,  # one item is a group of episodes
-            lr=cfg.lr,
-            warmup_steps=cfg.warmup_steps,
-            save_every=cfg.save_every,
-            seed=seed,
-            loss=loss_config(cfg.method),
-            progress=progress,
-        )
+        # one item is a group of episodes (train.batch_size is 1)
+        tcfg = replace(cfg.train, run_dir=str(seed_dir / PHASES[phase]), steps=steps, seed=seed,
+                       loss=loss_config(cfg.method), progress=progress)
         # a finished phase resumes at its end: its weights are loaded, nothing is retrained
         train(episodes, groups, tcfg, resume=True)
     adapter.save_pretrained(model_dir)
@@ -267,21 +252,13 @@ def trained_model(
 
 def _phases(cfg: InspectStudyConfig) -> list[tuple[int, list[int], float]]:
     """(steps, k choices, tiled fraction) of each training phase, in :data:`PHASES` order."""
-    return [(cfg.single_image_steps, [0], 0.0), (cfg.steps, cfg.train_k, cfg.tiled_fraction)]
-
-
-def _cell(directory: Path, run: Callable[[], ICLEvaluation]) -> dict[str, Any]:
-    """An evaluation cell's metrics: read back when finished, else computed and saved."""
-    done = directory / "metrics.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    result = run()
-    result.save(directory)
-    return result.metrics
+    return [(cfg.single_image_steps, [0], 0.0),
+            (cfg.train.steps, cfg.train_k, cfg.tiled_fraction)]
 
 
 def evaluate_seed(
     cfg: InspectStudyConfig,
+    grid: CellGrid,
     seed: int,
     adapter: SmallVLMAdapter,
     test_set: Sequence[Sample],
@@ -290,7 +267,6 @@ def evaluate_seed(
     """Rows ``{method, k, seed, metrics...}`` of every method at every k for one seed."""
     from tqdm.auto import tqdm
 
-    seed_dir = _seed_dir(cfg, seed)
     tiles = (cfg.tile_rows, cfg.tile_cols)
     encoder = EncoderFeatures(adapter.model).eval()
     extractors = {"vlm": lambda: encoder, "conv": lambda: RandomConvFeatures(seed=seed)}
@@ -314,10 +290,21 @@ def evaluate_seed(
                 cells.append((f"patchcore_{features}{suffix}", k, run))
     rows = []
     for method, k, run in tqdm(cells, desc=f"seed {seed} eval", disable=not progress):
-        metrics = _cell(seed_dir / method / f"k{k}", run)
+        metrics = grid.cell((f"s{seed}", method, f"k{k}"), _saved(run), done="metrics.json")
         scalars = {m: v for m, v in metrics.items() if not isinstance(v, dict)}
         rows.append({"method": method, "k": k, "seed": seed, **scalars})
     return rows
+
+
+def _saved(run: Callable[[], ICLEvaluation]) -> Callable[[Path], dict[str, Any]]:
+    """A cell run that keeps the evaluation's predictions beside its metrics."""
+
+    def cell(directory: Path) -> dict[str, Any]:
+        result = run()
+        result.save(directory)
+        return result.metrics
+
+    return cell
 
 
 def _vlm_run(cfg, adapter, test_set, k, tiled, seed) -> Callable[[], ICLEvaluation]:
