@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import nn
+
+from loctune.config import config_from_dict, save_config
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -149,18 +151,6 @@ class SmallVLMConfig:
     def n_image_tokens(self) -> int:
         """Decoder positions one image takes."""
         return (self.grid_size // self.pixel_shuffle) ** 2
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> SmallVLMConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown SmallVLMConfig fields {unknown}")
-        return cls(**data)
-
 
 # Named sizes. "small" is the calibrated default (about 1.4 M parameters at a ~100-token vocabulary).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -700,8 +690,7 @@ class SmallVLM(nn.Module):
         """``config.json`` + ``model.safetensors`` (tied weights stored once)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        with open(path / CONFIG_FILE, "w") as f:
-            json.dump(self.config.to_dict(), f, indent=1)
+        save_config(self.config, path / CONFIG_FILE)
         save_model(self, str(path / WEIGHTS_FILE))
 
     @classmethod
@@ -715,7 +704,7 @@ class SmallVLM(nn.Module):
                 data = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"cannot read SmallVLM config {config_file}: {e}") from e
-        model = cls(SmallVLMConfig.from_dict(data, source=str(config_file)))
+        model = cls(config_from_dict(SmallVLMConfig, data, source=str(config_file)))
         weights = path / WEIGHTS_FILE
         if not weights.is_file():
             raise ValueError(f"missing weights file {weights}")
