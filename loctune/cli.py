@@ -211,52 +211,47 @@ def cmd_predict(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from loctune.compare import CompareConfig
-    from loctune.config import apply_overrides, load_config
+    from loctune.compare import CompareConfig, run_compare
 
-    cfg = load_config(CompareConfig, args.config) if args.config else CompareConfig()
-    if args.out:
-        cfg = replace(cfg, out_dir=args.out)
-    cfg = apply_overrides(cfg, args.overrides)
-    return _run_and_show(cfg)
-
-
-def cmd_demo(args) -> int:
-    from loctune.compare import demo_config
-    from loctune.config import apply_overrides
-
-    return _run_and_show(apply_overrides(demo_config(args.out), args.overrides))
-
-
-def _run_and_show(cfg, run=None) -> int:
-    """Run a study (default: a comparison), print its report's tables and the time taken."""
-    if run is None:
-        from loctune.compare import run_compare as run
-    t0 = time.time()
-    path = run(cfg)
-    print(path.read_text().split("![")[0])
-    print(f"finished in {(time.time() - t0) / 60:.1f} min; report: {path}")
-    return 0
+    return _run_study(args, CompareConfig, run_compare)
 
 
 def cmd_pretrain(args) -> int:
-    from loctune.config import apply_overrides, load_config
     from loctune.pretrain import PretrainConfig, run_pretrain
 
-    cfg = load_config(PretrainConfig, args.config) if args.config else PretrainConfig()
-    if args.out:
-        cfg = replace(cfg, out_dir=args.out)
-    return _run_and_show(apply_overrides(cfg, args.overrides), run_pretrain)
+    return _run_study(args, PretrainConfig, run_pretrain)
 
 
 def cmd_inspect_study(args) -> int:
-    from loctune.config import apply_overrides, load_config
     from loctune.inspect.study import InspectStudyConfig, run_inspect_study
 
-    cfg = load_config(InspectStudyConfig, args.config) if args.config else InspectStudyConfig()
-    if args.out:
-        cfg = replace(cfg, out_dir=args.out)
-    return _run_and_show(apply_overrides(cfg, args.overrides), run_inspect_study)
+    return _run_study(args, InspectStudyConfig, run_inspect_study)
+
+
+def cmd_demo(args) -> int:
+    from loctune.compare import demo_config, run_compare
+
+    return _run_study(args, demo_config(args.out), run_compare)
+
+
+def _run_study(args, config, run) -> int:
+    """Build a study's config (a class: from ``--config`` or its defaults, then ``--out``; or
+    a ready config), apply ``key=value`` overrides, run it, print its report's tables."""
+    from loctune.config import apply_overrides, load_config
+
+    try:
+        if isinstance(config, type):
+            config = load_config(config, args.config) if args.config else config()
+            if args.out:
+                config = replace(config, out_dir=args.out)
+        config = apply_overrides(config, args.overrides)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    t0 = time.time()
+    path = run(config)
+    print(path.read_text().split("![")[0])
+    print(f"finished in {(time.time() - t0) / 60:.1f} min; report: {path}")
+    return 0
 
 
 def cmd_inspect(args) -> int:
