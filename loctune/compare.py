@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from loctune import report
+from loctune.baselines import mean_box_scores
 from loctune.cells import CellGrid
 from loctune.losses import LossConfig, loss_config
 from loctune.models.spec import ModelConfig, open_model
@@ -177,15 +178,32 @@ def run_compare(cfg: CompareConfig, progress: bool = True, log: Callable[[str], 
         log(f"[{i}/{len(cells)}] method={m} size={n} seed={s}")
         rows.append(run_cell(cfg, grid, m, n, s, pool, val, test, progress=progress))
         grid.write_rows(rows)
-    return write_report(cfg, rows, test)
+    return write_report(cfg, rows, test, baseline_rows(cfg, pool, test))
 
 
-def write_report(cfg: CompareConfig, rows: list[dict], test: Sequence[Sample]) -> Path:
-    """report.md, results.csv, accuracy_vs_labels.png, learning_curves.png, predictions.png."""
+#: the trivial baseline's rows in a report: the mean training box (and the class prior)
+MEAN_BOX = "mean box"
+
+
+def baseline_rows(cfg: CompareConfig, pool: Sequence[Sample], test: Sequence[Sample]) -> list[dict]:
+    """The mean box of each cell's labelled subset, scored on the same test split."""
+    return [
+        {"method": MEAN_BOX, "size": n, "seed": s,
+         **mean_box_scores(training_subset(pool, n, s), test)}
+        for n in cfg.sizes for s in cfg.seeds
+    ]
+
+
+def write_report(cfg: CompareConfig, rows: list[dict], test: Sequence[Sample],
+                 baselines: Sequence[dict] = ()) -> Path:
+    """report.md, results.csv, accuracy_vs_labels.png, learning_curves.png, predictions.png;
+    ``baselines`` rows (the mean box) stand beside the methods in the tables and the plot."""
     out = Path(cfg.out_dir)
     metric = main_metric(cfg, test)
     report.write_csv(rows, out / "results.csv")
-    report.plot_accuracy_vs_labels(rows, metric, cfg.methods, out / "accuracy_vs_labels.png")
+    shown = [*cfg.methods, *dict.fromkeys(r["method"] for r in baselines)]
+    rows = [*rows, *baselines]
+    report.plot_accuracy_vs_labels(rows, metric, shown, out / "accuracy_vs_labels.png")
     report.plot_learning_curves(_curves(cfg, "loss"), "training loss", out / "learning_curves.png")
     _draw_predictions(cfg, test, out / "predictions.png")
     eff = report.data_efficiency(rows, metric, cfg.methods, cfg.baseline)
@@ -199,9 +217,13 @@ def write_report(cfg: CompareConfig, rows: list[dict], test: Sequence[Sample]) -
         f"model `{m.name}`, codec `{m.codec or 'its own'}`"
         + (f", {m.image_size} px." if m.image_size else "."),
         "",
-        report.markdown_table(rows, metric, cfg.methods),
+        report.markdown_table(rows, metric, shown),
         "",
     ]
+    if baselines:
+        lines += [f"`{MEAN_BOX}`: every test image answered with the mean box of the cell's "
+                  "labelled subset (detection: one box, the most frequent training class), "
+                  "the trivial baseline every figure is read against.", ""]
     if cfg.baseline in cfg.methods and len(cfg.seeds) > 1:
         lines += [
             f"### {metric} minus {cfg.baseline}'s, paired by seed",
@@ -216,7 +238,7 @@ def write_report(cfg: CompareConfig, rows: list[dict], test: Sequence[Sample]) -
     for extra, higher_is_better in (("miou", True), ("ev_acc50", True), ("ap50", True),
                                     ("unparseable_rate", False), ("loc_entropy", False)):
         if extra != metric and any(extra in r for r in rows):
-            lines += [f"### {extra}", "", report.markdown_table(rows, extra, cfg.methods, bold=higher_is_better), ""]
+            lines += [f"### {extra}", "", report.markdown_table(rows, extra, shown, bold=higher_is_better), ""]
     if eff:
         target, largest = eff[0]["target"], eff[0]["baseline_size"]
         lines += [
