@@ -145,9 +145,8 @@ class InspectStudyConfig:
     @property
     def small_config(self) -> SmallVLMConfig:
         """The small VLM's config as the study builds it."""
-        preset = self.model.name.partition(":")[2] or "small"
         sizes = {"image_size": self.model.image_size} if self.model.image_size else {}
-        return replace(small_vlm_config(preset), **sizes, **self.model.overrides)
+        return replace(small_vlm_config(self.model.preset), **sizes, **self.model.overrides)
 
     @property
     def tiling(self) -> Tiling:

@@ -41,6 +41,11 @@ class ModelConfig:
     def is_fresh_small(self) -> bool:
         return self.name == "small" or self.name.startswith("small:")
 
+    @property
+    def preset(self) -> str:
+        """The SmallVLM preset a fresh small VLM starts from (``small:tiny`` -> ``tiny``)."""
+        return self.name.partition(":")[2] or "small"
+
 
 def open_model(
     cfg: ModelConfig,
@@ -64,10 +69,9 @@ def open_model(
     from loctune.models.small_vlm_adapter import ADAPTER_FILE, SmallVLMAdapter
 
     if cfg.is_fresh_small:
-        preset = cfg.name.partition(":")[2] or "small"
         sizes = {"image_size": cfg.image_size} if cfg.image_size else {}
         return SmallVLMAdapter.build(
-            cfg.codec or DEFAULT_SMALL_CODEC, texts=texts, samples=samples, config=preset,
+            cfg.codec or DEFAULT_SMALL_CODEC, texts=texts, samples=samples, config=cfg.preset,
             seed=seed, **sizes, **cfg.overrides, **small_overrides,
         )
     folder = resolve_checkpoint(cfg.name)
