@@ -55,6 +55,10 @@ class CocoIndex:
                 f"{path}: expected a COCO instances object with 'images', 'annotations' "
                 f"and 'categories' keys"
             )
+        for key in ("images", "annotations", "categories"):
+            if not isinstance(data[key], list):
+                got = "null" if data[key] is None else type(data[key]).__name__
+                raise DataError(f"{path}: {key}: expected a list of objects, got {got}")
         self.categories: dict[Any, str] = {}
         for i, cat in enumerate(data["categories"]):
             if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:

@@ -73,11 +73,25 @@ def resolve(root: str | os.PathLike, name: str) -> Path:
     return path if path.is_absolute() else Path(root) / path
 
 
-def load_json(path: str | os.PathLike) -> Any:
-    """Parsed JSON; a syntax error becomes a :class:`DataError` naming file and line."""
+def read_text(path: str | os.PathLike) -> str:
+    """The file's text as UTF-8; bytes that are not become a :class:`DataError` naming the file,
+    line and byte offset (not a bare ``UnicodeDecodeError``). A leading byte-order mark, as
+    Excel writes one in CSV, is dropped."""
+    data = Path(path).read_bytes()
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(
+            f"{path}:{line}: not UTF-8 text: byte 0x{data[err.start]:02x} at offset {err.start} "
+            f"({err.reason}); expected the file saved as UTF-8"
+        ) from err
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    """Parsed JSON; bad bytes or a syntax error become a :class:`DataError` naming file and line."""
+    try:
+        return json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise DataError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from err
 

@@ -10,12 +10,13 @@ column, e.g. ``labels.csv:7: xmax``.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from loctune.data.common import PromptFn, SampleSet, detection_prompt, resolve
+from loctune.data.common import PromptFn, SampleSet, detection_prompt, read_text, resolve
 from loctune.data.validate import DataError, OnError, Validator
 from loctune.types import Box, Sample
 
@@ -45,7 +46,7 @@ def read_csv_boxes(
     validator = Validator(str(path), on_error, min_inside)
     known = set(classes) if classes is not None else None
     images: dict[str, _Image] = {}
-    with open(path, newline="", encoding="utf-8") as f:
+    with io.StringIO(read_text(path), newline="") as f:
         reader = csv.DictReader(f)
         missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
         if missing:

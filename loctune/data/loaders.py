@@ -300,7 +300,7 @@ def _is_hf_dataset(obj: Any) -> bool:
 
 
 def _first_char(path: Path) -> str:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:  # the reader names bad bytes
         while chunk := f.read(256):
             if stripped := chunk.lstrip():
                 return stripped[0]

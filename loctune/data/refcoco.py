@@ -35,6 +35,7 @@ from loctune.data.common import (
     load_json,
     positive_number,
     read_image_size,
+    read_text,
     resolve,
 )
 from loctune.data.validate import DataError, OnError, Validator
@@ -78,6 +79,11 @@ def read_refcoco(
             validator.fail(
                 "malformed", where, "expected an object with 'ann_id' and 'sentences'", "record"
             )
+            continue
+        if not isinstance(ref["sentences"], list):
+            validator.fail("malformed", f"{where}.sentences",
+                           f"expected a list of {{'sent': text}}, got {ref['sentences']!r:.60}",
+                           "record")
             continue
         if splits is not None and ref.get("split") not in splits:
             continue
@@ -157,54 +163,53 @@ def read_referring_jsonl(
     validator = Validator(str(path), on_error, min_inside)
     sizes: dict[Path, tuple[int, int]] = {}
     samples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            record = _parse_record(line, where, validator)
-            if record is None:
-                continue
-            missing = [k for k in ("image", "expression", box_key) if k not in record]
-            if missing:
-                validator.fail("malformed", where, f"missing field(s) {missing}", "record")
-                continue
-            text, raw = record["expression"], record[box_key]
-            if not isinstance(text, str) or not text.strip():
-                validator.fail(
-                    "malformed", f"{where}: expression", f"expected text, got {text!r}", "record"
-                )
-                continue
-            if not (isinstance(raw, list) and len(raw) == 4 and all(map(is_number, raw))):
-                validator.fail(
-                    "malformed", f"{where}: {box_key}", f"expected 4 numbers, got {raw!r}"
-                )
-                continue
-            image_path = resolve(root, str(record["image"]))
-            size = _record_size(record, image_path, where, validator, sizes, check_images)
-            if size is None:
-                continue
-            corners = xywh_to_xyxy(raw).tolist() if box_format == "xywh" else map(float, raw)
-            box = validator.box(tuple(corners), size, f"{where}: {box_key}")
-            if box is None:
-                continue
-            category = record.get("category")
-            meta: dict[str, Any] = {"image_size": size, "line": lineno, "expression": text}
-            if category is not None:
-                meta["category"] = str(category)
-            if "split" in record:
-                meta["split"] = str(record["split"])
-            samples.append(
-                Sample(
-                    image=str(image_path),
-                    prompt=text,
-                    boxes=[box],
-                    labels=[text],
-                    task="grounding",
-                    image_id=str(record.get("image_id", record["image"])),
-                    meta=meta,
-                )
+    for lineno, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        record = _parse_record(line, where, validator)
+        if record is None:
+            continue
+        missing = [k for k in ("image", "expression", box_key) if k not in record]
+        if missing:
+            validator.fail("malformed", where, f"missing field(s) {missing}", "record")
+            continue
+        text, raw = record["expression"], record[box_key]
+        if not isinstance(text, str) or not text.strip():
+            validator.fail(
+                "malformed", f"{where}: expression", f"expected text, got {text!r}", "record"
             )
+            continue
+        if not (isinstance(raw, list) and len(raw) == 4 and all(map(is_number, raw))):
+            validator.fail(
+                "malformed", f"{where}: {box_key}", f"expected 4 numbers, got {raw!r}"
+            )
+            continue
+        image_path = resolve(root, str(record["image"]))
+        size = _record_size(record, image_path, where, validator, sizes, check_images)
+        if size is None:
+            continue
+        corners = xywh_to_xyxy(raw).tolist() if box_format == "xywh" else map(float, raw)
+        box = validator.box(tuple(corners), size, f"{where}: {box_key}")
+        if box is None:
+            continue
+        category = record.get("category")
+        meta: dict[str, Any] = {"image_size": size, "line": lineno, "expression": text}
+        if category is not None:
+            meta["category"] = str(category)
+        if "split" in record:
+            meta["split"] = str(record["split"])
+        samples.append(
+            Sample(
+                image=str(image_path),
+                prompt=text,
+                boxes=[box],
+                labels=[text],
+                task="grounding",
+                image_id=str(record.get("image_id", record["image"])),
+                meta=meta,
+            )
+        )
     classes = sorted({s.meta["category"] for s in samples if "category" in s.meta})
     return SampleSet(samples, classes, validator.finish(samples))
 

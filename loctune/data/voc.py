@@ -12,6 +12,7 @@ e.g. ``raccoon-1.xml: object[2]/bndbox/xmax``.
 
 from __future__ import annotations
 
+import math
 import os
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
@@ -155,15 +156,23 @@ def _read_file(
 
 
 def _size(tree: ET.Element, xml_file: Path, image_path: Path, validator: Validator):
-    """``<size>`` when it holds positive numbers (some tools write 0), else the image header."""
-    try:
-        width = int(float(tree.findtext("size/width") or 0))
-        height = int(float(tree.findtext("size/height") or 0))
-    except ValueError:
-        width = height = 0
-    if width > 0 and height > 0:
-        return width, height
-    return read_image_size(image_path, f"{xml_file}: size (absent or not positive)", validator)
+    """``<size>`` when it holds positive numbers, else the image header when it is absent or 0
+    (some tools write 0); anything else (text, ``1e999``, negative) drops the sample."""
+    values = []
+    for key in ("width", "height"):
+        text = (tree.findtext(f"size/{key}") or "0").strip()
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value >= 0):
+            validator.fail("malformed", f"{xml_file}: size/{key}",
+                           f"expected a positive number of pixels, got {text!r}", "sample")
+            return None
+        values.append(int(value))
+    if all(values):
+        return tuple(values)
+    return read_image_size(image_path, f"{xml_file}: size (absent or 0)", validator)
 
 
 def _corners(obj: ET.Element, where: str, validator: Validator) -> tuple[float, ...] | None:

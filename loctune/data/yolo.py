@@ -20,7 +20,13 @@ from typing import Any
 
 import yaml
 
-from loctune.data.common import PromptFn, SampleSet, detection_prompt, read_image_size
+from loctune.data.common import (
+    PromptFn,
+    SampleSet,
+    detection_prompt,
+    read_image_size,
+    read_text,
+)
 from loctune.data.validate import DataError, OnError, Validator
 from loctune.types import Box, Sample
 
@@ -77,7 +83,7 @@ def label_path(image_path: Path) -> Path:
 
 def _load_yaml(path: Path) -> dict[str, Any]:
     try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        config = yaml.safe_load(read_text(path))
     except yaml.YAMLError as err:
         raise DataError(f"{path}: invalid YAML: {err}") from err
     if not isinstance(config, dict):
@@ -120,7 +126,7 @@ def _split_images(entry: Any, root: Path, where: str, validator: Validator) -> l
 def _listed_images(list_file: Path, root: Path, validator: Validator) -> list[Path]:
     """Paths in a list file; ``./x`` is relative to the list's folder (Ultralytics), else the root."""
     images = []
-    for lineno, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_text(list_file).splitlines(), 1):
         name = line.strip()
         if not name:
             continue
@@ -143,7 +149,7 @@ def _read_image(
     labels: list[str] = []
     dropped_before = validator.report.n_dropped
     if labels_file.is_file():
-        for lineno, line in enumerate(labels_file.read_text(encoding="utf-8").splitlines(), 1):
+        for lineno, line in enumerate(read_text(labels_file).splitlines(), 1):
             if line.strip():
                 parsed = _parse_line(line, f"{labels_file}:{lineno}", size, names, validator)
                 if parsed is not None:

@@ -1,0 +1,131 @@
+"""Bad input never trains wrong labels, never crashes without naming the file, never escapes
+the dataset (issue 13): each malformed dataset ends as a DataError naming file, record and
+field, or as a drop counted in the report and logged as a warning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from loctune.data import (
+    DataError,
+    load_dataset,
+    read_coco,
+    read_csv_boxes,
+    read_refcoco,
+    read_referring_jsonl,
+    read_voc,
+    read_yolo,
+)
+
+W, H = 64, 48
+
+
+def make_image(path: Path, size: tuple[int, int] = (W, H)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (120, 30, 200)).save(path)
+    return path
+
+
+def coco(tmp_path: Path, images=None, annotations=None, **extra) -> Path:
+    """A COCO file beside ``img/a.png`` (one dog box) unless told otherwise."""
+    make_image(tmp_path / "img" / "a.png")
+    data = {
+        "images": [{"id": 1, "file_name": "a.png", "width": W, "height": H}]
+        if images is None else images,
+        "annotations": [{"id": 10, "image_id": 1, "category_id": 1, "bbox": [4, 6, 10, 20]}]
+        if annotations is None else annotations,
+        "categories": [{"id": 1, "name": "dog"}],
+        **extra,
+    }
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def voc_xml(filename: str, width="64", height="48", box=(4, 6, 14, 26)) -> str:
+    x1, y1, x2, y2 = box
+    return (
+        f"<annotation><filename>{filename}</filename>"
+        f"<size><width>{width}</width><height>{height}</height></size>"
+        f"<object><name>dog</name><bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin>"
+        f"<xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object></annotation>"
+    )
+
+
+def yolo(tmp_path: Path, train="images/train", labels=None) -> Path:
+    """A YOLO set with ``images/train/a.png`` and its label file."""
+    make_image(tmp_path / "images" / "train" / "a.png")
+    (tmp_path / "labels" / "train").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "labels" / "train" / "a.txt").write_text(labels or "0 0.5 0.5 0.25 0.25\n")
+    path = tmp_path / "data.yaml"
+    path.write_text(f"names: [dog]\ntrain: {train}\n")
+    return path
+
+
+CSV_HEADER = "filename,width,height,class,xmin,ymin,xmax,ymax\n"
+
+
+# --------------------------------------------------------- 5. raw exceptions -> named errors
+
+
+def test_non_utf8_bytes_name_the_file_and_line(tmp_path):
+    path = coco(tmp_path)
+    path.write_bytes(path.read_bytes().replace(b'"dog"', b'"d\xe9g"').replace(b", ", b",\n", 1))
+    with pytest.raises(DataError, match=r"instances\.json:2: not UTF-8 text: byte 0xe9"):
+        read_coco(path)
+    yaml_path = yolo(tmp_path / "y")
+    yaml_path.write_bytes(b"names: [d\xe9g]\ntrain: images/train\n")
+    with pytest.raises(DataError, match=r"data\.yaml:1: not UTF-8"):
+        read_yolo(yaml_path)
+    yaml_path = yolo(tmp_path / "z")
+    (tmp_path / "z" / "labels" / "train" / "a.txt").write_bytes(b"0 0.5 0.5 0.2 0.2\n\xff\n")
+    with pytest.raises(DataError, match=r"a\.txt:2: not UTF-8"):
+        read_yolo(yaml_path)
+    table = tmp_path / "boxes.csv"
+    table.write_bytes(CSV_HEADER.encode() + b"a.png,64,48,d\xf6g,1,1,5,5\n")
+    with pytest.raises(DataError, match=r"boxes\.csv:2: not UTF-8"):
+        read_csv_boxes(table, tmp_path / "img")
+    jsonl = tmp_path / "refs.jsonl"
+    jsonl.write_bytes(b'{"image": "img/a.png", "expression": "d\xe9g", "box": [1, 1, 5, 5]}\n')
+    with pytest.raises(DataError, match=r"refs\.jsonl:1: not UTF-8"):
+        read_referring_jsonl(jsonl)
+
+
+def test_csv_with_a_byte_order_mark_is_read(tmp_path):
+    make_image(tmp_path / "a.png")
+    table = tmp_path / "boxes.csv"
+    table.write_bytes(b"\xef\xbb\xbf" + (CSV_HEADER + "a.png,64,48,dog,1,1,5,5\n").encode())
+    (sample,) = load_dataset(table)  # detected as csv despite the mark
+    assert sample.boxes == [(1.0, 1.0, 5.0, 5.0)]
+
+
+@pytest.mark.parametrize("key", ["images", "annotations", "categories"])
+def test_coco_null_lists_raise_naming_the_key(tmp_path, key):
+    path = coco(tmp_path)
+    data = json.loads(path.read_text())
+    data[key] = None
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=rf"instances\.json: {key}: expected a list of objects, got null"):
+        read_coco(path)
+
+
+def test_voc_non_finite_size_drops_the_sample_naming_the_field(tmp_path):
+    make_image(tmp_path / "a.png")
+    (tmp_path / "a.xml").write_text(voc_xml("a.png", width="1e999"))
+    data = read_voc(tmp_path)
+    assert len(data) == 0 and data.report.counts["malformed"] == 1
+    (issue,) = data.report.examples["malformed"]
+    assert issue.where == f"{tmp_path / 'a.xml'}: size/width" and "'1e999'" in issue.message
+
+
+def test_refcoco_non_list_sentences_is_a_malformed_record(tmp_path):
+    instances = coco(tmp_path)
+    refs = tmp_path / "refs.json"
+    refs.write_text(json.dumps([{"ann_id": 10, "split": "train", "sentences": "the dog"}]))
+    data = read_refcoco(refs, instances, tmp_path / "img")
+    assert len(data) == 0 and data.report.counts["malformed"] == 1
+    assert data.report.examples["malformed"][0].where == f"{refs}: refs[0].sentences"
