@@ -129,3 +129,47 @@ def test_refcoco_non_list_sentences_is_a_malformed_record(tmp_path):
     data = read_refcoco(refs, instances, tmp_path / "img")
     assert len(data) == 0 and data.report.counts["malformed"] == 1
     assert data.report.examples["malformed"][0].where == f"{refs}: refs[0].sentences"
+
+
+# ------------------------------------------------------------------------- 1. duplicates
+
+
+def test_coco_repeated_image_id_raises_naming_both_positions(tmp_path):
+    make_image(tmp_path / "img" / "b.png")
+    images = [{"id": 1, "file_name": "a.png", "width": W, "height": H},
+              {"id": 1, "file_name": "b.png", "width": W, "height": H}]
+    with pytest.raises(DataError, match=r"instances\.json: images\[1\]: id 1 repeats images\[0\]"):
+        read_coco(coco(tmp_path, images=images))
+
+
+def test_coco_repeated_annotation_id_raises_naming_both_positions(tmp_path):
+    annotations = [{"id": 10, "image_id": 1, "category_id": 1, "bbox": [4, 6, 10, 20]},
+                   {"id": 10, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]}]
+    with pytest.raises(DataError, match=r"annotations\[1\]: id 10 repeats annotations\[0\]"):
+        read_coco(coco(tmp_path, annotations=annotations))
+
+
+def test_coco_unhashable_id_is_a_malformed_record(tmp_path):
+    images = [{"id": [1], "file_name": "a.png"}]
+    data = read_coco(coco(tmp_path, images=images, annotations=[]))
+    assert len(data) == 0 and data.report.counts["malformed"] == 1
+
+
+def test_yolo_image_listed_twice_is_dropped_as_duplicate(tmp_path):
+    yaml_path = yolo(tmp_path, train="train.txt")
+    (tmp_path / "train.txt").write_text("images/train/a.png\n./images/train/a.png\n")
+    data = read_yolo(yaml_path)
+    assert len(data) == 1 and data.report.counts["duplicate_image"] == 1
+    (issue,) = data.report.examples["duplicate_image"]
+    assert issue.where == f"{tmp_path / 'train.txt'}:2"
+    assert f"already read at {tmp_path / 'train.txt'}:1" in issue.message
+
+
+def test_voc_two_files_for_one_image_keep_the_first(tmp_path):
+    make_image(tmp_path / "a.png")
+    (tmp_path / "a.xml").write_text(voc_xml("a.png"))
+    (tmp_path / "a_copy.xml").write_text(voc_xml("a.png", box=(1, 1, 9, 9)))
+    data = read_voc(tmp_path)
+    assert [s.boxes for s in data] == [[(4.0, 6.0, 14.0, 26.0)]]
+    (issue,) = data.report.examples["duplicate_image"]
+    assert issue.where == str(tmp_path / "a_copy.xml") and str(tmp_path / "a.xml") in issue.message

@@ -8,7 +8,9 @@ report) and kept in ``meta["crowd"]``, so evaluation ignores detections on them 
 pycocotools does; ``include_crowd=True`` trains on them as boxes flagged in
 ``meta["iscrowd"]``. Images
 without annotations are kept as samples with no boxes (negatives for detection)
-unless ``keep_empty=False``.
+unless ``keep_empty=False``. A repeated image or annotation ``id`` raises
+:class:`DataError` naming both positions (one record would silently replace
+the other).
 """
 
 from __future__ import annotations
@@ -70,24 +72,31 @@ class CocoIndex:
         self._raw_images = {}
         for i, img in enumerate(data["images"]):
             where = f"{path}: images[{i}]"
-            if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
+            if not isinstance(img, dict) or not _is_id(img.get("id")) or "file_name" not in img:
                 self.validator.fail(
-                    "malformed", where, "expected an object with 'id' and 'file_name'", "record"
+                    "malformed", where, "expected an object with an 'id' (integer or text) and "
+                    "'file_name'", "record"
                 )
                 continue
-            self._raw_images[img["id"]] = (where, img)
+            if img["id"] in self._raw_images:
+                raise _repeated_id(path, "images", img["id"], self._raw_images[img["id"]][0], i)
+            self._raw_images[img["id"]] = (i, where, img)
         self._images: dict[Any, CocoImage | None] = {}
         self.annotations: dict[Any, tuple[int, dict]] = {}
         for i, ann in enumerate(data["annotations"]):
-            if not isinstance(ann, dict) or "image_id" not in ann or "bbox" not in ann:
+            if (not isinstance(ann, dict) or not _is_id(ann.get("image_id")) or "bbox" not in ann
+                    or not _is_id(ann.get("id", i))):
                 self.validator.fail(
                     "malformed",
                     f"{path}: annotations[{i}]",
-                    "expected an object with 'image_id' and 'bbox'",
+                    "expected an object with 'image_id' and 'bbox' (ids integers or text)",
                     "record",
                 )
                 continue
-            self.annotations[ann.get("id", i)] = (i, ann)
+            ann_id = ann.get("id", i)
+            if ann_id in self.annotations:
+                raise _repeated_id(path, "annotations", ann_id, self.annotations[ann_id][0], i)
+            self.annotations[ann_id] = (i, ann)
 
     @property
     def image_ids(self) -> list[Any]:
@@ -100,7 +109,7 @@ class CocoIndex:
         return self._images[image_id]
 
     def _check_image(self, image_id: Any) -> CocoImage | None:
-        where, img = self._raw_images[image_id]
+        _, where, img = self._raw_images[image_id]
         path = resolve(self.image_root, str(img["file_name"]))
         if self.check_images and not self.validator.image_file(
             path, where, f" (image_root={self.image_root}; pass image_root= to change it)"
@@ -220,6 +229,19 @@ def read_coco(
             )
         )
     return SampleSet(samples, index.classes, validator.finish(samples))
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+def _repeated_id(path: Path, key: str, record_id: Any, first: int, again: int) -> DataError:
+    """A repeated id would replace the earlier record (its boxes then land on another
+    image, or an annotation vanishes): the file is refused, naming both positions."""
+    return DataError(
+        f"{path}: {key}[{again}]: id {record_id!r} repeats {key}[{first}]; "
+        f"expected unique {key} ids"
+    )
 
 
 def _grouping_categories(categories: list, annotations: Any) -> list[Any]:

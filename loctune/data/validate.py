@@ -17,6 +17,8 @@ reason              kind      meaning
 ``outside_image``   dropped   box entirely (or mostly) outside the image
 ``unknown_class``   dropped   class id/name not in the dataset's class list
 ``missing_image``   dropped   image file not found: the whole sample is dropped
+``duplicate_image`` dropped   an image read a second time (listed twice, two
+                              annotation files): the repeat is dropped
 ``malformed``       dropped   a line/record/field that cannot be parsed
 ``no_valid_boxes``  dropped   every box of an image was invalid: image dropped
 ``crowd``           skipped   COCO ``iscrowd=1`` region (by policy, see coco.py)
@@ -239,6 +241,18 @@ class Validator:
             return True
         self.fail("missing_image", where, f"image file not found: {path}{hint}", unit="sample")
         return False
+
+    def unique_image(self, path: str | os.PathLike, where: str, seen: dict[Path, str]) -> bool:
+        """False (recorded) when ``path`` was already read, at ``seen[path]``: a second sample
+        of one image would weigh it twice, each time with other boxes."""
+        key = Path(path).resolve()
+        if key in seen:
+            self.fail("duplicate_image", where,
+                      f"image {path} was already read at {seen[key]}; the repeat is dropped",
+                      unit="sample")
+            return False
+        seen[key] = where
+        return True
 
     def finish(self, samples: Sequence[Sample]) -> ValidationReport:
         """Count what was kept and log the summary (a warning if anything was lost)."""

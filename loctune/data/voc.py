@@ -7,7 +7,8 @@ boxes match CSV exports of the same annotations. ``difficult`` objects are
 kept by default with ``meta["difficult"]`` (one flag per box), since VOC
 evaluation ignores rather than penalises them; ``skip_difficult=True`` leaves
 them out (counted in the report). Errors name the file and the field path,
-e.g. ``raccoon-1.xml: object[2]/bndbox/xmax``.
+e.g. ``raccoon-1.xml: object[2]/bndbox/xmax``. When two files name one image,
+the first (by file name) is read and the other reported as ``duplicate_image``.
 """
 
 from __future__ import annotations
@@ -54,9 +55,12 @@ def read_voc(
     validator = Validator(str(folder), on_error, min_inside)
     known = set(classes) if classes is not None else None
     parsed = []
+    seen: dict[Path, str] = {}
     for xml_file in files:
         record = _read_file(xml_file, root, known, skip_difficult, check_images, validator)
-        if record is not None and (record[1] or keep_empty):
+        if record is None or not validator.unique_image(record[0], str(xml_file), seen):
+            continue
+        if record[1] or keep_empty:
             parsed.append(record)
     class_list = list(classes) if classes is not None else sorted({n for r in parsed for n in r[2]})
     prompt = prompt_fn(class_list)

@@ -8,7 +8,9 @@ a folder of images, a ``.txt`` list of image paths, or a list of those) and
 ``labels``; each line is ``class cx cy w h`` normalised to [0, 1], or a
 segmentation polygon ``class x1 y1 x2 y2 ...`` whose bounding box is used. An
 image without a label file is a background image (no boxes), as in
-Ultralytics. Image sizes come from the image headers (no pixel decoding).
+Ultralytics. Image sizes come from the image headers (no pixel decoding). An
+image listed twice in one split is read once; the repeat is reported as
+``duplicate_image``.
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ def _class_names(config: dict[str, Any], path: Path) -> dict[int, str]:
 def _split_images(entry: Any, root: Path, where: str, validator: Validator) -> list[Path]:
     """Image paths of one split entry: folder(s) searched recursively and/or ``.txt`` lists."""
     entries = entry if isinstance(entry, list) else [entry]
-    images: list[Path] = []
+    images: list[tuple[Path, str]] = []  # (image, where it is listed)
     for item in entries:
         path = Path(str(item))
         path = path if path.is_absolute() else root / path
@@ -115,15 +117,17 @@ def _split_images(entry: Any, root: Path, where: str, validator: Validator) -> l
             # Ultralytics reads it from the root, as here
             path = root / str(item)[3:]
         if path.is_dir():
-            images.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            images.extend((p, str(p)) for p in found)
         elif path.suffix == ".txt" and path.is_file():
             images.extend(_listed_images(path, root, validator))
         else:
             raise DataError(f"{where}: {path} is neither a folder nor a .txt list of images")
-    return images
+    seen: dict[Path, str] = {}
+    return [path for path, at in images if validator.unique_image(path, at, seen)]
 
 
-def _listed_images(list_file: Path, root: Path, validator: Validator) -> list[Path]:
+def _listed_images(list_file: Path, root: Path, validator: Validator) -> list[tuple[Path, str]]:
     """Paths in a list file; ``./x`` is relative to the list's folder (Ultralytics), else the root."""
     images = []
     for lineno, line in enumerate(read_text(list_file).splitlines(), 1):
@@ -134,7 +138,7 @@ def _listed_images(list_file: Path, root: Path, validator: Validator) -> list[Pa
         if not path.is_absolute():
             path = list_file.parent / path if name.startswith("./") else root / path
         if validator.image_file(path, f"{list_file}:{lineno}"):
-            images.append(path)
+            images.append((path, f"{list_file}:{lineno}"))
     return images
 
 
