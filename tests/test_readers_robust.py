@@ -5,6 +5,7 @@ field, or as a drop counted in the report and logged as a warning."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,23 @@ def test_voc_two_files_for_one_image_keep_the_first(tmp_path):
     assert [s.boxes for s in data] == [[(4.0, 6.0, 14.0, 26.0)]]
     (issue,) = data.report.examples["duplicate_image"]
     assert issue.where == str(tmp_path / "a_copy.xml") and str(tmp_path / "a.xml") in issue.message
+
+
+# ------------------------------------------------------------------------- 3. clipping
+
+
+def test_yolo_six_decimal_rounding_is_snapped_not_clipped(tmp_path):
+    # x2 = (0.890860 + 0.218281 / 2) * 640 = 640.00032: rounding, not a box over the edge
+    yaml_path = yolo(tmp_path, labels="0 0.890860 0.5 0.218281 0.5\n")
+    make_image(tmp_path / "images" / "train" / "a.png", (640, 480))
+    data = read_yolo(yaml_path)
+    assert data[0].boxes[0][2] == 640.0 and data.report.n_clipped == 0
+
+
+def test_clipped_boxes_are_logged_as_a_warning_with_counts(tmp_path, caplog):
+    yaml_path = yolo(tmp_path, labels="0 0.95 0.5 0.2 0.2\n")  # over the right edge
+    with caplog.at_level(logging.INFO, logger="loctune.data.validate"):
+        data = read_yolo(yaml_path)
+    assert data.report.n_clipped == 1 and data.report.n_dropped == 0
+    assert caplog.records[-1].levelno == logging.WARNING
+    assert "clipped 1" in caplog.records[-1].getMessage()

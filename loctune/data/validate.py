@@ -48,9 +48,11 @@ log = logging.getLogger(__name__)
 OnError = Literal["drop", "raise"]
 Kind = Literal["dropped", "skipped", "clipped"]
 
-# Coordinates this close beyond an edge are float noise (e.g. YOLO's normalised
-# centre/size round trip), not annotation errors: snap them without counting.
-_SNAP_PX = 1e-6
+# Coordinates this close beyond an edge, as a fraction of the image side, are rounding
+# noise, not annotation errors: snap them without counting. YOLO files write six decimals
+# of cx, w (normalised), so x2 = cx + w/2 may overshoot by 7.5e-7 of the side (0.0005 px
+# at 640 px); 1e-5 absorbs that and five-decimal files, and is 0.01 px at 1000 px.
+_SNAP = 1e-5
 
 
 class DataError(ValueError):
@@ -255,17 +257,19 @@ class Validator:
         return True
 
     def finish(self, samples: Sequence[Sample]) -> ValidationReport:
-        """Count what was kept and log the summary (a warning if anything was lost)."""
+        """Count what was kept and log the summary: a warning if anything was dropped or
+        clipped (both change what is trained on), else info (policy skips only)."""
         self.report.n_samples = len(samples)
         self.report.n_boxes = sum(len(s.boxes) for s in samples)
-        level = logging.WARNING if self.report.n_dropped else logging.INFO
+        changed = self.report.n_dropped or self.report.n_clipped
+        level = logging.WARNING if changed else logging.INFO
         log.log(level, "%s", self.report.summary())
         return self.report
 
 
 def _snap(value: float, limit: float) -> float:
-    if -_SNAP_PX < value < 0:
+    if -_SNAP * limit < value < 0:
         return 0.0
-    if limit < value < limit + _SNAP_PX:
+    if limit < value < limit * (1 + _SNAP):
         return float(limit)
     return value
