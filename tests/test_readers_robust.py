@@ -32,8 +32,8 @@ def make_image(path: Path, size: tuple[int, int] = (W, H)) -> Path:
 
 
 def coco(tmp_path: Path, images=None, annotations=None, **extra) -> Path:
-    """A COCO file beside ``img/a.png`` (one dog box) unless told otherwise."""
-    make_image(tmp_path / "img" / "a.png")
+    """A COCO file beside ``a.png`` (one dog box) unless told otherwise."""
+    make_image(tmp_path / "a.png")
     data = {
         "images": [{"id": 1, "file_name": "a.png", "width": W, "height": H}]
         if images is None else images,
@@ -89,7 +89,7 @@ def test_non_utf8_bytes_name_the_file_and_line(tmp_path):
     table = tmp_path / "boxes.csv"
     table.write_bytes(CSV_HEADER.encode() + b"a.png,64,48,d\xf6g,1,1,5,5\n")
     with pytest.raises(DataError, match=r"boxes\.csv:2: not UTF-8"):
-        read_csv_boxes(table, tmp_path / "img")
+        read_csv_boxes(table)
     jsonl = tmp_path / "refs.jsonl"
     jsonl.write_bytes(b'{"image": "img/a.png", "expression": "d\xe9g", "box": [1, 1, 5, 5]}\n')
     with pytest.raises(DataError, match=r"refs\.jsonl:1: not UTF-8"):
@@ -110,7 +110,7 @@ def test_coco_null_lists_raise_naming_the_key(tmp_path, key):
     data = json.loads(path.read_text())
     data[key] = None
     path.write_text(json.dumps(data))
-    with pytest.raises(DataError, match=rf"instances\.json: {key}: expected a list of objects, got null"):
+    with pytest.raises(DataError, match=rf"instances\.json: {key}: expected a list of objects"):
         read_coco(path)
 
 
@@ -127,7 +127,7 @@ def test_refcoco_non_list_sentences_is_a_malformed_record(tmp_path):
     instances = coco(tmp_path)
     refs = tmp_path / "refs.json"
     refs.write_text(json.dumps([{"ann_id": 10, "split": "train", "sentences": "the dog"}]))
-    data = read_refcoco(refs, instances, tmp_path / "img")
+    data = read_refcoco(refs, instances)
     assert len(data) == 0 and data.report.counts["malformed"] == 1
     assert data.report.examples["malformed"][0].where == f"{refs}: refs[0].sentences"
 
@@ -136,7 +136,7 @@ def test_refcoco_non_list_sentences_is_a_malformed_record(tmp_path):
 
 
 def test_coco_repeated_image_id_raises_naming_both_positions(tmp_path):
-    make_image(tmp_path / "img" / "b.png")
+    make_image(tmp_path / "b.png")
     images = [{"id": 1, "file_name": "a.png", "width": W, "height": H},
               {"id": 1, "file_name": "b.png", "width": W, "height": H}]
     with pytest.raises(DataError, match=r"instances\.json: images\[1\]: id 1 repeats images\[0\]"):
@@ -194,3 +194,46 @@ def test_clipped_boxes_are_logged_as_a_warning_with_counts(tmp_path, caplog):
     assert data.report.n_clipped == 1 and data.report.n_dropped == 0
     assert caplog.records[-1].levelno == logging.WARNING
     assert "clipped 1" in caplog.records[-1].getMessage()
+
+
+# ------------------------------------------------------------- 2. declared size vs the image
+
+
+def only_issue(report, reason: str):
+    (issue,) = report.examples[reason]
+    return issue
+
+
+def test_coco_declared_size_differing_from_the_image_drops_the_sample(tmp_path):
+    images = [{"id": 1, "file_name": "a.png", "width": 640, "height": 480}]
+    data = read_coco(coco(tmp_path, images=images))
+    assert len(data) == 0 and data.report.counts["size_mismatch"] == 1
+    issue = only_issue(data.report, "size_mismatch")
+    assert issue.where.endswith("images[0]: width/height")
+    assert "declared 640x480 but the image" in issue.message and "is 64x48" in issue.message
+    trusted = read_coco(coco(tmp_path, images=images), check_images=False)
+    assert trusted[0].meta["image_size"] == (640, 480)  # not opened: declared size taken
+
+
+def test_voc_and_csv_and_jsonl_sizes_are_checked(tmp_path):
+    make_image(tmp_path / "a.png")
+    (tmp_path / "a.xml").write_text(voc_xml("a.png", width="48", height="64"))
+    assert read_voc(tmp_path).report.counts["size_mismatch"] == 1
+    table = tmp_path / "boxes.csv"
+    table.write_text(CSV_HEADER + "a.png,100,48,dog,1,1,5,5\na.png,100,48,dog,2,2,6,6\n")
+    data = read_csv_boxes(table)
+    assert len(data) == 0 and data.report.counts["size_mismatch"] == 1  # once per image
+    assert only_issue(data.report, "size_mismatch").where == f"{table}:2: width/height"
+    jsonl = tmp_path / "refs.jsonl"
+    jsonl.write_text(json.dumps({"image": "a.png", "expression": "dog", "box": [1, 1, 5, 5],
+                                 "width": 65, "height": 48}) + "\n")
+    assert read_referring_jsonl(jsonl).report.counts["size_mismatch"] == 1
+
+
+def test_size_mismatch_from_exif_rotation_says_so(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown turned a quarter
+    Image.new("RGB", (W, H)).save(tmp_path / "a.jpg", exif=exif)
+    images = [{"id": 1, "file_name": "a.jpg", "width": H, "height": W}]
+    data = read_coco(coco(tmp_path, images=images))
+    assert "after its EXIF rotation" in only_issue(data.report, "size_mismatch").message

@@ -10,7 +10,9 @@ pycocotools does; ``include_crowd=True`` trains on them as boxes flagged in
 without annotations are kept as samples with no boxes (negatives for detection)
 unless ``keep_empty=False``. A repeated image or annotation ``id`` raises
 :class:`DataError` naming both positions (one record would silently replace
-the other).
+the other). An image's ``width``/``height`` are checked against its header
+(``check_images=True``, the default): a sample whose image has another size is
+dropped as ``size_mismatch``, since its boxes were drawn for another image.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ from loctune.boxes import xywh_to_xyxy
 from loctune.data.common import (
     PromptFn,
     SampleSet,
+    checked_size,
+    declared_size,
     detection_prompt,
     is_number,
     load_json,
-    positive_number,
-    read_image_size,
     resolve,
 )
 from loctune.data.validate import DataError, OnError, Validator
@@ -115,10 +117,10 @@ class CocoIndex:
             path, where, f" (image_root={self.image_root}; pass image_root= to change it)"
         ):
             return None
-        width, height = img.get("width"), img.get("height")
-        if positive_number(width) and positive_number(height):
-            return CocoImage(image_id, path, (int(width), int(height)))
-        size = read_image_size(path, f"{where} (no width/height)", self.validator)
+        declared = declared_size(img.get("width"), img.get("height"))
+        size = checked_size(
+            declared, path, f"{where}: width/height", self.validator, self.check_images
+        )
         return None if size is None else CocoImage(image_id, path, size)
 
     def box(self, position: int, ann: dict, image: CocoImage) -> Box | None:

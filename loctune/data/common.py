@@ -6,6 +6,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,20 +52,71 @@ class SampleSet(Sequence[Sample]):
         return sum(len(s.boxes) for s in self.samples)
 
 
-def read_image_size(
-    path: str | os.PathLike, where: str, validator: Validator
-) -> tuple[int, int] | None:
+ImageSource = str | os.PathLike | Image.Image  # a file, or an image opened over bytes (hf)
+
+
+def read_image_size(path: ImageSource, where: str, validator: Validator) -> tuple[int, int] | None:
     """(width, height) from the image header without decoding pixels; None if unreadable.
 
     EXIF orientation is not applied: sizes and boxes refer to the image as
     stored, like :meth:`Sample.load_image`.
     """
     try:
-        with Image.open(path) as im:
+        with _opened(path) as im:
             return im.size
     except (OSError, UnidentifiedImageError) as err:
         validator.fail("malformed", where, f"cannot read image header of {path}: {err}", "sample")
         return None
+
+
+def declared_size(width: Any, height: Any) -> tuple[int, int] | None:
+    """(width, height) when both are positive numbers, else None: tools write 0 or leave
+    them out, and the image header then gives the size."""
+    if positive_number(width) and positive_number(height):
+        return int(width), int(height)
+    return None
+
+
+def checked_size(
+    declared: tuple[int, int] | None,
+    path: ImageSource,
+    where: str,
+    validator: Validator,
+    check_images: bool = True,
+) -> tuple[int, int] | None:
+    """The image's (width, height): the declared one once the image header agrees, the
+    header's when none is declared; None (recorded) when they differ (``size_mismatch``):
+    boxes drawn for another size would be trained in the wrong place. With
+    ``check_images=False`` a declared size is trusted without opening the file.
+    Sizes are as stored: EXIF orientation is not applied."""
+    if declared is not None and not check_images:
+        return declared
+    actual = read_image_size(path, where, validator)
+    if actual is None or declared is None or tuple(declared) == actual:
+        return actual
+    validator.fail(
+        "size_mismatch",
+        where,
+        f"declared {declared[0]}x{declared[1]} but the image {path} is {actual[0]}x{actual[1]}"
+        f"{_rotation_hint(path, declared, actual)}; sample dropped",
+        "sample",
+    )
+    return None
+
+
+def _rotation_hint(path: ImageSource, declared: tuple[int, int], actual: tuple[int, int]) -> str:
+    """Why a declared size may be the stored one turned: a tool that applied the EXIF rotation."""
+    if tuple(declared) != actual[::-1]:
+        return ""
+    with _opened(path) as im:
+        turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF Orientation: a quarter turn
+    return (" (the size after its EXIF rotation: boxes must refer to the image as stored)"
+            if turned else "")
+
+
+def _opened(source: ImageSource) -> AbstractContextManager[Image.Image]:
+    """The image to read a header from; one already open is left open."""
+    return nullcontext(source) if isinstance(source, Image.Image) else Image.open(source)
 
 
 def resolve(root: str | os.PathLike, name: str) -> Path:

@@ -4,7 +4,9 @@ The layout of TensorFlow object-detection tutorials and of many Kaggle/Roboflow
 exports. Rows are grouped by ``filename`` (first-seen order) into one detection
 sample per image; extra columns are ignored. Only images with at least one row
 appear, so a table has no negative images. Errors name the file, line and
-column, e.g. ``labels.csv:7: xmax``.
+column, e.g. ``labels.csv:7: xmax``. ``width``/``height`` are checked against
+the image header (``check_images=True``): another size drops the image as
+``size_mismatch``. A UTF-8 byte-order mark (Excel's default) is allowed.
 """
 
 from __future__ import annotations
@@ -16,7 +18,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from loctune.data.common import PromptFn, SampleSet, detection_prompt, read_text, resolve
+from loctune.data.common import (
+    PromptFn,
+    SampleSet,
+    checked_size,
+    detection_prompt,
+    read_text,
+    resolve,
+)
 from loctune.data.validate import DataError, OnError, Validator
 from loctune.types import Box, Sample
 
@@ -72,7 +81,7 @@ def read_csv_boxes(
     prompt = prompt_fn(class_list)
     samples = []
     for name, image in images.items():
-        if image.missing or not validator.keeps_image(
+        if image.dropped or not validator.keeps_image(
             f"{path}:{image.first_line}", len(image.boxes), image.n_invalid
         ):
             continue
@@ -88,11 +97,11 @@ def read_csv_boxes(
 class _Image:
     """Rows of one filename collected so far."""
 
-    def __init__(self, path: Path, size: tuple[int, int], first_line: int, missing: bool):
+    def __init__(self, path: Path, size: tuple[int, int], first_line: int, dropped: bool):
         self.path = path
         self.size = size
         self.first_line = first_line
-        self.missing = missing
+        self.dropped = dropped  # missing or not of its declared size
         self.boxes: list[Box] = []
         self.labels: list[str] = []
         self.lines: list[int] = []
@@ -123,10 +132,12 @@ def _add_row(
         return
     if name not in images:
         image_path = resolve(root, name)
-        missing = check_images and not validator.image_file(image_path, f"{where}: filename")
-        images[name] = _Image(image_path, size, line, missing)
+        usable = (not check_images or validator.image_file(image_path, f"{where}: filename")) and (
+            checked_size(size, image_path, f"{where}: width/height", validator, check_images)
+        )
+        images[name] = _Image(image_path, size, line, dropped=not usable)
     image = images[name]
-    if image.missing:
+    if image.dropped:
         return  # the image was reported once, on its first row
     if size != image.size:
         validator.fail(

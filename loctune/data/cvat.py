@@ -6,6 +6,8 @@ exclusive corners, as x2/y2 elsewhere in loctune). ``<polygon>``, ``<points>``
 and other shapes are reported as skipped; a box with a ``rotation`` is skipped
 too rather than bent into an axis-aligned one. Images are ``name`` under
 ``image_root`` (default: an ``images/`` folder beside the XML, else its folder).
+An image whose header size differs from ``width``/``height`` is dropped as
+``size_mismatch``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from loctune.data.common import PromptFn, SampleSet, detection_prompt
+from loctune.data.common import PromptFn, SampleSet, checked_size, detection_prompt
 from loctune.data.validate import DataError, OnError, Validator
 from loctune.types import Box, Sample
 
@@ -97,6 +99,8 @@ def _read_image(image: ET.Element, index: int, path: Path, root: Path, validator
                        f"root {root}", "sample")
         return None
     if not validator.image_file(file, where):
+        return None
+    if checked_size(size, file, f"{where}: width/height", validator) is None:
         return None
     boxes: list[Box] = []
     labels: list[str] = []

@@ -6,7 +6,8 @@ The common hub layout: an ``image`` column (``Image`` feature) and an
 Class names come from the ``ClassLabel`` feature of the category; string
 categories are used as they are. ``bbox_format`` is ``"xywh"`` (COCO-style,
 the usual one) or ``"xyxy"``. Optional ``width`` / ``height`` columns give the
-size, else the image header does. A ``DatasetDict`` keeps its split names in
+size, checked against the image header (another size drops the row as
+``size_mismatch``), else the image header does. A ``DatasetDict`` keeps its split names in
 ``meta["split"]``.
 
 Images are not decoded here: a sample's image is the file path when the
@@ -28,10 +29,10 @@ from loctune.boxes import xywh_to_xyxy
 from loctune.data.common import (
     PromptFn,
     SampleSet,
+    checked_size,
+    declared_size,
     detection_prompt,
     is_number,
-    positive_number,
-    read_image_size,
 )
 from loctune.data.validate import DataError, OnError, Validator
 from loctune.types import Box, Sample
@@ -110,13 +111,10 @@ class _RowReader:
         image = _image(row[self.image_column], f"{where}.{self.image_column}", validator)
         if image is None:
             return None
-        size = _row_size(row) if self.has_size else None
-        if size is None and isinstance(image, Image.Image):
-            size = image.size
-        elif size is None:
-            size = read_image_size(image, f"{where}.{self.image_column}", validator)
-            if size is None:
-                return None
+        declared = declared_size(row["width"], row["height"]) if self.has_size else None
+        size = checked_size(declared, image, f"{where}.{self.image_column}", validator)
+        if size is None:
+            return None
         objects = _as_records(row[self.objects_column], self.bbox_key, self.category_key)
         if objects is None:
             validator.fail(
@@ -232,10 +230,3 @@ def _image(value: Any, where: str, validator: Validator) -> Image.Image | str | 
     validator.fail("missing_image", where, f"no image bytes and no file at {path!r}", "sample")
     return None
 
-
-def _row_size(row: dict) -> tuple[int, int] | None:
-    """The row's ``width``/``height`` when both are positive numbers."""
-    width, height = row["width"], row["height"]
-    if positive_number(width) and positive_number(height):
-        return int(width), int(height)
-    return None

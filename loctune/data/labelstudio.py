@@ -9,7 +9,9 @@ ones Label Studio wrote (``/data/upload/3/8f2c-dog.jpg``,
 ``/data/local-files/?d=photos/dog.jpg``, a URL): they are looked up under
 ``image_root`` by the path, then by the file name, then by the name without the
 upload prefix. Rotated rectangles and non-rectangle regions are reported as
-skipped, not bent into boxes.
+skipped, not bent into boxes. A task whose ``original_width``/``original_height``
+differ from the image file's header (e.g. sizes after an EXIF rotation the
+browser applied) is dropped as ``size_mismatch``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
-from loctune.data.common import PromptFn, SampleSet, detection_prompt, is_number, load_json
+from loctune.data.common import (
+    PromptFn,
+    SampleSet,
+    checked_size,
+    detection_prompt,
+    is_number,
+    load_json,
+)
 from loctune.data.validate import DataError, OnError, Validator
 from loctune.types import Box, Sample
 
@@ -84,6 +93,10 @@ def read_label_studio(
             box, label, size = read
             boxes.append(box)
             labels.append(label)
+        if size is not None and checked_size(
+            size, image, f"{where}: original_width/original_height", validator
+        ) is None:
+            continue
         found.append((i, image, size, boxes, labels, n_invalid))
     classes = sorted({label for *_, labels, _ in found for label in labels})
     prompt = prompt_fn(classes)

@@ -16,7 +16,8 @@ The JSONL format has one object per line::
     {"image": "img/1.jpg", "expression": "the dog on the left", "box": [x1, y1, x2, y2]}
 
 or ``"bbox": [x, y, w, h]`` with ``box_format="xywh"``; optional ``width``,
-``height`` (else read from the image header), ``split`` and ``category``.
+``height`` (else read from the image header; when given, checked against it,
+another size dropping the line as ``size_mismatch``), ``split`` and ``category``.
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from loctune.boxes import xywh_to_xyxy
 from loctune.data.coco import CocoIndex
 from loctune.data.common import (
     SampleSet,
+    checked_size,
+    declared_size,
     is_number,
     load_json,
-    positive_number,
-    read_image_size,
     read_text,
     resolve,
 )
@@ -161,7 +162,7 @@ def read_referring_jsonl(
     root = Path(image_root) if image_root else path.parent
     box_key = "box" if box_format == "xyxy" else "bbox"
     validator = Validator(str(path), on_error, min_inside)
-    sizes: dict[Path, tuple[int, int]] = {}
+    sizes: dict[tuple, tuple[int, int]] = {}
     samples = []
     for lineno, line in enumerate(read_text(path).split("\n"), 1):
         if not line.strip():
@@ -244,18 +245,18 @@ def _record_size(
     image_path: Path,
     where: str,
     validator: Validator,
-    cache: dict[Path, tuple[int, int]],
+    cache: dict[tuple, tuple[int, int]],
     check_images: bool,
 ) -> tuple[int, int] | None:
-    """Size from the record's width/height, else from the image header (once per image)."""
+    """Size from the record's width/height checked against the image header, else from the
+    header (each once per image and declared size)."""
     if check_images and not validator.image_file(image_path, f"{where}: image"):
         return None
-    width, height = record.get("width"), record.get("height")
-    if positive_number(width) and positive_number(height):
-        return int(width), int(height)
-    if image_path not in cache:
-        size = read_image_size(image_path, f"{where}: image", validator)
+    declared = declared_size(record.get("width"), record.get("height"))
+    key = (image_path, declared)
+    if key not in cache:
+        size = checked_size(declared, image_path, f"{where}: width/height", validator, check_images)
         if size is None:
-            return None  # not cached, so every line of an unreadable image is reported
-        cache[image_path] = size
-    return cache[image_path]
+            return None  # not cached, so every line of an unusable image is reported
+        cache[key] = size
+    return cache[key]

@@ -17,6 +17,8 @@ reason              kind      meaning
 ``outside_image``   dropped   box entirely (or mostly) outside the image
 ``unknown_class``   dropped   class id/name not in the dataset's class list
 ``missing_image``   dropped   image file not found: the whole sample is dropped
+``size_mismatch``   dropped   declared width/height differ from the image file's
+                              header (sizes as stored, before EXIF rotation)
 ``duplicate_image`` dropped   an image read a second time (listed twice, two
                               annotation files): the repeat is dropped
 ``malformed``       dropped   a line/record/field that cannot be parsed

@@ -9,6 +9,8 @@ evaluation ignores rather than penalises them; ``skip_difficult=True`` leaves
 them out (counted in the report). Errors name the file and the field path,
 e.g. ``raccoon-1.xml: object[2]/bndbox/xmax``. When two files name one image,
 the first (by file name) is read and the other reported as ``duplicate_image``.
+``<size>`` is checked against the image header (``check_images=True``): another
+size drops the sample as ``size_mismatch``.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from pathlib import Path
 from loctune.data.common import (
     PromptFn,
     SampleSet,
+    checked_size,
     detection_prompt,
-    read_image_size,
 )
 from loctune.data.validate import OnError, Validator
 from loctune.types import Box, Sample
@@ -118,7 +120,7 @@ def _read_file(
     image_path = _with_image_suffix(root / filename)
     if check_images and not validator.image_file(image_path, f"{xml_file}: filename"):
         return None
-    size = _size(tree, xml_file, image_path, validator)
+    size = _size(tree, xml_file, image_path, validator, check_images)
     if size is None:
         return None
     boxes: list[Box] = []
@@ -159,9 +161,11 @@ def _read_file(
     return image_path, boxes, labels, meta
 
 
-def _size(tree: ET.Element, xml_file: Path, image_path: Path, validator: Validator):
-    """``<size>`` when it holds positive numbers, else the image header when it is absent or 0
-    (some tools write 0); anything else (text, ``1e999``, negative) drops the sample."""
+def _size(
+    tree: ET.Element, xml_file: Path, image_path: Path, validator: Validator, check_images: bool
+) -> tuple[int, int] | None:
+    """``<size>`` checked against the image header, or the header's when ``<size>`` is absent or
+    0 (some tools write 0); anything else (text, ``1e999``, negative) drops the sample."""
     values = []
     for key in ("width", "height"):
         text = (tree.findtext(f"size/{key}") or "0").strip()
@@ -174,9 +178,8 @@ def _size(tree: ET.Element, xml_file: Path, image_path: Path, validator: Validat
                            f"expected a positive number of pixels, got {text!r}", "sample")
             return None
         values.append(int(value))
-    if all(values):
-        return tuple(values)
-    return read_image_size(image_path, f"{xml_file}: size (absent or 0)", validator)
+    declared = (values[0], values[1]) if all(values) else None
+    return checked_size(declared, image_path, f"{xml_file}: size", validator, check_images)
 
 
 def _corners(obj: ET.Element, where: str, validator: Validator) -> tuple[float, ...] | None:
