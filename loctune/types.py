@@ -7,6 +7,7 @@ converts to and from a model family's own token order and quantisation.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,33 @@ BOX_TASKS: tuple[str, ...] = ("grounding", "detection")
 IGNORE_INDEX = -100
 
 
+class DataError(ValueError):
+    """Bad annotation or image data; the message starts with ``file[:line]: field:``.
+
+    Defined here, beside :class:`Sample`, so that loading an image can raise it;
+    readers use it through :mod:`loctune.data.validate`.
+    """
+
+
+def read_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
+    """The decoded image; an unreadable or truncated file raises :class:`DataError` naming it
+    (PIL's own ``image file is truncated`` names none, and would stop a training run)."""
+    try:
+        with Image.open(path) as im:
+            return im.convert(mode)
+    except (OSError, SyntaxError) as err:  # PIL raises SyntaxError for some broken PNGs
+        raise DataError(f"{path}: cannot read image: {err}") from err
+
+
+def header_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) from the image header, as stored; :class:`DataError` naming the file."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, SyntaxError) as err:
+        raise DataError(f"{path}: cannot read image header: {err}") from err
+
+
 @dataclass
 class Sample:
     """One training/evaluation example, whatever reader produced it.
@@ -27,7 +55,9 @@ class Sample:
     ``prompt`` is the task text without location tokens (a referring expression,
     a class list for detection). ``boxes``/``labels`` are the answer; for a
     referring expression there is one box. ``image`` may be a PIL image or a
-    path loaded lazily by :meth:`load_image`.
+    path loaded lazily by :meth:`load_image`. An image that cannot be decoded raises
+    :class:`DataError` naming the file, or ``meta["source"]`` (where a reader found
+    an in-memory image) and the ``image_id``.
     """
 
     image: Image.Image | str
@@ -39,10 +69,14 @@ class Sample:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def load_image(self) -> Image.Image:
-        if isinstance(self.image, Image.Image):
-            return self.image
-        with Image.open(self.image) as im:
-            return im.convert("RGB")
+        if not isinstance(self.image, Image.Image):
+            return read_image(self.image)
+        try:
+            self.image.load()  # an image opened lazily over bytes decodes here
+        except (OSError, SyntaxError) as err:
+            where = self.meta.get("source", "in-memory image")
+            raise DataError(f"{where} (image_id {self.image_id!r}): cannot read image: {err}") from err
+        return self.image
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -51,8 +85,7 @@ class Sample:
             return self.image.size
         if "image_size" in self.meta:
             return tuple(self.meta["image_size"])
-        with Image.open(self.image) as im:
-            return im.size
+        return header_size(self.image)
 
 
 @dataclass

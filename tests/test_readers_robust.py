@@ -237,3 +237,66 @@ def test_size_mismatch_from_exif_rotation_says_so(tmp_path):
     images = [{"id": 1, "file_name": "a.jpg", "width": H, "height": W}]
     data = read_coco(coco(tmp_path, images=images))
     assert "after its EXIF rotation" in only_issue(data.report, "size_mismatch").message
+
+
+# ----------------------------------------------------------- 4. corrupt or truncated images
+
+
+def truncate(path: Path) -> Path:
+    """Cut an image file short, as an interrupted download does."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def test_truncated_image_raises_naming_the_file_when_loaded(tmp_path):
+    Image.effect_noise((W, H), 60).convert("RGB").save(tmp_path / "a.jpg")  # noise: a long scan
+    truncate(tmp_path / "a.jpg")
+    images = [{"id": 1, "file_name": "a.jpg", "width": W, "height": H}]
+    (sample,) = read_coco(coco(tmp_path, images=images))  # the header is intact
+    with pytest.raises(DataError, match=rf"{tmp_path / 'a.jpg'}: cannot read image: .*truncated"):
+        sample.load_image()
+
+
+def test_garbage_image_file_is_dropped_at_read_time(tmp_path):
+    path = coco(tmp_path)
+    (tmp_path / "a.png").write_bytes(b"not an image")
+    data = read_coco(path)
+    assert len(data) == 0 and "cannot read image header" in str(data.report.examples["malformed"][0])
+
+
+def test_truncated_inspection_mask_names_the_file(tmp_path):
+    from loctune.inspect.folder import load_inspection_folder
+
+    make_image(tmp_path / "bottle/train/good/000.png")
+    make_image(tmp_path / "bottle/test/crack/000.png")
+    mask = tmp_path / "bottle/ground_truth/crack/000_mask.png"
+    mask.parent.mkdir(parents=True)
+    Image.effect_noise((W, H), 60).convert("L").save(mask)
+    truncate(mask)
+    with pytest.raises(DataError, match=rf"{mask}: cannot read image"):
+        load_inspection_folder(tmp_path, "bottle")
+
+
+def test_hf_image_bytes_that_fail_to_decode_name_the_row(tmp_path):
+    import io
+
+    import datasets
+
+    from loctune.data import read_hf
+
+    buffer = io.BytesIO()
+    Image.effect_noise((W, H), 60).convert("RGB").save(buffer, format="PNG")
+    cut = buffer.getvalue()[: len(buffer.getvalue()) // 2]
+    rows = datasets.Dataset.from_dict(
+        {"image": [{"bytes": cut, "path": None}],
+         "objects": [{"bbox": [[1, 1, 5, 5]], "category": ["dog"]}]},
+        features=datasets.Features({
+            "image": datasets.Image(),
+            "objects": {"bbox": datasets.List(datasets.List(datasets.Value("float32"))),
+                        "category": datasets.List(datasets.Value("string"))},
+        }),
+    )
+    (sample,) = read_hf(rows, source="toy")
+    with pytest.raises(DataError, match=r"toy\[0\]\.image \(image_id ':0'\): cannot read image"):
+        sample.load_image()

@@ -144,6 +144,8 @@ class _RowReader:
         if not validator.keeps_image(where, len(boxes), n_invalid):
             return None
         meta: dict[str, Any] = {"image_size": size, "row": index, "n_invalid_boxes": n_invalid}
+        if isinstance(image, Image.Image):
+            meta["source"] = f"{where}.{self.image_column}"  # named if it fails to decode
         if self.split is not None:
             meta["split"] = self.split
         image_id = str(row["image_id"]) if self.has_id else f"{self.split or ''}:{index}"

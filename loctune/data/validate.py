@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from loctune.types import Box, Sample
+from loctune.types import Box, DataError, Sample
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,6 @@ Kind = Literal["dropped", "skipped", "clipped"]
 # of cx, w (normalised), so x2 = cx + w/2 may overshoot by 7.5e-7 of the side (0.0005 px
 # at 640 px); 1e-5 absorbs that and five-decimal files, and is 0.01 px at 1000 px.
 _SNAP = 1e-5
-
-
-class DataError(ValueError):
-    """Bad annotation data; the message starts with ``file[:line]: field:``."""
 
 
 @dataclass

@@ -20,12 +20,11 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from loctune.inspect.records import GOOD, inspection_sample
 from loctune.inspect.regions import mask_to_boxes
 from loctune.inspect.synthetic import synthetic_inspection_set
-from loctune.types import Sample
+from loctune.types import DataError, Sample, header_size, read_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLITS = ("train", "test")
@@ -58,12 +57,10 @@ def _mask_for(category_dir: Path, defect_type: str, image: Path) -> Path | None:
 
 
 def _read_mask(path: Path, image: Path) -> tuple[np.ndarray, tuple[int, int]]:
-    with Image.open(path) as m:
-        mask = np.asarray(m.convert("L")) > 127
-    with Image.open(image) as im:
-        size = im.size
+    mask = np.asarray(read_image(path, "L")) > 127
+    size = header_size(image)
     if mask.shape[::-1] != size:
-        raise ValueError(f"{path}: mask size {mask.shape[::-1]} differs from image {image} {size}")
+        raise DataError(f"{path}: mask size {mask.shape[::-1]} differs from image {image} {size}")
     return mask, size
 
 
