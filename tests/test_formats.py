@@ -90,14 +90,15 @@ def test_label_studio_json_min_export(tmp_path):
     assert sample.boxes == [pytest.approx((40.0, 30.0, 60.0, 45.0))] and sample.labels == ["cat"]
 
 
-def test_label_studio_image_outside_the_root_is_not_found(tmp_path):
+def test_label_studio_image_outside_the_root_is_refused(tmp_path):
     image(tmp_path / "secret.png")
     (tmp_path / "data").mkdir()
     path = tmp_path / "data" / "tasks.json"
     path.write_text(json.dumps([{"image": "/data/local-files/?d=../secret.png",
                                  "label": [rectangle(0, 0, 50, 50, "x")]}]))
     found = load_dataset(path)
-    assert len(found) == 0 and found.report.counts["missing_image"] == 1
+    assert len(found) == 0 and found.report.counts["outside_root"] == 1
+    assert len(load_dataset(path, allow_outside_root=True)) == 1
 
 
 CVAT = """<?xml version="1.0" encoding="utf-8"?>

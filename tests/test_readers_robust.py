@@ -300,3 +300,53 @@ def test_hf_image_bytes_that_fail_to_decode_name_the_row(tmp_path):
     (sample,) = read_hf(rows, source="toy")
     with pytest.raises(DataError, match=r"toy\[0\]\.image \(image_id ':0'\): cannot read image"):
         sample.load_image()
+
+
+# -------------------------------------------------------------- 6. paths outside the root
+
+
+def test_paths_climbing_out_of_the_root_are_dropped_in_every_format(tmp_path):
+    outside = make_image(tmp_path / "secret.png")
+    root = tmp_path / "set"
+    make_image(root / "a.png")
+    images = [{"id": 1, "file_name": "../secret.png", "width": W, "height": H},
+              {"id": 2, "file_name": str(outside), "width": W, "height": H}]
+    annotations = [{"id": 10 + i, "image_id": i, "category_id": 1, "bbox": [1, 1, 5, 5]}
+                   for i in (1, 2)]
+    data = read_coco(coco(root, images=images, annotations=annotations))
+    assert len(data) == 0 and data.report.counts["outside_root"] == 2
+    issue = data.report.examples["outside_root"][0]
+    assert issue.where.endswith("images[0]: file_name") and "../secret.png" in issue.message
+    assert len(read_coco(root / "instances.json", allow_outside_root=True)) == 2
+
+    (root / "a.xml").write_text(voc_xml(str(outside)))
+    assert read_voc(root).report.counts["outside_root"] == 1
+    table = root / "boxes.csv"
+    table.write_text(CSV_HEADER + "../secret.png,64,48,dog,1,1,5,5\n")
+    assert read_csv_boxes(table).report.counts["outside_root"] == 1
+    jsonl = root / "refs.jsonl"
+    jsonl.write_text(json.dumps({"image": str(outside), "expression": "x", "box": [1, 1, 5, 5]}))
+    assert read_referring_jsonl(jsonl).report.counts["outside_root"] == 1
+    assert len(load_dataset(jsonl, allow_outside_root=True)) == 1  # passed through
+
+
+def test_yolo_list_file_entry_outside_the_root_is_dropped(tmp_path):
+    make_image(tmp_path / "secret.png")
+    yaml_path = yolo(tmp_path / "set", train="train.txt")
+    (tmp_path / "set" / "train.txt").write_text("images/train/a.png\n../secret.png\n")
+    data = read_yolo(yaml_path)
+    assert len(data) == 1 and data.report.counts["outside_root"] == 1
+    assert data.report.examples["outside_root"][0].where == f"{tmp_path / 'set' / 'train.txt'}:2"
+    assert len(read_yolo(yaml_path, allow_outside_root=True)) == 2
+
+
+def test_symlinked_root_and_images_linked_into_it_are_inside(tmp_path):
+    real = tmp_path / "real"
+    (real / "b.png").parent.mkdir()
+    (real / "b.png").symlink_to(make_image(tmp_path / "store" / "blob.png"))  # git-annex style
+    images = [{"id": 1, "file_name": str(real / "a.png"), "width": W, "height": H},
+              {"id": 2, "file_name": "b.png", "width": W, "height": H}]
+    coco(real, images=images, annotations=[])
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    data = read_coco(tmp_path / "link" / "instances.json")  # a.png: absolute, under the target
+    assert len(data) == 2 and not data.report.counts

@@ -13,6 +13,8 @@ unless ``keep_empty=False``. A repeated image or annotation ``id`` raises
 the other). An image's ``width``/``height`` are checked against its header
 (``check_images=True``, the default): a sample whose image has another size is
 dropped as ``size_mismatch``, since its boxes were drawn for another image.
+A ``file_name`` resolving outside ``image_root`` (``../``, absolute) is dropped
+as ``outside_root`` unless ``allow_outside_root=True``.
 """
 
 from __future__ import annotations
@@ -113,6 +115,8 @@ class CocoIndex:
     def _check_image(self, image_id: Any) -> CocoImage | None:
         _, where, img = self._raw_images[image_id]
         path = resolve(self.image_root, str(img["file_name"]))
+        if not self.validator.inside_root(path, self.image_root, f"{where}: file_name"):
+            return None
         if self.check_images and not self.validator.image_file(
             path, where, f" (image_root={self.image_root}; pass image_root= to change it)"
         ):
@@ -166,10 +170,11 @@ def read_coco(
     prompt_fn: PromptFn = detection_prompt,
     on_error: OnError = "drop",
     min_inside: float = 0.5,
+    allow_outside_root: bool = False,
 ) -> SampleSet:
     """One detection :class:`Sample` per image of a COCO instances file."""
     path = Path(path)
-    validator = Validator(str(path), on_error, min_inside)
+    validator = Validator(str(path), on_error, min_inside, allow_outside_root=allow_outside_root)
     index = CocoIndex(
         path, Path(image_root) if image_root else path.parent, validator, check_images
     )

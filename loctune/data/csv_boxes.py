@@ -6,7 +6,9 @@ sample per image; extra columns are ignored. Only images with at least one row
 appear, so a table has no negative images. Errors name the file, line and
 column, e.g. ``labels.csv:7: xmax``. ``width``/``height`` are checked against
 the image header (``check_images=True``): another size drops the image as
-``size_mismatch``. A UTF-8 byte-order mark (Excel's default) is allowed.
+``size_mismatch``. A ``filename`` resolving outside ``image_root`` is dropped as
+``outside_root`` unless ``allow_outside_root=True``. A UTF-8 byte-order mark
+(Excel's default) is allowed.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def read_csv_boxes(
     prompt_fn: PromptFn = detection_prompt,
     on_error: OnError = "drop",
     min_inside: float = 0.5,
+    allow_outside_root: bool = False,
 ) -> SampleSet:
     """Detection samples from a box table; images relative to ``image_root`` (default: its folder).
 
@@ -52,7 +55,7 @@ def read_csv_boxes(
     """
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
-    validator = Validator(str(path), on_error, min_inside)
+    validator = Validator(str(path), on_error, min_inside, allow_outside_root=allow_outside_root)
     known = set(classes) if classes is not None else None
     images: dict[str, _Image] = {}
     with io.StringIO(read_text(path), newline="") as f:
@@ -132,8 +135,10 @@ def _add_row(
         return
     if name not in images:
         image_path = resolve(root, name)
-        usable = (not check_images or validator.image_file(image_path, f"{where}: filename")) and (
-            checked_size(size, image_path, f"{where}: width/height", validator, check_images)
+        usable = (
+            validator.inside_root(image_path, root, f"{where}: filename")
+            and (not check_images or validator.image_file(image_path, f"{where}: filename"))
+            and checked_size(size, image_path, f"{where}: width/height", validator, check_images)
         )
         images[name] = _Image(image_path, size, line, dropped=not usable)
     image = images[name]

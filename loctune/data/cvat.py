@@ -7,7 +7,8 @@ and other shapes are reported as skipped; a box with a ``rotation`` is skipped
 too rather than bent into an axis-aligned one. Images are ``name`` under
 ``image_root`` (default: an ``images/`` folder beside the XML, else its folder).
 An image whose header size differs from ``width``/``height`` is dropped as
-``size_mismatch``.
+``size_mismatch``; a ``name`` resolving outside ``image_root`` as ``outside_root``
+unless ``allow_outside_root=True``.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def read_cvat(
     prompt_fn: PromptFn = detection_prompt,
     on_error: OnError = "drop",
     min_inside: float = 0.5,
+    allow_outside_root: bool = False,
 ) -> SampleSet:
     """Detection samples of a CVAT-for-images XML; the class list is the task's
     ``<labels>`` when the export has them, else every label seen, sorted."""
@@ -64,7 +66,7 @@ def read_cvat(
         raise DataError(f"{path}: cannot read: {err}") from err
     if tree.getroot().tag != "annotations":
         raise DataError(f"{path}: expected a CVAT <annotations> root, got <{tree.getroot().tag}>")
-    validator = Validator(str(path), on_error, min_inside)
+    validator = Validator(str(path), on_error, min_inside, allow_outside_root=allow_outside_root)
     declared = [e.text.strip() for e in tree.getroot().iterfind("meta//labels/label/name")
                 if e.text and e.text.strip()]
     parsed = []
@@ -94,9 +96,10 @@ def _read_image(image: ET.Element, index: int, path: Path, root: Path, validator
                        "sample")
         return None
     file = root / name
-    if not name or not file.resolve().is_relative_to(root.resolve()):
-        validator.fail("malformed", f"{where}: name", "expected an image path inside the image "
-                       f"root {root}", "sample")
+    if not name:
+        validator.fail("malformed", f"{where}: name", "expected an image path", "sample")
+        return None
+    if not validator.inside_root(file, root, f"{where}: name"):
         return None
     if not validator.image_file(file, where):
         return None

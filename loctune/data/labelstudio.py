@@ -8,7 +8,8 @@ Both are a JSON list of tasks. The full export keeps each task's
 ones Label Studio wrote (``/data/upload/3/8f2c-dog.jpg``,
 ``/data/local-files/?d=photos/dog.jpg``, a URL): they are looked up under
 ``image_root`` by the path, then by the file name, then by the name without the
-upload prefix. Rotated rectangles and non-rectangle regions are reported as
+upload prefix; one that climbs out of ``image_root`` (``../``) is dropped as
+``outside_root`` unless ``allow_outside_root=True``. Rotated rectangles and non-rectangle regions are reported as
 skipped, not bent into boxes. A task whose ``original_width``/``original_height``
 differ from the image file's header (e.g. sizes after an EXIF rotation the
 browser applied) is dropped as ``size_mismatch``.
@@ -17,7 +18,7 @@ browser applied) is dropped as ``size_mismatch``.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
@@ -30,7 +31,7 @@ from loctune.data.common import (
     is_number,
     load_json,
 )
-from loctune.data.validate import DataError, OnError, Validator
+from loctune.data.validate import DataError, OnError, Validator, inside
 from loctune.types import Box, Sample
 
 
@@ -60,6 +61,7 @@ def read_label_studio(
     prompt_fn: PromptFn = detection_prompt,
     on_error: OnError = "drop",
     min_inside: float = 0.5,
+    allow_outside_root: bool = False,
 ) -> SampleSet:
     """Detection samples of a Label Studio export; images under ``image_root``
     (default: the JSON's folder). The first annotation of a task is read (later
@@ -69,7 +71,7 @@ def read_label_studio(
     data = load_json(path)
     if not is_label_studio(data):
         raise DataError(f"{path}: expected a Label Studio JSON or JSON-MIN export (a task list)")
-    validator = Validator(str(path), on_error, min_inside)
+    validator = Validator(str(path), on_error, min_inside, allow_outside_root=allow_outside_root)
     found: list[tuple[int, Path, tuple[int, int] | None, list[Box], list[str], int]] = []
     for i, task in enumerate(data):
         where = f"{path}: [{i}]"
@@ -83,6 +85,8 @@ def read_label_studio(
         if image is None:
             validator.fail("missing_image", f"{where}: image",
                            f"image file not found under {root}: {image_ref}", unit="sample")
+            continue
+        if not validator.inside_root(image, root, f"{where}: image"):
             continue
         boxes, labels, n_invalid, size = [], [], 0, None
         for k, region in enumerate(regions):
@@ -169,23 +173,16 @@ def _region_box(
 
 
 def _find_image(root: Path, ref: str) -> Path | None:
-    """The file a Label Studio image reference names, under ``root``."""
+    """The file a Label Studio image reference names, looked up under ``root`` (one inside
+    the root first; the caller refuses one outside it)."""
     parsed = urlparse(ref)
     local = parse_qs(parsed.query).get("d")  # /data/local-files/?d=relative/path
     name = unquote(local[0] if local else parsed.path).lstrip("/")
     base = Path(name).name
     unprefixed = base.split("-", 1)[1] if "-" in base else base  # upload names: "<hash>-name"
-    for candidate in _candidates(root, name, base, unprefixed):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _candidates(root: Path, *names: str) -> Sequence[Path]:
-    """Paths under ``root`` only: a reference climbing out of it (``../``) finds nothing."""
-    inside = root.resolve()
-    paths = [root / n for n in dict.fromkeys(names) if n]
-    return [p for p in paths if p.resolve().is_relative_to(inside)]
+    found = [root / n for n in dict.fromkeys((name, base, unprefixed)) if (root / n).is_file()]
+    found.sort(key=lambda path: not inside(path, root))  # one under the root first
+    return found[0] if found else None
 
 
 __all__ = ["is_label_studio", "read_label_studio"]

@@ -95,6 +95,10 @@ def load_dataset(path_or_spec: Any, format: str | None = None, **options: Any) -
     ``Dataset``/``DatasetDict``. ``datasets`` is imported only when needed: it
     takes about a second.
 
+    Every file reader takes ``allow_outside_root=False``: an image path that resolves
+    outside the dataset root (the image root or the dataset folder: ``../../x.jpg``, an
+    absolute path elsewhere) drops its sample as ``outside_root``; pass True to read it.
+
     E.g. ``load_dataset("coco/instances_val.json", image_root="coco/val2017")``,
     ``load_dataset("refs.json", instances="instances.json", image_root=...)``,
     ``load_dataset({"train": "train.csv", "test": "test.csv"}, image_root="images")``.

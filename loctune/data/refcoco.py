@@ -18,6 +18,8 @@ The JSONL format has one object per line::
 or ``"bbox": [x, y, w, h]`` with ``box_format="xywh"``; optional ``width``,
 ``height`` (else read from the image header; when given, checked against it,
 another size dropping the line as ``size_mismatch``), ``split`` and ``category``.
+In both formats an image path resolving outside ``image_root`` is dropped as
+``outside_root`` unless ``allow_outside_root=True``.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def read_refcoco(
     check_images: bool = True,
     on_error: OnError = "drop",
     min_inside: float = 0.5,
+    allow_outside_root: bool = False,
 ) -> SampleSet:
     """Samples for every sentence of every ref (only refs in ``splits`` if given).
 
@@ -64,7 +67,7 @@ def read_refcoco(
     """
     refs_path, instances_path = Path(refs_path), Path(instances_path)
     _refuse_pickle(refs_path)
-    validator = Validator(str(refs_path), on_error, min_inside)
+    validator = Validator(str(refs_path), on_error, min_inside, allow_outside_root=allow_outside_root)
     root = Path(image_root) if image_root else instances_path.parent
     index = CocoIndex(instances_path, root, validator, check_images)
     refs = load_json(refs_path)
@@ -154,6 +157,7 @@ def read_referring_jsonl(
     check_images: bool = True,
     on_error: OnError = "drop",
     min_inside: float = 0.5,
+    allow_outside_root: bool = False,
 ) -> SampleSet:
     """One grounding sample per line; image paths relative to ``image_root`` (default: the file's folder)."""
     if box_format not in ("xyxy", "xywh"):
@@ -161,7 +165,7 @@ def read_referring_jsonl(
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
     box_key = "box" if box_format == "xyxy" else "bbox"
-    validator = Validator(str(path), on_error, min_inside)
+    validator = Validator(str(path), on_error, min_inside, allow_outside_root=allow_outside_root)
     sizes: dict[tuple, tuple[int, int]] = {}
     samples = []
     for lineno, line in enumerate(read_text(path).split("\n"), 1):
@@ -187,6 +191,8 @@ def read_referring_jsonl(
             )
             continue
         image_path = resolve(root, str(record["image"]))
+        if not validator.inside_root(image_path, root, f"{where}: image"):
+            continue
         size = _record_size(record, image_path, where, validator, sizes, check_images)
         if size is None:
             continue

@@ -19,6 +19,8 @@ reason              kind      meaning
 ``missing_image``   dropped   image file not found: the whole sample is dropped
 ``size_mismatch``   dropped   declared width/height differ from the image file's
                               header (sizes as stored, before EXIF rotation)
+``outside_root``    dropped   image path resolves outside the dataset root
+                              (``../../x.jpg``, an absolute path elsewhere)
 ``duplicate_image`` dropped   an image read a second time (listed twice, two
                               annotation files): the repeat is dropped
 ``malformed``       dropped   a line/record/field that cannot be parsed
@@ -160,7 +162,8 @@ class Validator:
     ``min_inside`` is the fraction of a box's area that must lie inside the
     image for the box to be clipped rather than dropped: a box hanging a few
     pixels over an edge is an annotation habit, one mostly outside the image is
-    an error (wrong image size, swapped axes).
+    an error (wrong image size, swapped axes). ``allow_outside_root`` lets image
+    paths leave the dataset root (see :meth:`inside_root`).
     """
 
     def __init__(
@@ -169,6 +172,7 @@ class Validator:
         on_error: OnError = "drop",
         min_inside: float = 0.5,
         max_examples: int = 5,
+        allow_outside_root: bool = False,
     ) -> None:
         if on_error not in ("drop", "raise"):
             raise ValueError(f"on_error must be 'drop' or 'raise', got {on_error!r}")
@@ -176,6 +180,7 @@ class Validator:
             raise ValueError(f"min_inside must be in (0, 1], got {min_inside!r}")
         self.on_error = on_error
         self.min_inside = min_inside
+        self.allow_outside_root = allow_outside_root
         self.report = ValidationReport(source, on_error=on_error, max_examples=max_examples)
 
     def fail(self, reason: str, where: str, message: str, unit: str = "box") -> None:
@@ -242,6 +247,21 @@ class Validator:
         self.fail("missing_image", where, f"image file not found: {path}{hint}", unit="sample")
         return False
 
+    def inside_root(self, path: str | os.PathLike, root: str | os.PathLike, where: str) -> bool:
+        """False (recorded) when an image path leaves the dataset root, unless
+        ``allow_outside_root``: an annotation file must not make training read other files
+        of the machine (``../../x.jpg``, ``/home/...``)."""
+        if self.allow_outside_root or inside(path, root):
+            return True
+        self.fail(
+            "outside_root",
+            where,
+            f"image path {path} is outside the dataset root {root} "
+            f"(pass allow_outside_root=True to read it)",
+            unit="sample",
+        )
+        return False
+
     def unique_image(self, path: str | os.PathLike, where: str, seen: dict[Path, str]) -> bool:
         """False (recorded) when ``path`` was already read, at ``seen[path]``: a second sample
         of one image would weigh it twice, each time with other boxes."""
@@ -263,6 +283,14 @@ class Validator:
         level = logging.WARNING if changed else logging.INFO
         log.log(level, "%s", self.report.summary())
         return self.report
+
+
+def inside(path: str | os.PathLike, root: str | os.PathLike) -> bool:
+    """Whether ``path`` lies under ``root`` once ``..`` is collapsed, or once both are
+    resolved: a symlinked root, or images linked into it (git-annex, a hub cache), are in."""
+    if Path(os.path.abspath(path)).is_relative_to(os.path.abspath(root)):
+        return True
+    return Path(path).resolve().is_relative_to(Path(root).resolve())
 
 
 def _snap(value: float, limit: float) -> float:

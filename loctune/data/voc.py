@@ -10,7 +10,8 @@ them out (counted in the report). Errors name the file and the field path,
 e.g. ``raccoon-1.xml: object[2]/bndbox/xmax``. When two files name one image,
 the first (by file name) is read and the other reported as ``duplicate_image``.
 ``<size>`` is checked against the image header (``check_images=True``): another
-size drops the sample as ``size_mismatch``.
+size drops the sample as ``size_mismatch``. A ``<filename>`` resolving outside
+the image root is dropped as ``outside_root`` unless ``allow_outside_root=True``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def read_voc(
     prompt_fn: PromptFn = detection_prompt,
     on_error: OnError = "drop",
     min_inside: float = 0.5,
+    allow_outside_root: bool = False,
 ) -> SampleSet:
     """Detection samples from a folder of ``.xml`` files (or a list of them).
 
@@ -54,7 +56,7 @@ def read_voc(
     """
     files, folder = _xml_files(annotations)
     root = Path(image_root) if image_root else _default_image_root(folder)
-    validator = Validator(str(folder), on_error, min_inside)
+    validator = Validator(str(folder), on_error, min_inside, allow_outside_root=allow_outside_root)
     known = set(classes) if classes is not None else None
     parsed = []
     seen: dict[Path, str] = {}
@@ -118,6 +120,8 @@ def _read_file(
         )
         return None
     image_path = _with_image_suffix(root / filename)
+    if not validator.inside_root(image_path, root, f"{xml_file}: filename"):
+        return None
     if check_images and not validator.image_file(image_path, f"{xml_file}: filename"):
         return None
     size = _size(tree, xml_file, image_path, validator, check_images)

@@ -10,7 +10,8 @@ segmentation polygon ``class x1 y1 x2 y2 ...`` whose bounding box is used. An
 image without a label file is a background image (no boxes), as in
 Ultralytics. Image sizes come from the image headers (no pixel decoding). An
 image listed twice in one split is read once; the repeat is reported as
-``duplicate_image``.
+``duplicate_image``. A list file's entry resolving outside the dataset root is
+dropped as ``outside_root`` unless ``allow_outside_root=True``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def read_yolo(
     prompt_fn: PromptFn = detection_prompt,
     on_error: OnError = "drop",
     min_inside: float = 0.5,
+    allow_outside_root: bool = False,
 ) -> SampleSet:
     """Detection samples of the given splits (default: all of train/val/test the YAML names).
 
@@ -56,7 +58,7 @@ def read_yolo(
     names = _class_names(config, data_yaml)
     classes = list(names.values())
     wanted = [s for s in SPLITS if config.get(s)] if splits is None else list(splits)
-    validator = Validator(str(data_yaml), on_error, min_inside)
+    validator = Validator(str(data_yaml), on_error, min_inside, allow_outside_root=allow_outside_root)
     prompt = prompt_fn(classes)
     samples = []
     for split in wanted:
@@ -137,8 +139,9 @@ def _listed_images(list_file: Path, root: Path, validator: Validator) -> list[tu
         path = Path(name)
         if not path.is_absolute():
             path = list_file.parent / path if name.startswith("./") else root / path
-        if validator.image_file(path, f"{list_file}:{lineno}"):
-            images.append((path, f"{list_file}:{lineno}"))
+        where = f"{list_file}:{lineno}"
+        if validator.inside_root(path, root, where) and validator.image_file(path, where):
+            images.append((path, where))
     return images
 
 
