@@ -350,3 +350,37 @@ def test_symlinked_root_and_images_linked_into_it_are_inside(tmp_path):
     (tmp_path / "link").symlink_to(real, target_is_directory=True)
     data = read_coco(tmp_path / "link" / "instances.json")  # a.png: absolute, under the target
     assert len(data) == 2 and not data.report.counts
+
+
+# ------------------------------------------------------------- 7. empty after filtering
+
+
+def test_require_samples_names_the_empty_file_and_why(tmp_path):
+    make_image(tmp_path / "images" / "a.png")
+    table = tmp_path / "data" / "train.csv"
+    table.parent.mkdir()
+    table.write_text(CSV_HEADER + "".join(f"{n}.png,64,48,dog,1,1,5,5\n" for n in "abc"))
+    data = read_csv_boxes(table)  # images looked up beside the table, not in images/
+    with pytest.raises(DataError) as raised:
+        data.require_samples()
+    message = str(raised.value)
+    assert message.startswith(f"{table}: no samples: 3 dropped: missing_image (e.g. {table}:2")
+    assert f"images are looked up in {table.parent}; pass image_root=" in message
+    good = read_csv_boxes(table, tmp_path / "images")
+    assert good.require_samples() is good
+
+
+def test_require_samples_names_the_empty_split_of_a_merged_set(tmp_path):
+    make_image(tmp_path / "a.png")
+    (tmp_path / "train.csv").write_text(CSV_HEADER + "a.png,64,48,dog,1,1,5,5\n")
+    (tmp_path / "test.csv").write_text(CSV_HEADER + "gone.png,64,48,dog,1,1,5,5\n")
+    data = load_dataset({"train": tmp_path / "train.csv", "test": tmp_path / "test.csv"})
+    assert len(data) == 1
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'test.csv'}: no samples: 1 dropped"):
+        data.require_samples()
+
+
+def test_require_samples_on_a_file_without_records(tmp_path):
+    path = coco(tmp_path, images=[], annotations=[])
+    with pytest.raises(DataError, match="instances.json: no samples: it lists no images"):
+        read_coco(path).require_samples()

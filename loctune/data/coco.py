@@ -117,9 +117,7 @@ class CocoIndex:
         path = resolve(self.image_root, str(img["file_name"]))
         if not self.validator.inside_root(path, self.image_root, f"{where}: file_name"):
             return None
-        if self.check_images and not self.validator.image_file(
-            path, where, f" (image_root={self.image_root}; pass image_root= to change it)"
-        ):
+        if self.check_images and not self.validator.image_file(path, where, self.image_root):
             return None
         declared = declared_size(img.get("width"), img.get("height"))
         size = checked_size(

@@ -51,6 +51,19 @@ class SampleSet(Sequence[Sample]):
     def n_boxes(self) -> int:
         return sum(len(s.boxes) for s in self.samples)
 
+    def require_samples(self) -> SampleSet:
+        """This set, when every file read gave samples; else a :class:`DataError` naming each
+        file that gave none with its main reasons (``160 dropped: missing_image (e.g. ...
+        images are looked up in DIR; pass image_root= ...)``). Call it before creating a run
+        folder, so that a wrong ``image_root`` is one clear line, not an empty run."""
+        if self.report.parts:
+            empty = [part for part in self.report.parts if part.n_samples == 0]
+        else:
+            empty = [] if self.samples else [self.report]
+        if empty:
+            raise DataError("\n".join(part.why_empty() for part in empty))
+        return self
+
 
 ImageSource = str | os.PathLike | Image.Image  # a file, or an image opened over bytes (hf)
 

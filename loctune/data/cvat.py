@@ -101,7 +101,7 @@ def _read_image(image: ET.Element, index: int, path: Path, root: Path, validator
         return None
     if not validator.inside_root(file, root, f"{where}: name"):
         return None
-    if not validator.image_file(file, where):
+    if not validator.image_file(file, where, root):
         return None
     if checked_size(size, file, f"{where}: width/height", validator) is None:
         return None

@@ -191,7 +191,9 @@ def read_referring_jsonl(
             )
             continue
         image_path = resolve(root, str(record["image"]))
-        if not validator.inside_root(image_path, root, f"{where}: image"):
+        if not validator.inside_root(image_path, root, f"{where}: image") or (
+            check_images and not validator.image_file(image_path, f"{where}: image", root)
+        ):
             continue
         size = _record_size(record, image_path, where, validator, sizes, check_images)
         if size is None:
@@ -256,8 +258,6 @@ def _record_size(
 ) -> tuple[int, int] | None:
     """Size from the record's width/height checked against the image header, else from the
     header (each once per image and declared size)."""
-    if check_images and not validator.image_file(image_path, f"{where}: image"):
-        return None
     declared = declared_size(record.get("width"), record.get("height"))
     key = (image_path, declared)
     if key not in cache:

@@ -85,6 +85,7 @@ class ValidationReport:
     counts: Counter = field(default_factory=Counter)
     kinds: dict[str, str] = field(default_factory=dict)
     examples: dict[str, list[Issue]] = field(default_factory=dict)
+    parts: list[ValidationReport] = field(default_factory=list)  # one per file, once merged
 
     def add(self, issue: Issue) -> None:
         self.counts[issue.reason] += 1
@@ -110,7 +111,9 @@ class ValidationReport:
         return self.count("skipped")
 
     def merge(self, other: ValidationReport) -> None:
-        """Fold another report (e.g. of another split file) into this one."""
+        """Fold another report (e.g. of another split file) into this one; ``parts`` keeps
+        each file's own report."""
+        self.parts.extend(other.parts or [other])
         self.n_samples += other.n_samples
         self.n_boxes += other.n_boxes
         for reason, issues in other.examples.items():
@@ -128,6 +131,14 @@ class ValidationReport:
             lines.append(f"  {self.kinds[reason]} {reason}: {n}")
             lines.extend(f"    {issue}" for issue in self.examples[reason])
         return "\n".join(lines)
+
+    def why_empty(self) -> str:
+        """Why this file gave no samples: its main reasons, counted, and the first example."""
+        if not self.counts:
+            return f"{self.source}: no samples: it lists no images"
+        main = self.counts.most_common(3)
+        reasons = "; ".join(f"{n} {self.kinds[reason]}: {reason}" for reason, n in main)
+        return f"{self.source}: no samples: {reasons} (e.g. {self.examples[main[0][0]][0]})"
 
     def to_dict(self) -> dict:
         return {
@@ -240,10 +251,14 @@ class Validator:
             return False
         return True
 
-    def image_file(self, path: str | os.PathLike, where: str, hint: str = "") -> bool:
-        """True if the image exists; otherwise the sample is dropped (recorded)."""
+    def image_file(
+        self, path: str | os.PathLike, where: str, root: str | os.PathLike | None = None
+    ) -> bool:
+        """True if the image exists; otherwise the sample is dropped (recorded), the message
+        naming ``root``, the folder images are looked up in, when the reader has one."""
         if os.path.isfile(path):
             return True
+        hint = f" (images are looked up in {root}; pass image_root= to change it)" if root else ""
         self.fail("missing_image", where, f"image file not found: {path}{hint}", unit="sample")
         return False
 
