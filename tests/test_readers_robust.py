@@ -310,7 +310,8 @@ def test_paths_climbing_out_of_the_root_are_dropped_in_every_format(tmp_path):
     root = tmp_path / "set"
     make_image(root / "a.png")
     images = [{"id": 1, "file_name": "../secret.png", "width": W, "height": H},
-              {"id": 2, "file_name": str(outside), "width": W, "height": H}]
+              {"id": 2, "file_name": str(make_image(tmp_path / "other.png")), "width": W,
+               "height": H}]
     annotations = [{"id": 10 + i, "image_id": i, "category_id": 1, "bbox": [1, 1, 5, 5]}
                    for i in (1, 2)]
     data = read_coco(coco(root, images=images, annotations=annotations))
@@ -384,3 +385,34 @@ def test_require_samples_on_a_file_without_records(tmp_path):
     path = coco(tmp_path, images=[], annotations=[])
     with pytest.raises(DataError, match="instances.json: no samples: it lists no images"):
         read_coco(path).require_samples()
+
+
+def test_cvat_and_label_studio_check_sizes_and_roots(tmp_path):
+    from loctune.data.cvat import read_cvat
+    from loctune.data.labelstudio import read_label_studio
+
+    make_image(tmp_path / "images" / "a.png")
+    make_image(tmp_path / "secret.png")
+    (tmp_path / "annotations.xml").write_text(
+        '<annotations><image id="0" name="a.png" width="80" height="60"/>'
+        '<image id="1" name="../secret.png" width="64" height="48"/></annotations>'
+    )
+    counts = read_cvat(tmp_path).report.counts
+    assert (counts["size_mismatch"], counts["outside_root"]) == (1, 1)
+    region = {"x": 10, "y": 10, "width": 20, "height": 20, "rectanglelabels": ["dog"],
+              "original_width": 64, "original_height": 64}
+    tasks = tmp_path / "images" / "tasks.json"
+    tasks.write_text(json.dumps([{"image": "/data/upload/1/a.png", "label": [region]}]))
+    data = read_label_studio(tasks)
+    assert len(data) == 0 and data.report.counts["size_mismatch"] == 1
+    assert "original_width/original_height" in data.report.examples["size_mismatch"][0].where
+
+
+def test_coco_two_image_records_for_one_file_keep_the_first(tmp_path):
+    images = [{"id": 1, "file_name": "a.png", "width": W, "height": H},
+              {"id": 2, "file_name": "./a.png", "width": W, "height": H}]
+    annotations = [{"id": 10 + i, "image_id": i, "category_id": 1, "bbox": [i, i, 5, 5]}
+                   for i in (1, 2)]
+    data = read_coco(coco(tmp_path, images=images, annotations=annotations))
+    assert [s.image_id for s in data] == ["1"] and data.report.counts["duplicate_image"] == 1
+    assert "images (id=1)" in data.report.examples["duplicate_image"][0].message

@@ -10,7 +10,9 @@ pycocotools does; ``include_crowd=True`` trains on them as boxes flagged in
 without annotations are kept as samples with no boxes (negatives for detection)
 unless ``keep_empty=False``. A repeated image or annotation ``id`` raises
 :class:`DataError` naming both positions (one record would silently replace
-the other). An image's ``width``/``height`` are checked against its header
+the other); a second image record for the same file is dropped as
+``duplicate_image`` (two samples would each teach the other's objects as
+background). An image's ``width``/``height`` are checked against its header
 (``check_images=True``, the default): a sample whose image has another size is
 dropped as ``size_mismatch``, since its boxes were drawn for another image.
 A ``file_name`` resolving outside ``image_root`` (``../``, absolute) is dropped
@@ -206,11 +208,14 @@ def read_coco(
 
     prompt = prompt_fn(index.classes)
     samples = []
+    seen: dict[Path, str] = {}
     for image_id, found in objects.items():
         image = index.image(image_id)
         if image is None:
             continue
         where = f"{path}: images (id={image_id})"
+        if not validator.unique_image(image.path, where, seen):
+            continue
         if not validator.keeps_image(where, len(found), invalid[image_id]):
             continue
         if not found and not keep_empty:
