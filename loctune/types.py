@@ -74,8 +74,8 @@ class Sample:
         try:
             self.image.load()  # an image opened lazily over bytes decodes here
         except (OSError, SyntaxError) as err:
-            where = self.meta.get("source", "in-memory image")
-            raise DataError(f"{where} (image_id {self.image_id!r}): cannot read image: {err}") from err
+            where = f"{self.meta.get('source', 'in-memory image')} (image_id {self.image_id!r})"
+            raise DataError(f"{where}: cannot read image: {err}") from err
         return self.image
 
     @property

@@ -9,8 +9,8 @@ ones Label Studio wrote (``/data/upload/3/8f2c-dog.jpg``,
 ``/data/local-files/?d=photos/dog.jpg``, a URL): they are looked up under
 ``image_root`` by the path, then by the file name, then by the name without the
 upload prefix; one that climbs out of ``image_root`` (``../``) is dropped as
-``outside_root`` unless ``allow_outside_root=True``. Rotated rectangles and non-rectangle regions are reported as
-skipped, not bent into boxes. A task whose ``original_width``/``original_height``
+``outside_root`` unless ``allow_outside_root=True``. Rotated rectangles and
+non-rectangle regions are reported as skipped, not bent into boxes. A task whose ``original_width``/``original_height``
 differ from the image file's header (e.g. sizes after an EXIF rotation the
 browser applied) is dropped as ``size_mismatch``.
 """

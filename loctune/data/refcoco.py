@@ -67,7 +67,9 @@ def read_refcoco(
     """
     refs_path, instances_path = Path(refs_path), Path(instances_path)
     _refuse_pickle(refs_path)
-    validator = Validator(str(refs_path), on_error, min_inside, allow_outside_root=allow_outside_root)
+    validator = Validator(
+        str(refs_path), on_error, min_inside, allow_outside_root=allow_outside_root
+    )
     root = Path(image_root) if image_root else instances_path.parent
     index = CocoIndex(instances_path, root, validator, check_images)
     refs = load_json(refs_path)

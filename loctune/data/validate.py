@@ -135,7 +135,8 @@ class ValidationReport:
     def why_empty(self) -> str:
         """Why this file gave no samples: its main reasons, counted, and the first example."""
         if not self.counts:
-            return f"{self.source}: no samples: it lists no images"
+            return (f"{self.source}: no samples, and nothing was dropped: it lists none (or "
+                    f"none of the splits asked for, or only empty images left out)")
         main = self.counts.most_common(3)
         reasons = "; ".join(f"{n} {self.kinds[reason]}: {reason}" for reason, n in main)
         return f"{self.source}: no samples: {reasons} (e.g. {self.examples[main[0][0]][0]})"

@@ -58,7 +58,9 @@ def read_yolo(
     names = _class_names(config, data_yaml)
     classes = list(names.values())
     wanted = [s for s in SPLITS if config.get(s)] if splits is None else list(splits)
-    validator = Validator(str(data_yaml), on_error, min_inside, allow_outside_root=allow_outside_root)
+    validator = Validator(
+        str(data_yaml), on_error, min_inside, allow_outside_root=allow_outside_root
+    )
     prompt = prompt_fn(classes)
     samples = []
     for split in wanted:
