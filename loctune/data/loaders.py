@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from loctune.data.coco import read_coco
-from loctune.data.common import SampleSet, detection_prompt, load_json
+from loctune.data.common import SampleSet, detection_prompt, load_json, read_text
 from loctune.data.csv_boxes import read_csv_boxes
 from loctune.data.cvat import is_cvat, read_cvat
 from loctune.data.labelstudio import is_label_studio, read_label_studio
@@ -190,7 +190,7 @@ def bccd(split: str = "all", root: str | os.PathLike | None = None, **options: A
              (("train", "trainval"), ("test", "test"))}
 
     def read(name: str) -> SampleSet:
-        names = stems[name].read_text(encoding="utf-8").split()
+        names = read_text(stems[name]).split()
         files = [root / "Annotations" / f"{stem}.xml" for stem in names]
         return read_voc(files, root / "JPEGImages", classes=BCCD_CLASSES, **options)
 
