@@ -417,3 +417,15 @@ def test_coco_two_image_records_for_one_file_keep_the_first(tmp_path):
     data = read_coco(coco(tmp_path, images=images, annotations=annotations))
     assert [s.image_id for s in data] == ["1"] and data.report.counts["duplicate_image"] == 1
     assert "images (id=1)" in data.report.examples["duplicate_image"][0].message
+
+
+def test_on_error_raise_turns_the_new_drops_into_errors(tmp_path):
+    make_image(tmp_path / "a.png")
+    table = tmp_path / "boxes.csv"
+    table.write_text(CSV_HEADER + "/etc/hosts.png,64,48,dog,1,1,5,5\n")
+    with pytest.raises(DataError, match=rf"{table}:2: filename: image path /etc/hosts.png is "
+                                        rf"outside the dataset root"):
+        read_csv_boxes(table, on_error="raise")
+    table.write_text(CSV_HEADER + "a.png,60,48,dog,1,1,5,5\n")
+    with pytest.raises(DataError, match=r"boxes\.csv:2: width/height: declared 60x48"):
+        read_csv_boxes(table, on_error="raise")
