@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from loctune import report
-from loctune.config import changed_fields, config_to_dict, save_config
+from loctune.config import ConfigError, changed_fields, config_to_dict, save_config
 
 
 class CellGrid:
@@ -47,7 +47,7 @@ class CellGrid:
                 if not any(key == r or key.startswith(r + ".") for r in rerunnable)
             )
             if changed:
-                raise ValueError(
+                raise ConfigError(
                     f"{self.config_path}: this study was run with other settings "
                     f"({', '.join(changed)}); its finished cells would not match. "
                     "Use another out_dir, or the saved settings."

@@ -16,6 +16,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from loctune.config import ConfigError
+from loctune.run_config import DataOptions
+from loctune.types import DataError
+
 if TYPE_CHECKING:
     from loctune.types import Sample
 
@@ -37,12 +41,39 @@ SYNTHETIC_SIZES = {"train": 1000, "val": 200, "test": 500}
 VAL_FRACTION = 0.1
 
 
-class UsageError(ValueError):
+class UsageError(ConfigError):
     """Bad command-line input, reported in one line rather than a traceback."""
 
 
+def _number(kind: type, low: float, high: float = float("inf"), open_high: bool = False):
+    """An argparse ``type=`` that refuses values outside ``[low, high]`` (``high`` excluded with
+    ``open_high``) and non-finite ones, so ``--max-new-tokens -1`` is a usage error."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if not (low <= value <= high) or (open_high and value == high):
+            bound = f"< {high:g}" if open_high else f"<= {high:g}"
+            raise argparse.ArgumentTypeError(
+                f"expected {low:g} <= value" + ("" if high == float("inf") else f" {bound}")
+                + f", got {text}"
+            )
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+_COUNT = _number(int, 0)
+_POSITIVE = _number(int, 1)
+_FRACTION = _number(float, 0.0, 1.0)
+
+
 def load_splits(
-    spec: str, sizes: Mapping[str, int | None], image_size: int = 64
+    spec: str, sizes: Mapping[str, int | None], image_size: int = 64,
+    options: DataOptions | None = None,
 ) -> dict[str, list[Sample]]:
     """The splits named in ``sizes`` of a dataset spec, each cut to its size (None: all).
 
@@ -51,11 +82,18 @@ def load_splits(
     (``meta["split"]``) is used as it is; a dataset without one is whichever split
     is asked for. When ``train`` and ``val`` are asked for and the data has no val
     split, ``val`` is carved from the training images (:data:`VAL_FRACTION`, by
-    image, seed 0), so the CLI never scores an image it trained on.
+    image, seed 0), so the CLI never scores an image it trained on. A dataset that
+    reads as no samples at all is a :class:`DataError` saying which file and why.
     """
     if spec in SYNTHETIC_TASKS:
-        from loctune.data.synthetic import make_split
+        from loctune.data.synthetic import SPLITS, make_split
 
+        if options is not None and options != DataOptions():
+            raise UsageError(f"--data {spec}: generated data takes no reader options "
+                             "(--format, --image-root, --instances, --allow-outside-root)")
+        unknown = [split for split in sizes if split not in SPLITS]
+        if unknown:
+            raise UsageError(f"--data {spec}: no {unknown[0]!r} split; it has {list(SPLITS)}")
         return {
             split: make_split(SYNTHETIC_TASKS[spec], split,
                               SYNTHETIC_SIZES.get(split, 200) if n is None else n,
@@ -64,15 +102,17 @@ def load_splits(
         }
     from loctune.data import dataset_splits, load_dataset, raccoon, split_by_image
 
+    reader_options = (options or DataOptions()).reader_options()
     if spec == "raccoon":
-        samples = raccoon("all").samples
+        read = raccoon("all", **reader_options)
     elif not Path(spec).exists():
         raise FileNotFoundError(
             f"--data {spec}: no such file or directory (expected a data.yaml, COCO .json, "
             f"VOC folder, .csv or .jsonl, or one of {[*SYNTHETIC_TASKS, 'raccoon']})"
         )
     else:
-        samples = load_dataset(spec).samples
+        read = load_dataset(spec, (options or DataOptions()).format, **reader_options)
+    samples = read.require_samples().samples
     own = dataset_splits(samples)
     carve_val = "train" in sizes and "val" in sizes
     if own is None:
@@ -105,6 +145,8 @@ def _method_loss(method: str):
 _TRAIN_FLAGS = {
     "model": "model.name", "codec": "model.codec", "dtype": "model.dtype", "lora": "model.lora",
     "qlora": "model.qlora", "freeze_vision": "model.freeze_vision", "data": "data",
+    "format": "data_options.format", "image_root": "data_options.image_root",
+    "instances": "data_options.instances", "allow_outside_root": "data_options.allow_outside_root",
     "n_train": "n_train", "n_val": "n_val", "max_new_tokens": "max_new_tokens",
     "steps": "train.steps", "epochs": "train.epochs", "batch": "train.batch_size",
     "lr": "train.lr", "mixed_precision": "train.mixed_precision",
@@ -122,15 +164,12 @@ def run_config_from_args(args):
 
     flags = [f"{field}={getattr(args, flag)}" for flag, field in _TRAIN_FLAGS.items()
              if getattr(args, flag) is not None and getattr(args, flag) is not False]
-    try:
-        cfg = load_config(RunConfig, args.config) if args.config else RunConfig()
-        top = set(config_to_dict(cfg))
-        routed = [o if o.partition("=")[0].split(".")[0].strip() in top else f"train.{o}"
-                  for o in args.overrides]
-        parse_overrides(args.overrides)  # the override's own syntax errors name it as typed
-        cfg = apply_overrides(cfg, [*flags, *routed])
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    cfg = load_config(RunConfig, args.config) if args.config else RunConfig()
+    top = set(config_to_dict(cfg))
+    routed = [o if o.partition("=")[0].split(".")[0].strip() in top else f"train.{o}"
+              for o in args.overrides]
+    parse_overrides(args.overrides)  # the override's own syntax errors name it as typed
+    cfg = apply_overrides(cfg, [*flags, *routed])
     if args.method:
         cfg = replace(cfg, train=replace(cfg.train, loss=_method_loss(args.method)))
     if not cfg.data:
@@ -148,10 +187,13 @@ def cmd_train(args) -> int:
     run_dir = Path(args.project) / args.name if args.resume else increment_run_dir(
         args.project, args.name
     )
+    if args.resume and not (run_dir / "last").is_dir():
+        raise UsageError(f"--resume: {run_dir} has no last/ checkpoint to continue from "
+                         "(name the run with --project and --name)")
     cfg = replace(cfg, train=replace(cfg.train, run_dir=str(run_dir)))
     # n_val=0: no validation, so nothing is carved from the training images
     sizes = {"train": cfg.n_train} | ({} if cfg.n_val == 0 else {"val": cfg.n_val})
-    splits = load_splits(cfg.data, sizes)
+    splits = load_splits(cfg.data, sizes, options=cfg.data_options)
     train_samples, val_samples = splits["train"], splits.get("val", [])
     adapter = open_model(cfg.model, train_samples, seed=cfg.train.seed, target=cfg.data, log=print)
     print(f"training {cfg.model.name} on {cfg.data}: {len(train_samples)} train / "
@@ -180,7 +222,8 @@ def cmd_eval(args) -> int:
     from loctune.evaluate import evaluate, json_safe
     from loctune.models import load_model
 
-    samples = load_splits(args.data, {args.split: args.n})[args.split]
+    options = DataOptions(args.format, args.image_root, args.instances, args.allow_outside_root)
+    samples = load_splits(args.data, {args.split: args.n}, options=options)[args.split]
     adapter = load_model(args.model)
     result = evaluate(adapter, samples, batch_size=args.batch, max_new_tokens=args.max_new_tokens,
                       confidence=args.confidence, nms_iou=args.nms_iou or None)
@@ -239,14 +282,11 @@ def _run_study(args, config, run) -> int:
     a ready config), apply ``key=value`` overrides, run it, print its report's tables."""
     from loctune.config import apply_overrides, load_config
 
-    try:
-        if isinstance(config, type):
-            config = load_config(config, args.config) if args.config else config()
-            if args.out:
-                config = replace(config, out_dir=args.out)
-        config = apply_overrides(config, args.overrides)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    if isinstance(config, type):
+        config = load_config(config, args.config) if args.config else config()
+        if args.out:
+            config = replace(config, out_dir=args.out)
+    config = apply_overrides(config, args.overrides)
     t0 = time.time()
     path = run(config)
     print(path.read_text().split("![")[0])
@@ -268,7 +308,10 @@ def cmd_inspect(args) -> int:
         raise SystemExit("inspect: give --examples DIR --query IMAGE..., or --data DIR --eval")
     options = {k: v for k, v in (("dtype", args.dtype), ("codec", args.codec)) if v}
     adapter = load_model(args.model, **options)
-    tiling = Tiling.parse(args.tile, args.overlap) if args.tile else None
+    try:
+        tiling = Tiling.parse(args.tile, args.overlap) if args.tile else None
+    except ValueError as err:
+        raise UsageError(f"--{err}") from None
     out = increment_run_dir(args.project, args.name)
     if args.eval:
         samples = read_inspection_data(args.data)
@@ -303,6 +346,7 @@ def cmd_inspect(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from loctune.data import FORMATS
     from loctune.evaluate import CONFIDENCE_MODES, NMS_IOU
 
     p = argparse.ArgumentParser(prog="loctune", description=__doc__.splitlines()[0])
@@ -314,16 +358,24 @@ def build_parser() -> argparse.ArgumentParser:
         if needs_data:
             sp.add_argument("--data", required=required,
                             help="data.yaml, COCO json, VOC dir, CSV, JSONL, 'synthetic', 'raccoon'")
+            sp.add_argument("--format", choices=FORMATS,
+                            help="annotation format, when detection cannot tell")
+            sp.add_argument("--image-root",
+                            help="folder the annotation's image paths are relative to "
+                                 "(default: beside the annotation file)")
+            sp.add_argument("--instances", help="RefCOCO: the COCO instances file of the refs")
+            sp.add_argument("--allow-outside-root", action="store_true",
+                            help="read image paths that resolve outside the dataset root")
         sp.add_argument("--project", default=f"runs/{sp.prog.split()[-1]}")
         sp.add_argument("--name", default="exp")
-        sp.add_argument("--batch", type=int, default=None if sp.prog.endswith("train") else 8)
-        sp.add_argument("--max-new-tokens", type=int,
+        sp.add_argument("--batch", type=_POSITIVE, default=None if sp.prog.endswith("train") else 8)
+        sp.add_argument("--max-new-tokens", type=_POSITIVE,
                         help="generation length (default: room for the most boxes in the data)")
 
     def decoding(sp):
         sp.add_argument("--confidence", default="tokens", choices=CONFIDENCE_MODES,
                         help="detection score: all object tokens, location tokens, location mass")
-        sp.add_argument("--nms-iou", type=float, default=NMS_IOU,
+        sp.add_argument("--nms-iou", type=_FRACTION, default=NMS_IOU,
                         help="drop a detection overlapping a better one of its label by more "
                              "(0: keep all)")
 
@@ -335,19 +387,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         help="named method, e.g. ce, distance_inverse, gem_distance_inverse, gem:beta=2",
     )
-    t.add_argument("--steps", type=int)
-    t.add_argument("--epochs", type=float)
+    t.add_argument("--steps", type=_COUNT)
+    t.add_argument("--epochs", type=_number(float, 0.0))
     t.add_argument("--lr", type=float)
     t.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"])
-    t.add_argument("--lora", type=int, metavar="RANK", help="train a LoRA adapter of this rank")
+    t.add_argument("--lora", type=_POSITIVE, metavar="RANK", help="train a LoRA adapter of this rank")
     t.add_argument("--freeze-vision", action="store_true")
     t.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights dtype of a hub model")
     t.add_argument("--qlora", action="store_true", help="with --lora: load the base model in 4 bit (CUDA)")
     t.add_argument("--codec", help="codec spec overriding the model's, e.g. rowcol:grid=16, "
                                    "patch:grid=16, bins:n_bins=1000 (fresh small VLM: "
                                    "rowcol:grid=32)")
-    t.add_argument("--n-train", type=int)
-    t.add_argument("--n-val", type=int,
+    t.add_argument("--n-train", type=_COUNT)
+    t.add_argument("--n-val", type=_COUNT,
                    help="validation images (default: the data's val split, or 10%% of train); "
                         "0: none, train on every training image")
     t.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
@@ -360,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     common_model(e)
     e.add_argument("--split", default="test",
                    help="split to score; a file without splits is scored whole")
-    e.add_argument("--n", type=int)
+    e.add_argument("--n", type=_COUNT, help="first n images of the split only")
     decoding(e)
     e.set_defaults(func=cmd_eval)
 
@@ -370,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--prompt", required=True, help="referring expression or 'detect a ; b'")
     pr.add_argument("--task", choices=["grounding", "detection"],
                     help="default: detection for a prompt starting 'detect', else grounding")
-    pr.add_argument("--conf", type=float, default=0.0, help="drop detections scoring lower")
+    pr.add_argument("--conf", type=_FRACTION, default=0.0, help="drop detections scoring lower")
     pr.add_argument("--save-txt", action="store_true", help="also YOLO labels/<image>.txt")
     pr.add_argument("--save-coco", action="store_true", help="also COCO coco_results.json")
     decoding(pr)
@@ -403,17 +455,17 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--product", help="which product of --examples the queries are")
     ins.add_argument("--data", help="folder (MVTec layout) or 'synthetic', with --eval")
     ins.add_argument("--eval", action="store_true", help="score the test images of --data")
-    ins.add_argument("--n", type=int, help="--eval: first n test images only")
-    ins.add_argument("--k", type=int, default=2, help="good and defective examples each")
+    ins.add_argument("--n", type=_COUNT, help="--eval: first n test images only")
+    ins.add_argument("--k", type=_COUNT, default=2, help="good and defective examples each")
     ins.add_argument("--select", default="balanced", choices=["random", "balanced", "nearest"])
     ins.add_argument("--metric", default="cosine", choices=["cosine", "dot"],
                      help="similarity for --select nearest")
     ins.add_argument("--tile", help="ROWSxCOLS: global view plus crops per image, e.g. 2x2")
-    ins.add_argument("--overlap", type=float, default=0.0, help="crop overlap fraction")
-    ins.add_argument("--seed", type=int, default=0)
+    ins.add_argument("--overlap", type=_number(float, 0.0, 1.0, open_high=True), default=0.0, help="crop overlap fraction")
+    ins.add_argument("--seed", type=_COUNT, default=0)
     ins.add_argument("--dtype", help="fp32, bf16, fp16")
     ins.add_argument("--codec", help="box codec, e.g. qwen2vl for Qwen2-VL's own format")
-    ins.add_argument("--max-new-tokens", type=int, default=64)
+    ins.add_argument("--max-new-tokens", type=_POSITIVE, default=64)
     ins.add_argument("--project", default="runs/inspect")
     ins.add_argument("--name", default="exp")
     ins.set_defaults(func=cmd_inspect)
@@ -429,8 +481,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from loctune.data.validate import DataError
-
     parser = build_parser()
     # key=value overrides may sit anywhere among the options, as in Ultralytics' CLI;
     # argparse only gathers the first run of them into the positional.
@@ -442,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
-    except (UsageError, DataError, FileNotFoundError) as err:
+    except (ConfigError, DataError, FileNotFoundError) as err:
         print(f"loctune {args.command}: error: {err}", file=sys.stderr)
         return 2
 

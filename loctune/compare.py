@@ -75,6 +75,11 @@ class CompareConfig:
         if self.train.loss != LossConfig():
             raise ValueError("CompareConfig.train.loss is set per cell by methods; name the "
                              "variant there instead (e.g. methods=[ce, 'gem:beta=2'])")
+        for m in self.methods:  # fail before the first cell trains, not at the twentieth
+            try:
+                loss_config(m)
+            except (KeyError, TypeError, ValueError) as err:
+                raise ValueError(f"CompareConfig.methods: {m!r}: {err.args[0]}") from None
 
 
 #: CompareConfig fields that may change between runs of one comparison (more methods or
@@ -165,11 +170,6 @@ def run_cell(cfg: CompareConfig, grid: CellGrid, method: str, size: int, seed: i
 
 def run_compare(cfg: CompareConfig, progress: bool = True, log: Callable[[str], None] = print) -> Path:
     """Run every missing cell, then (re)write the report. Returns the report path."""
-    for m in cfg.methods:  # fail before the first cell trains, not at the twentieth
-        try:
-            loss_config(m)
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"CompareConfig.methods: {m!r}: {err.args[0]}") from None
     grid = CellGrid(cfg.out_dir, cfg, CONFIG_FILE, RERUNNABLE)
     pool, val, test = _loaders(cfg)
     rows = []

@@ -22,9 +22,16 @@ import yaml
 
 C = TypeVar("C")
 
+
+class ConfigError(ValueError):
+    """A config file, override or spec that cannot be used as given. It names the file or
+    override and the field, so the CLI reports it in one line rather than a traceback."""
+
 __all__ = [
+    "ConfigError",
     "apply_overrides",
     "changed_fields",
+    "coerce_options",
     "config_from_dict",
     "config_to_dict",
     "format_spec",
@@ -64,13 +71,13 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key or any(not part for part in key.split(".")):
-            raise ValueError(f"override {item!r} must look like 'key=value' or 'section.key=value'")
+            raise ConfigError(f"override {item!r} must look like 'key=value' or 'section.key=value'")
         *parents, leaf = key.split(".")
         node = out
         for part in parents:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ValueError(
+                raise ConfigError(
                     f"override {item!r} sets a field inside {part!r}, which is also set whole"
                 )
             node = child
@@ -107,17 +114,29 @@ def parse_spec(spec: str, what: str = "spec") -> tuple[str, dict[str, Any]]:
     name, sep, rest = spec.partition(":")
     name = name.strip()
     if not name:
-        raise ValueError(f"{what} {spec!r}: expected name or name:key=value,..., got no name")
+        raise ConfigError(f"{what} {spec!r}: expected name or name:key=value,..., got no name")
     options: dict[str, Any] = {}
     for item in rest.split(",") if sep and rest.strip() else ():
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
-            raise ValueError(f"{what} {spec!r}: expected name:key=value,key=value, got {item!r}")
+            raise ConfigError(f"{what} {spec!r}: expected name:key=value,key=value, got {item!r}")
         try:
             options[key.strip()] = yaml.safe_load(value) if value.strip() else ""
         except yaml.YAMLError:
-            raise ValueError(f"{what} {spec!r}: {key.strip()}={value!r} is not a value") from None
+            raise ConfigError(f"{what} {spec!r}: {key.strip()}={value!r} is not a value") from None
     return name, options
+
+
+def coerce_options(target: Any, options: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """``options`` for calling ``target`` (a class, dataclass or function), each converted to
+    the type its parameter is annotated with, so that ``gem:beta=abc`` fails naming ``beta``
+    and the type it expects rather than as a comparison deep inside. Unannotated or unknown
+    names pass through for ``target`` itself to refuse."""
+    if dataclasses.is_dataclass(target):
+        hints = typing.get_type_hints(target)
+    else:
+        hints = typing.get_type_hints(target.__init__ if isinstance(target, type) else target)
+    return {k: _coerce(v, hints[k], what, k) if k in hints else v for k, v in options.items()}
 
 
 def format_spec(name: str, options: Mapping[str, Any]) -> str:
@@ -129,7 +148,7 @@ def format_spec(name: str, options: Mapping[str, Any]) -> str:
             return spec
     except ValueError:
         pass
-    raise ValueError(f"{name} options {dict(options)} cannot be written as one spec string")
+    raise ConfigError(f"{name} options {dict(options)} cannot be written as one spec string")
 
 
 def _spec_value(value: Any) -> str:
@@ -154,13 +173,13 @@ def _read_file(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise ValueError(
-            f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}"
+        raise ConfigError(
+            f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {_one_line(err)}"
         ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(
+        raise ConfigError(
             f"{path}: expected a mapping of field names at the top level, got {type(data).__name__}"
         )
     return data
@@ -179,7 +198,7 @@ def _merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]
 
 def _build(cls: type, data: Mapping[str, Any], source: str, prefix: str):
     if not isinstance(data, Mapping):
-        raise ValueError(
+        raise ConfigError(
             f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}"
         )
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
@@ -192,25 +211,25 @@ def _build(cls: type, data: Mapping[str, Any], source: str, prefix: str):
                 f"; did you mean {close[0]!r}?" if close else f"; valid fields: {', '.join(fields)}"
             )
             where = value.source if isinstance(value, _Override) else source
-            raise ValueError(f"{where}: unknown field {prefix + key!r} for {cls.__name__}{hint}")
+            raise ConfigError(f"{where}: unknown field {prefix + key!r} for {cls.__name__}{hint}")
         kwargs[key] = _coerce(value, hints[key], source, prefix + key)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
-        raise ValueError(
+        raise ConfigError(
             f"{source}: invalid {cls.__name__}{' at ' + prefix.rstrip('.') if prefix else ''}: {err}"
         ) from None
 
 
 def _coerce(value: Any, tp: Any, source: str, key: str) -> Any:
-    """``value`` converted to field type ``tp``, or a ValueError naming ``key`` and the type."""
+    """``value`` converted to field type ``tp``, or a ConfigError naming ``key`` and the type."""
     if isinstance(value, _Override):
         source = value.source
         value = _override_value(value, tp)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
 
-    def fail() -> ValueError:
-        return ValueError(f"{source}: field {key!r} expects {_type_name(tp)}, got {value!r}")
+    def fail() -> ConfigError:
+        return ConfigError(f"{source}: field {key!r} expects {_type_name(tp)}, got {value!r}")
 
     if tp is Any:
         return value
@@ -226,7 +245,7 @@ def _coerce(value: Any, tp: Any, source: str, key: str) -> Any:
     if origin is Literal:
         if value in args:
             return value
-        raise ValueError(f"{source}: field {key!r} must be one of {list(args)}, got {value!r}")
+        raise ConfigError(f"{source}: field {key!r} must be one of {list(args)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -292,7 +311,15 @@ def _override_value(value: _Override, tp: Any) -> Any:
     try:
         return yaml.safe_load(value.text) if value.text else None
     except yaml.YAMLError as err:
-        raise ValueError(f"{value.source}: value is not valid YAML: {err}") from None
+        raise ConfigError(f"{value.source}: value is not valid YAML: {_one_line(err)}") from None
+
+
+def _one_line(err: Exception) -> str:
+    """A parser's message without its multi-line excerpt: the problem and where it is."""
+    mark = getattr(err, "problem_mark", None)
+    if mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {getattr(err, 'problem', err)}"
+    return " ".join(str(err).split())
 
 
 def _type_name(tp: Any) -> str:

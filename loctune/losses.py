@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from loctune.codecs.base import LocationSpace
-from loctune.config import parse_spec
+from loctune.config import coerce_options, parse_spec
 from loctune.targets import TargetSpec, make_targets
 from loctune.types import IGNORE_INDEX
 
@@ -753,8 +753,14 @@ def loss_config(name: str, **overrides) -> LossConfig:
         raise TypeError(
             f"unknown loss option(s) {sorted(unknown)}; LossConfig/TargetSpec fields only"
         )
-    target_overrides = {k: v for k, v in overrides.items() if k in target_fields}
-    config = replace(config, **{k: v for k, v in overrides.items() if k in loss_fields})
+    what = f"loss {name!r}"
+    target_overrides = coerce_options(
+        TargetSpec, {k: v for k, v in overrides.items() if k in target_fields}, what
+    )
+    loss_overrides = coerce_options(
+        LossConfig, {k: v for k, v in overrides.items() if k in loss_fields}, what
+    )
+    config = replace(config, **loss_overrides)
     if target_overrides:
         config = replace(config, targets=replace(config.targets, **target_overrides))
     return config

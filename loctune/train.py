@@ -38,13 +38,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from loctune.config import changed_fields, config_to_dict, save_config
+from loctune.config import ConfigError, changed_fields, config_to_dict, save_config
 from loctune.losses import LossConfig
 from loctune.models.base import VLMAdapter
 from loctune.report import read_jsonl
 from loctune.types import IGNORE_INDEX, Sample
 
-__all__ = ["SampleDataset", "TrainConfig", "TrainResult", "load_weights", "train"]
+__all__ = ["ResumeError", "SampleDataset", "TrainConfig", "TrainResult", "load_weights", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,12 @@ LossFn = Callable[..., torch.Tensor]
 
 _STATE_FILE = "trainer_state.json"
 _MANIFEST = "manifest.json"
+
+
+class ResumeError(ConfigError):
+    """A checkpoint this run cannot continue from: damaged, or trained another way."""
+
+
 #: LossConfig fields that choose how the loss is computed, not what it is: free to change on resume
 _KERNEL_FIELDS = ("kernel", "chunk_elements", "fused_chunk_rows")
 _WEIGHTS_FILE = "model.safetensors"
@@ -681,14 +687,14 @@ def _check_manifest(checkpoint: Path) -> None:
     """Refuse to resume from a checkpoint whose files differ from what was saved."""
     file = checkpoint / _MANIFEST
     if not file.is_file():
-        raise ValueError(
+        raise ResumeError(
             f"cannot resume from {checkpoint}: no {_MANIFEST} (written with every checkpoint; "
             "the save was interrupted or the folder comes from elsewhere). Use a new run_dir."
         )
     try:
         entries = json.loads(file.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{file}: corrupt checkpoint manifest ({err})") from None
+        raise ResumeError(f"{file}: corrupt checkpoint manifest ({err})") from None
     for name, entry in entries.items():
         path = checkpoint / name
         problem = (
@@ -699,7 +705,7 @@ def _check_manifest(checkpoint: Path) -> None:
             else None
         )
         if problem:
-            raise ValueError(
+            raise ResumeError(
                 f"cannot resume from {checkpoint}: {name} {problem}; the checkpoint is damaged. "
                 "Use a new run_dir, or resume=False."
             )
@@ -717,16 +723,7 @@ def _recipe(config: TrainConfig, adapter: VLMAdapter) -> dict[str, Any]:
     """What a resumed run must share with the saved one besides the data stream: the loss
     and the codec (their tensors may even fit, and train the wrong objective silently)."""
     loss = {k: v for k, v in config_to_dict(config.loss).items() if k not in _KERNEL_FIELDS}
-    return {"loss": loss, "codec": _codec_name(adapter.codec)}
-
-
-def _codec_name(codec: Any) -> str:
-    spec = getattr(codec, "spec", None)
-    if isinstance(spec, str):
-        return spec
-    space = getattr(codec, "space", None)
-    size = getattr(space, "size", None)
-    return f"{codec.name}:{size} location tokens" if size else str(codec.name)
+    return {"loss": loss, "codec": adapter.codec.spec}
 
 
 def _check_same_recipe(state: Mapping[str, Any], checkpoint: Path, recipe: dict) -> None:
@@ -736,7 +733,7 @@ def _check_same_recipe(state: Mapping[str, Any], checkpoint: Path, recipe: dict)
     changed = changed_fields(saved, recipe)
     if changed:
         detail = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items())
-        raise ValueError(
+        raise ResumeError(
             f"cannot resume from {checkpoint}: the run was trained otherwise ({detail}). "
             "Resume with the same settings, or start a new run_dir."
         )
@@ -775,7 +772,7 @@ def _read_state(checkpoint: Path) -> dict[str, Any]:
     try:
         return json.loads((checkpoint / _STATE_FILE).read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{checkpoint / _STATE_FILE}: corrupt trainer state ({err})") from None
+        raise ResumeError(f"{checkpoint / _STATE_FILE}: corrupt trainer state ({err})") from None
 
 
 def _check_same_data(
@@ -786,7 +783,7 @@ def _check_same_data(
     changed = {k: (state[k], v) for k, v in now.items() if state.get(k) != v}
     if changed:
         detail = ", ".join(f"{k}: {old} then, {new} now" for k, (old, new) in changed.items())
-        raise ValueError(
+        raise ResumeError(
             f"cannot resume from {checkpoint}: the data stream differs ({detail}); global batch is "
             "batch_size x grad_accum x processes. Use a new run_dir or resume=False."
         )

@@ -2,6 +2,7 @@
 
 import json
 import re
+from dataclasses import replace
 
 import pytest
 
@@ -45,10 +46,10 @@ def test_compare_writes_report_and_resumes(tmp_path):
 
 def test_unknown_methods_fail_before_training(tmp_path):
     cfg = tiny_config(tmp_path)
-    for bad, why in (("gem:bta=2", "unknown loss option"), ("l2", "unknown loss 'l2'")):
-        cfg.methods = ["ce", bad]
+    for bad, why in (("gem:bta=2", "unknown loss option"), ("l2", "unknown loss 'l2'"),
+                     ("gem:beta=abc", "loss 'gem': field 'beta' expects float")):
         with pytest.raises(ValueError, match=f"CompareConfig.methods: '{bad}': {why}"):
-            run_compare(cfg, progress=False, log=lambda _: None)
+            replace(cfg, methods=["ce", bad])
     assert not (tmp_path / "runs").exists()
 
 

@@ -165,7 +165,7 @@ def get_codec(spec: str | Mapping[str, Any], **options: Any) -> Codec:
     The codec's :attr:`~Codec.spec` is the canonical string of what built it, so a saved
     model records its codec as one string that rebuilds it.
     """
-    from loctune.config import parse_spec
+    from loctune.config import coerce_options, parse_spec
 
     if isinstance(spec, Mapping):
         opts = dict(spec)
@@ -177,6 +177,7 @@ def get_codec(spec: str | Mapping[str, Any], **options: Any) -> Codec:
     opts |= options
     if name not in _REGISTRY:
         raise KeyError(f"unknown codec {name!r}; available: {sorted(_REGISTRY)}")
+    opts = coerce_options(_REGISTRY[name], opts, f"codec {name!r}")
     try:
         codec = _REGISTRY[name](**opts)
     except TypeError as err:

@@ -113,7 +113,9 @@ def load_dataset(path_or_spec: Any, format: str | None = None, **options: Any) -
     if format is None:
         format = detect_format(path)
     if format not in FORMATS:
-        raise ValueError(f"unknown format {format!r}; expected one of {FORMATS}")
+        raise DataError(f"{path}: unknown format {format!r}; expected one of {FORMATS}")
+    if "instances" in options and format != "refcoco":
+        raise DataError(f"{path}: instances= is for RefCOCO refs files; this one reads as {format}")
     if format == "coco" and path.is_dir():
         return _load_roboflow_coco(path, options)
     if format == "yolo":

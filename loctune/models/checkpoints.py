@@ -9,6 +9,7 @@ that the config is today's default, so the shipped file and the command cannot d
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -25,8 +26,24 @@ SHIPPED: dict[str, tuple[str, str]] = {
 }
 
 
+#: a file that marks a folder as a checkpoint: loctune's small VLM, a HF model, a PEFT adapter
+CHECKPOINT_MARKERS = ("adapter.json", "config.json", "adapter_config.json")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
 def resolve_checkpoint(name_or_path: str) -> str:
-    """The folder of a shipped checkpoint's ``name``; anything else is returned unchanged."""
+    """The folder of a shipped checkpoint's ``name``; a checkpoint folder or a hub id as given.
+
+    Anything else is refused here, before a hub client turns a mistyped folder into a
+    puzzling repo-id error: a fresh small VLM (``small:PRESET``) is not a trained
+    checkpoint, a folder must hold one of :data:`CHECKPOINT_MARKERS`.
+    """
+    if name_or_path == "small" or name_or_path.startswith("small:"):
+        raise FileNotFoundError(
+            f"model {name_or_path!r} is a fresh, untrained small VLM; give a trained checkpoint "
+            "folder (e.g. runs/train/exp/model), a shipped checkpoint "
+            f"({', '.join(SHIPPED)}) or a hub id"
+        )
     if name_or_path in SHIPPED:
         folder = ASSETS / name_or_path
         if not (folder / "adapter.json").is_file():
@@ -35,4 +52,17 @@ def resolve_checkpoint(name_or_path: str) -> str:
                 f"{SHIPPED[name_or_path][1]}"
             )
         return str(folder)
+    path = Path(name_or_path)
+    if path.is_dir():
+        if not any((path / marker).is_file() for marker in CHECKPOINT_MARKERS):
+            raise FileNotFoundError(
+                f"model {name_or_path!r}: the folder holds no checkpoint (expected one of "
+                f"{', '.join(CHECKPOINT_MARKERS)})"
+            )
+        return name_or_path
+    if path.exists() or not _HUB_ID.fullmatch(name_or_path):
+        raise FileNotFoundError(
+            f"model {name_or_path!r}: no such checkpoint folder, shipped checkpoint "
+            f"({', '.join(SHIPPED)}) or hub id (a hub id looks like 'org/name')"
+        )
     return name_or_path

@@ -32,7 +32,7 @@ from loctune.models.small_vlm import (
     small_vlm_config,
 )
 from loctune.models.tokenizer import WordTokenizer
-from loctune.types import IGNORE_INDEX, Box, Sample
+from loctune.types import IGNORE_INDEX, Box, DataError, Sample
 
 ADAPTER_FILE = "adapter.json"
 
@@ -344,7 +344,7 @@ class SmallVLMAdapter(VLMAdapter):
                 longest, length = sample, n
         if longest is not None and length > self.config.max_positions:
             prompt = self.tokenizer.encode(longest.prompt)
-            raise ValueError(
+            raise DataError(
                 f"sample {longest.image_id!r} needs {length} positions ({self.config.n_image_tokens}"
                 f" image tokens, a {len(prompt)}-token prompt, its answer) but the model has "
                 f"max_positions={self.config.max_positions}: shorten the prompt (a reader's "

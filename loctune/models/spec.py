@@ -37,6 +37,20 @@ class ModelConfig:
     qlora: bool = False
     freeze_vision: bool = False
 
+    def __post_init__(self):
+        """Refuse an unknown preset or a codec spec that builds no codec before any work."""
+        from loctune.codecs import get_codec
+        from loctune.models.small_vlm import PRESETS
+
+        if self.is_fresh_small and self.preset not in PRESETS:
+            raise ValueError(f"name {self.name!r}: unknown small VLM preset {self.preset!r}; "
+                             f"available: {', '.join('small:' + p for p in PRESETS)}")
+        if self.codec is not None:
+            try:
+                get_codec(self.codec)
+            except (KeyError, TypeError, ValueError) as err:
+                raise ValueError(f"codec {self.codec!r}: {err.args[0]}") from None
+
     @property
     def is_fresh_small(self) -> bool:
         return self.name == "small" or self.name.startswith("small:")
@@ -89,11 +103,6 @@ def open_model(
         if target is not None:
             adapter.model.config = replace(adapter.model.config, trained_on=(*seen, target))
         return adapter
-    if not Path(cfg.name).exists() and cfg.name.count("/") != 1:
-        raise FileNotFoundError(
-            f"model {cfg.name!r}: no such checkpoint folder, shipped checkpoint or hub id "
-            "(a hub id looks like 'org/name')"
-        )
     from loctune.models.hf import load_adapter
 
     options: dict[str, Any] = {"codec": cfg.codec, "freeze_vision": cfg.freeze_vision}

@@ -65,12 +65,21 @@ def load_adapter(family_or_model_id: str, path: str | None = None, **options: An
     attn_implementation, codec (a spec: ``bins:n_bins=100``), lora, freeze_vision,
     gradient_checkpointing).
     """
-    if path is None:
-        path = family_or_model_id
-        family = detect_family(path)
-    else:
-        family = family_or_model_id
-    return adapter_class(family).from_pretrained(path, **options)
+    try:
+        if path is None:
+            path = family_or_model_id
+            family = detect_family(path)
+        else:
+            family = family_or_model_id
+        return adapter_class(family).from_pretrained(path, **options)
+    except OSError as err:
+        if Path(path).exists():
+            raise
+        # a hub id the hub could not serve (offline, private, mistyped): say so in one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FileNotFoundError(
+            f"model {path!r}: not a local folder, and the hub could not provide it: {first}"
+        ) from None
 
 
 __all__ = [
