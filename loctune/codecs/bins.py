@@ -20,6 +20,7 @@ from loctune.codecs.parsing import (
     dequantize,
     object_span,
     quantize,
+    read_index,
     token_pattern,
     token_runs,
     token_starts,
@@ -126,7 +127,7 @@ class BinCodec(Codec):
             result.n_malformed += int(len(run.tokens) % 4 != 0)  # a truncated or padded run
             for i in range(0, len(run.tokens) - 3, 4):
                 group = run.tokens[i : i + 4]
-                values = [int(m.group(1)) for m in group]
+                values = [read_index(m.group(1)) for m in group]
                 box = None
                 if all(k < self.n_bins for k in values):
                     box = self.locations_to_box(values, image_size)

@@ -19,6 +19,14 @@ from typing import NamedTuple
 from loctune.types import Box, Encoding, ObjectSpan, Span
 
 _TAG = re.compile(r"<[^<>]*>")
+#: digits read as a location number: ASCII only, as ``\d`` also matches Arabic-Indic or fullwidth
+#: digits, which no codec writes and ``int()`` would read
+DIGITS = "[0-9]+"
+#: more digits than any location index has
+MAX_DIGITS = 9
+#: what :func:`read_index` gives for a longer number: above every valid index, so range checks
+#: count the token as malformed
+TOO_BIG = 10**MAX_DIGITS
 
 
 def quantize(v: float, size: float, n: int, mode: str) -> int:
@@ -52,7 +60,13 @@ def token_pattern(fmt: str) -> re.Pattern:
     head, brace, tail = fmt.partition("{")
     if not brace or "}" not in tail:
         raise ValueError(f"token_format must contain one '{{}}' field for the index, got {fmt!r}")
-    return re.compile(re.escape(head) + r"(\d+)" + re.escape(tail.partition("}")[2]))
+    return re.compile(re.escape(head) + f"({DIGITS})" + re.escape(tail.partition("}")[2]))
+
+
+def read_index(digits: str) -> int:
+    """The number a run of ASCII digits spells, or :data:`TOO_BIG` when it has more digits
+    than any location index: ``int()`` of a long run is slow and past 4,300 digits raises."""
+    return int(digits) if len(digits) <= MAX_DIGITS else TOO_BIG
 
 
 def check_objects(
@@ -104,7 +118,7 @@ class TokenRun(NamedTuple):
 
     @property
     def values(self) -> list[int]:
-        return [int(m.group(1)) for m in self.tokens]
+        return [read_index(m.group(1)) for m in self.tokens]
 
 
 def token_runs(text: str, token: re.Pattern, label_first: bool, sep: str) -> list[TokenRun]:

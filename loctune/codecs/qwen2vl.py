@@ -12,16 +12,19 @@ from collections.abc import Sequence
 
 from loctune.codecs.base import Codec, register_codec
 from loctune.codecs.parsing import (
+    DIGITS,
     TextWriter,
     check_locations,
     check_objects,
     clean_label,
     object_span,
+    read_index,
 )
 from loctune.types import Box, DecodeResult, Detection, Encoding
 
 _BOX = re.compile(r"<\|box_start\|>(.*?)(?:<\|box_end\|>|(?=<\|box_start\|>)|$)", re.S)
-_CORNERS = re.compile(r"\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*,\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*")
+_NUMBER = rf"\s*({DIGITS})\s*"
+_CORNERS = re.compile(rf"\s*\({_NUMBER},{_NUMBER}\)\s*,\s*\({_NUMBER},{_NUMBER}\)\s*")
 _REF = re.compile(r"<\|object_ref_start\|>(.*?)<\|object_ref_end\|>", re.S)
 _MARKUP = re.compile(r"<\|(?:object_ref|box)_(?:start|end)\|>")  # no label may contain one
 SCALE = 1000
@@ -87,7 +90,7 @@ class Qwen2VLCodec(Codec):
                 label, label_span = clean_label(refs[-1].group(1)), refs[-1].span(1)
             last = m.end()
             corners = _CORNERS.fullmatch(m.group(1))
-            k = [int(v) for v in corners.groups()] if corners else []
+            k = [read_index(v) for v in corners.groups()] if corners else []
             if not k or max(k) > SCALE or k[2] <= k[0] or k[3] <= k[1]:
                 result.n_malformed += 1
                 continue

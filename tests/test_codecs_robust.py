@@ -1,0 +1,64 @@
+"""Decoding adversarial model output: huge numbers, non-ASCII digits, unclosed markup, fuzz.
+
+Every registered codec, built with its defaults, must read what it can and count
+the rest as malformed, never raise, and take time linear in the text.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from loctune.codecs import get_codec, list_codecs
+from loctune.codecs.parsing import TOO_BIG
+
+CODECS = {name: get_codec(name) for name in list_codecs()}
+ALL = pytest.mark.parametrize("codec", list(CODECS.values()), ids=list(CODECS))
+SIZE = (640, 480)
+BOX, LABEL = (64.0, 48.0, 320.0, 240.0), "dog"
+ARABIC_INDIC = str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩")
+FULLWIDTH = str.maketrans("0123456789", "０１２３４５６７８９")
+
+
+def with_first_number(codec, spell) -> str:
+    """One encoded object with the first number of its location text respelled by ``spell``."""
+    encoding = codec.encode_spans([BOX], [LABEL], SIZE)
+    start, end = encoding.spans[0].locations
+    text = encoding.text
+    number = re.compile("[0-9]+").search(text, start, end)
+    return text[: number.start()] + spell(number.group()) + text[number.end() :]
+
+
+def test_registry_has_seven_codecs():
+    assert sorted(CODECS) == [
+        "bins", "florence2", "kosmos2", "paligemma", "patch", "qwen2vl", "rowcol"
+    ]  # fmt: skip
+
+
+@ALL
+def test_the_unchanged_object_decodes(codec):
+    """The respelling helper changes nothing by itself: the baseline of the tests below."""
+    decoded = codec.decode(with_first_number(codec, lambda digits: digits), SIZE)
+    assert [d.label for d in decoded] == [LABEL] and decoded.n_malformed == 0
+
+
+@ALL
+@pytest.mark.parametrize("n_digits", [10, 4301, 100_000])
+def test_a_number_longer_than_any_index_is_malformed_not_raised(codec, n_digits):
+    """int() raises past 4,300 digits; such a number is no location, counted malformed."""
+    text = with_first_number(codec, lambda digits: "9" * n_digits)
+    decoded = codec.decode(text, SIZE)
+    assert decoded.detections == [] and decoded.n_malformed >= 1
+    assert codec.location_indices(text)[:1] in ([], [TOO_BIG])
+
+
+@ALL
+@pytest.mark.parametrize("digits", [ARABIC_INDIC, FULLWIDTH], ids=["arabic_indic", "fullwidth"])
+def test_non_ascii_digits_are_no_location(codec, digits):
+    """``\\d`` matches ``٠١`` and int() reads it; no codec writes such digits."""
+    text = with_first_number(codec, lambda ascii_digits: ascii_digits.translate(digits))
+    decoded = codec.decode(text, SIZE)
+    assert decoded.detections == []
+    original = codec.location_indices(with_first_number(codec, str))
+    assert len(codec.location_indices(text)) == max(len(original) - 1, 0)
