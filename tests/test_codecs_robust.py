@@ -12,6 +12,7 @@ import time
 
 import fuzz_texts
 import pytest
+import torch
 
 from loctune.codecs import get_codec, list_codecs
 from loctune.codecs.parsing import TOO_BIG
@@ -127,3 +128,20 @@ def test_long_generations_decode_in_linear_time(codec):
         start = time.perf_counter()
         codec.decode(text, SIZE)
         assert time.perf_counter() - start < 2.0, kind
+
+
+# --- Florence-2 bins in the boxes' own dtype -------------------------------------------------------
+
+
+def test_florence2_bins_a_tensor_in_its_dtype_as_transformers_does():
+    """310.4 px of 640 is 485.0 in float32 (transformers' quantize of a float32 tensor) but
+    484.99999999999994 in float64: the bin follows the dtype the boxes come in."""
+    codec, size = CODECS["florence2"], (640, 640)
+    box = [310.4, 310.4, 320.0, 320.0]
+    f32 = torch.tensor([box], dtype=torch.float32)
+    assert (f32 / (size[0] / 1000)).floor()[0, :2].tolist() == [485, 485]  # transformers' formula
+    assert codec.box_to_locations(f32[0], size)[:2] == [485, 485]
+    assert codec.box_to_locations(f32.numpy()[0], size)[:2] == [485, 485]
+    assert codec.location_indices(codec.encode(f32, [LABEL], size))[:2] == [485, 485]
+    assert codec.box_to_locations(box, size)[:2] == [484, 484]
+    assert codec.box_to_locations(torch.tensor(box, dtype=torch.float64), size)[:2] == [484, 484]

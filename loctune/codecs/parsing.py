@@ -16,6 +16,9 @@ import re
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
+import torch
+
 from loctune.types import Box, Encoding, ObjectSpan, Span
 
 _TAG = re.compile(r"<[^<>]*>")
@@ -33,12 +36,18 @@ def quantize(v: float, size: float, n: int, mode: str) -> int:
     """Coordinate ``v`` in ``[0, size]`` to a bin in ``[0, n-1]``; outside values clip.
 
     ``round``: big_vision/PaliGemma, ``round(v / size * (n-1))`` (ties to even,
-    as ``tf.round``); ``floor``: Florence-2, ``floor(v / (size / n))``.
+    as ``tf.round``); ``floor``: Florence-2, ``floor(v / (size / n))``. A torch or
+    numpy ``v`` is divided in its own dtype, as transformers divides a tensor of
+    boxes: 310.4 px of 640 is bin 485 in float32 but 484.99999999999994 in float64,
+    where a Python number is divided.
     """
+    if isinstance(v, np.ndarray | np.generic):
+        v = torch.from_numpy(np.asarray(v))  # numpy 1.x would divide a float32 in float64
     if mode == "round":
         k = round(v / size * (n - 1))
     elif mode == "floor":
-        k = math.floor(v / (size / n))
+        x = v / (size / n)
+        k = x.floor() if isinstance(x, torch.Tensor) else math.floor(x)
     else:
         raise ValueError(f"quantisation mode must be 'round' or 'floor', got {mode!r}")
     return min(max(int(k), 0), n - 1)
