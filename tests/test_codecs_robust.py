@@ -145,3 +145,22 @@ def test_florence2_bins_a_tensor_in_its_dtype_as_transformers_does():
     assert codec.location_indices(codec.encode(f32, [LABEL], size))[:2] == [485, 485]
     assert codec.box_to_locations(box, size)[:2] == [484, 484]
     assert codec.box_to_locations(torch.tensor(box, dtype=torch.float64), size)[:2] == [484, 484]
+
+
+def test_inspection_answer_naming_a_huge_image_number_is_malformed_not_raised():
+    """``image N:`` picks a crop; int() raised past 4,300 digits and read ``٣`` as 3."""
+    from loctune.inspect.answers import parse_answer
+    from loctune.inspect.tiling import Tiling
+
+    codec = CODECS["rowcol"]
+    boxes = codec.encode([BOX], [LABEL], SIZE)
+
+    def parse(number: str):
+        return parse_answer(
+            f"defective: scratch image {number}: {boxes}", codec, SIZE, Tiling(2, 2)
+        )
+
+    for number in ("9999", "9" * 5000):  # no such crop: the box is malformed
+        assert (parse(number).detections, parse(number).n_malformed_boxes) == ([], 1)
+    arabic = parse("3".translate(fuzz_texts.ARABIC_INDIC))  # no reference: read on the image
+    assert [d.box for d in arabic.detections] == [d.box for d in codec.decode(boxes, SIZE)]
