@@ -46,8 +46,7 @@ def quantize(v: float, size: float, n: int, mode: str) -> int:
     if mode == "round":
         k = round(v / size * (n - 1))
     elif mode == "floor":
-        x = v / (size / n)
-        k = x.floor() if isinstance(x, torch.Tensor) else math.floor(x)
+        k = math.floor(v / (size / n))
     else:
         raise ValueError(f"quantisation mode must be 'round' or 'floor', got {mode!r}")
     return min(max(int(k), 0), n - 1)
