@@ -95,7 +95,7 @@ def generation(codec: Codec, rng: random.Random) -> str:
 
 def long_texts(codec: Codec, rng: random.Random, n: int = 1 << 20) -> dict[str, str]:
     """Generations of ``n`` characters (1 MB), by kind: the shapes whose cost could grow
-    faster than the text (many objects, one tag repeated, one endless number)."""
+    faster than the text (many objects, one tag repeated, endless digits, one as a location)."""
     one_answer = answer(codec, rng)
     locations = set(codec.location_tokens)
     markup = {p for p in _PIECE.findall(one_answer) if p.startswith("<") and p not in locations}
@@ -104,6 +104,7 @@ def long_texts(codec: Codec, rng: random.Random, n: int = 1 << 20) -> dict[str, 
         "soup": soup(codec, rng, n // 4),
         "answers": one_answer * (n // len(one_answer) + 1),
         "digits": "1" * n,
+        "one number": re.sub("[0-9]+", "9" * n, one_answer, count=1),
     }
     texts |= {f"repeated {tag}": tag * (n // len(tag) + 1) for tag in tags}
     return {kind: text[:n] for kind, text in texts.items()}
