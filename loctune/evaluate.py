@@ -347,9 +347,9 @@ def _summarize(
     samples with ground truth whose generation yields no valid object;
     ``n_malformed`` counts broken fragments; ``suppressed_rate`` is the share of
     decoded objects dropped as duplicates; ``loc_entropy`` is the mean entropy
-    (nats) over all generated location tokens. Crowd regions a reader keeps in
-    ``Sample.meta["crowd"]`` (``[label, box]`` pairs) are passed to COCOeval as
-    crowd, so detections on them are neither true nor false positives.
+    (nats) over all generated location tokens. Crowd regions (see
+    :func:`_truth_and_crowd`) are passed to COCOeval as crowd, so detections on
+    them are neither true nor false positives.
     """
     if len(samples) != len(decoded):
         raise ValueError(f"{len(samples)} samples but {len(decoded)} decoded generations")
@@ -365,8 +365,8 @@ def _summarize(
 
     metrics: dict[str, float] = {}
     evaluation = None
-    truth = [_ground_truth(samples[i]) for i in detection]
-    crowd = [_crowd(samples[i]) for i in detection]
+    split = [_truth_and_crowd(samples[i]) for i in detection]
+    truth, crowd = [t for t, _ in split], [c for _, c in split]
     for prefix, field in (("", "detections"), ("ev_", "ev_detections")):
         if grounding:
             preds = [getattr(decoded[i], field) for i in grounding]
@@ -396,16 +396,24 @@ def _summarize(
     return metrics, evaluation
 
 
-def _ground_truth(sample: Sample) -> list[Detection]:
+def _truth_and_crowd(sample: Sample) -> tuple[list[Detection], list[Detection]]:
+    """The objects to find and the crowd regions, where COCOeval ignores detections:
+    ``meta["crowd"]`` (``[label, box]`` pairs, kept out of training) and the boxes
+    ``meta["iscrowd"]`` flags (trained on, as ``read_coco(include_crowd=True)`` reads them)."""
     if len(sample.labels) != len(sample.boxes):
         raise ValueError(
             f"sample {sample.image_id!r}: {len(sample.boxes)} boxes but {len(sample.labels)} labels"
         )
-    return [Detection(label, box) for box, label in zip(sample.boxes, sample.labels, strict=True)]
-
-
-def _crowd(sample: Sample) -> list[Detection]:
-    return [Detection(label, tuple(box)) for label, box in sample.meta.get("crowd", ())]
+    flags = sample.meta.get("iscrowd") or [False] * len(sample.boxes)
+    if len(flags) != len(sample.boxes):
+        raise ValueError(
+            f"sample {sample.image_id!r}: {len(sample.boxes)} boxes but {len(flags)} iscrowd flags"
+        )
+    truth = []
+    crowd = [Detection(label, tuple(box)) for label, box in sample.meta.get("crowd", ())]
+    for box, label, flag in zip(sample.boxes, sample.labels, flags, strict=True):
+        (crowd if flag else truth).append(Detection(label, tuple(box)))
+    return truth, crowd
 
 
 def evaluate_generations(
@@ -430,21 +438,29 @@ def _records(
     generations: Sequence[Generation],
     decoded: Sequence[DecodedGeneration],
 ) -> list[dict[str, Any]]:
-    return [
-        {
-            "image_id": s.image_id,
-            "task": s.task,
-            "prompt": s.prompt,
-            "text": g.text,
-            "detections": [asdict(det) for det in d.detections],
-            "ev_detections": [asdict(det) for det in d.ev_detections],
-            "n_malformed": d.n_malformed,
-            "n_suppressed": d.n_suppressed,
-            "image_size": list(s.image_size),
-            "gt": {"boxes": [list(b) for b in s.boxes], "labels": list(s.labels)},
-        }
-        for s, g, d in zip(samples, generations, decoded, strict=True)
-    ]
+    return [_record(s, g, d) for s, g, d in zip(samples, generations, decoded, strict=True)]
+
+
+def _record(s: Sample, g: Generation, d: DecodedGeneration) -> dict[str, Any]:
+    """One sample's prediction record; its ``gt`` holds the crowd regions apart, as
+    ``[label, box]`` pairs, so that the saved COCO files score as the metrics do."""
+    truth, crowd = _truth_and_crowd(s)
+    return {
+        "image_id": s.image_id,
+        "task": s.task,
+        "prompt": s.prompt,
+        "text": g.text,
+        "detections": [asdict(det) for det in d.detections],
+        "ev_detections": [asdict(det) for det in d.ev_detections],
+        "n_malformed": d.n_malformed,
+        "n_suppressed": d.n_suppressed,
+        "image_size": list(s.image_size),
+        "gt": {
+            "boxes": [list(t.box) for t in truth],
+            "labels": [t.label for t in truth],
+            "crowd": [[c.label, list(c.box)] for c in crowd],
+        },
+    }
 
 
 def evaluate(

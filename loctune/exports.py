@@ -28,8 +28,9 @@ def coco_image_ids(records: Sequence[Record]) -> list[int]:
 
 
 def coco_export(records: Sequence[Record], classes: Sequence[str]) -> tuple[dict, list[dict]]:
-    """``(ground_truth, results)``: a COCO instances dict of the records' truth and the
-    COCO results list (``image_id``, ``category_id``, xywh ``bbox``, ``score``).
+    """``(ground_truth, results)``: a COCO instances dict of the records' truth (their
+    ``gt["crowd"]`` regions with ``iscrowd=1``) and the COCO results list (``image_id``,
+    ``category_id``, xywh ``bbox``, ``score``).
 
     Category ``k + 1`` is ``classes[k]``; labels are matched after
     :func:`~loctune.metrics.normalize_label`, and a detection whose label is not a
@@ -43,13 +44,16 @@ def coco_export(records: Sequence[Record], classes: Sequence[str]) -> tuple[dict
         images.append({"id": image_id, "file_name": str(record["image_id"]), "width": width,
                        "height": height})
         gt = record.get("gt", {})
-        for box, label in zip(gt.get("boxes", ()), gt.get("labels", ()), strict=True):
+        objects = [(box, label, 0) for box, label in
+                   zip(gt.get("boxes", ()), gt.get("labels", ()), strict=True)]
+        objects += [(box, label, 1) for label, box in gt.get("crowd", ())]
+        for box, label, crowd in objects:
             category = category_id.get(normalize_label(label))
             if category is not None:
                 xywh = _xywh(box)
                 annotations.append({"id": len(annotations) + 1, "image_id": image_id,
                                     "category_id": category, "bbox": xywh,
-                                    "area": xywh[2] * xywh[3], "iscrowd": 0})
+                                    "area": xywh[2] * xywh[3], "iscrowd": crowd})
         for det in record["detections"]:
             category = category_id.get(normalize_label(det["label"]))
             if category is not None:

@@ -69,6 +69,24 @@ def test_florence2_bins_equal_transformers_quantize(florence_processor):
         assert [codec.box_to_locations(b, size) for b in boxes] == theirs.tolist()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_florence2_bins_of_a_tensor_equal_transformers_in_its_dtype(florence_processor, dtype):
+    """transformers quantises a tensor of boxes in its dtype; the codec, given that tensor (or
+    its numpy array), too: float32 and float64 bins differ at some one-decimal pixels."""
+    codec = get_codec("florence2")
+    rng = random.Random(3)
+    differ = 0
+    for _ in range(N_RANDOM):
+        size, boxes, labels = random_scene(rng)
+        boxes = torch.tensor([[round(v, 1) for v in b] for b in boxes], dtype=dtype)
+        theirs = florence_processor.post_processor.quantize(boxes, size).tolist()
+        assert [codec.box_to_locations(b, size) for b in boxes] == theirs
+        assert [codec.box_to_locations(b, size) for b in boxes.numpy()] == theirs
+        assert codec.location_indices(codec.encode(boxes, labels, size)) == sum(theirs, [])
+        differ += [codec.box_to_locations(b, size) for b in boxes.tolist()] != theirs
+    assert differ > 0 if dtype == torch.float32 else differ == 0
+
+
 def _assert_florence_decodes_alike(codec, processor, text: str, size, task: str = "<OD>"):
     ours = codec.decode(text, size)
     theirs = processor.post_process_generation(text=text, task=task, image_size=size)[task]

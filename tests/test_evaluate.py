@@ -246,7 +246,7 @@ def test_evaluate_grounding_known_scores_and_saved_files(tmp_path):
     assert len(lines) == 3
     first = json.loads(lines[0])
     assert first["detections"][0]["box"] == pytest.approx([20, 20, 44, 44])
-    assert first["gt"] == {"boxes": [[16, 16, 48, 48]], "labels": ["thing"]}
+    assert first["gt"] == {"boxes": [[16, 16, 48, 48]], "labels": ["thing"], "crowd": []}
     assert json.loads((tmp_path / "metrics.json").read_text())["acc50"] == pytest.approx(1 / 3)
 
 
@@ -317,6 +317,45 @@ def test_detections_on_crowd_regions_are_ignored_not_false_positives():
                                  ROWCOL, loc_ids())
     crowd = evaluate_generations([crowd_sample], [gen], ROWCOL, loc_ids())
     assert plain.metrics["ap50"] < 1 and crowd.metrics["ap50"] == pytest.approx(1.0)
+
+
+def test_coco_crowd_regions_reach_cocoeval_and_the_saved_files_as_crowd(tmp_path):
+    """A detection exactly on a COCO crowd region (ranked first) leaves AP50 at 1, as
+    pycocotools would score it, whether read_coco kept the region out of training or trained
+    on it (include_crowd=True); dropped, the region makes that detection a false positive.
+    The saved coco_gt.json keeps the region as iscrowd=1, so it scores the same."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from loctune.data import read_coco
+
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 64}],
+        "categories": [{"id": 1, "name": "thing"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 4, 24, 24]},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [44, 44, 16, 16], "iscrowd": 1},
+        ],
+    }))
+    gen = make_generation(detection_pieces((5, 5, 7, 7), (0, 0, 3, 3)))  # crowd region first
+    missed = make_generation(detection_pieces((0, 0, 3, 3)))  # a crowd region is no miss either
+    (kept_out,) = read_coco(path, check_images=False).samples
+    (trained_on,) = read_coco(path, check_images=False, include_crowd=True).samples
+    assert ROWCOL.decode(gen.text, SIZE).detections[0].box == (44, 44, 60, 60)
+    for crowd_sample in (kept_out, trained_on):
+        result = evaluate_generations([crowd_sample] * 2, [missed, gen], ROWCOL, loc_ids())
+        assert result.metrics["ap50"] == pytest.approx(1.0)
+        assert result.predictions[0]["gt"]["crowd"] == [["thing", [44, 44, 60, 60]]]
+    kept_out.meta["crowd"] = []
+    assert evaluate_generations([kept_out], [gen], ROWCOL, loc_ids()).metrics["ap50"] < 1
+
+    out = result.save(tmp_path / "eval")
+    gt = COCO(str(out / "coco_gt.json"))
+    assert [a["iscrowd"] for a in gt.dataset["annotations"]] == [0, 1] * 2
+    evaluator = COCOeval(gt, gt.loadRes(str(out / "coco_results.json")), "bbox")
+    evaluator.evaluate(), evaluator.accumulate(), evaluator.summarize()
+    assert evaluator.stats[1] == pytest.approx(1.0)
 
 
 def test_detection_eval_saves_per_class_coco_files_and_plots_that_pycocotools_reads(tmp_path):

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from loctune.codecs.parsing import read_index
 from loctune.types import Box, DecodeResult, Encoding
 
 
@@ -115,7 +116,7 @@ class Codec(ABC):
         """
         if self._token is None:
             return []
-        return [int(m.group(1)) for m in self._token.finditer(text)]
+        return [read_index(m.group(1)) for m in self._token.finditer(text)]
 
     @abstractmethod
     def box_to_locations(self, box: Box, image_size: tuple[int, int]) -> list[int]:

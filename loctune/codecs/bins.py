@@ -20,6 +20,7 @@ from loctune.codecs.parsing import (
     dequantize,
     object_span,
     quantize,
+    read_index,
     token_pattern,
     token_runs,
     token_starts,
@@ -126,7 +127,7 @@ class BinCodec(Codec):
             result.n_malformed += int(len(run.tokens) % 4 != 0)  # a truncated or padded run
             for i in range(0, len(run.tokens) - 3, 4):
                 group = run.tokens[i : i + 4]
-                values = [int(m.group(1)) for m in group]
+                values = [read_index(m.group(1)) for m in group]
                 box = None
                 if all(k < self.n_bins for k in values):
                     box = self.locations_to_box(values, image_size)
@@ -161,7 +162,11 @@ class PaliGemmaCodec(BinCodec):
 class Florence2Codec(BinCodec):
     """``<loc_0>``..``<loc_999>``, label then x1 y1 x2 y2, floor bins decoded at their centre.
 
-    The bins are exactly transformers' ``Florence2PostProcessor.quantize``; the
+    The bins are exactly transformers' ``Florence2PostProcessor.quantize`` of boxes
+    in the dtype they come in: a float32 tensor or array is divided in float32, as
+    transformers divides a float32 tensor, Python numbers in float64, as a float64
+    tensor. The two differ on some bin edges (310.4 px of 640 is bin 485 in float32,
+    484 in float64), so pass the tensor itself, not its ``tolist()``. The
     decoded box is its ``dequantize`` before the final ``.int()``: transformers
     truncates to whole pixels, loctune keeps the bin centre (up to one pixel
     more exact, and continuous for expected-value decoding). The centre is

@@ -21,6 +21,7 @@ from loctune.codecs.parsing import (
     check_objects,
     clean_label,
     object_span,
+    read_index,
     token_pattern,
     token_runs,
     token_starts,
@@ -103,7 +104,9 @@ class PatchCodec(Codec):
             result.n_malformed += len(run.tokens) % 2  # a truncated run
             for i in range(0, len(run.tokens) - 1, 2):
                 ul, lr = run.tokens[i : i + 2]
-                box = self._cells_to_box(int(ul.group(1)), int(lr.group(1)), image_size)
+                box = self._cells_to_box(
+                    read_index(ul.group(1)), read_index(lr.group(1)), image_size
+                )
                 if box is None:
                     result.n_malformed += 1
                     continue
@@ -213,7 +216,7 @@ class Kosmos2Codec(PatchCodec):
                 at += len(pair) + len(KOSMOS_DELIMITER)
                 box = None
                 if len(cells) == 2:
-                    box = self._cells_to_box(*(int(c.group(1)) for c in cells), image_size)
+                    box = self._cells_to_box(*(read_index(c.group(1)) for c in cells), image_size)
                 if box is None:
                     result.n_malformed += 1
                     continue

@@ -16,17 +16,33 @@ import re
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
+import torch
+
 from loctune.types import Box, Encoding, ObjectSpan, Span
 
 _TAG = re.compile(r"<[^<>]*>")
+#: digits read as a location number: ASCII only, as ``\d`` also matches Arabic-Indic or fullwidth
+#: digits, which no codec writes and ``int()`` would read
+DIGITS = "[0-9]+"
+#: more digits than any location index has
+MAX_DIGITS = 9
+#: what :func:`read_index` gives for a longer number: above every valid index, so range checks
+#: count the token as malformed
+TOO_BIG = 10**MAX_DIGITS
 
 
 def quantize(v: float, size: float, n: int, mode: str) -> int:
     """Coordinate ``v`` in ``[0, size]`` to a bin in ``[0, n-1]``; outside values clip.
 
     ``round``: big_vision/PaliGemma, ``round(v / size * (n-1))`` (ties to even,
-    as ``tf.round``); ``floor``: Florence-2, ``floor(v / (size / n))``.
+    as ``tf.round``); ``floor``: Florence-2, ``floor(v / (size / n))``. A torch or
+    numpy ``v`` is divided in its own dtype, as transformers divides a tensor of
+    boxes: 310.4 px of 640 is bin 485 in float32 but 484.99999999999994 in float64,
+    where a Python number is divided.
     """
+    if isinstance(v, np.ndarray | np.generic):
+        v = torch.from_numpy(np.asarray(v))  # numpy 1.x would divide a float32 in float64
     if mode == "round":
         k = round(v / size * (n - 1))
     elif mode == "floor":
@@ -52,7 +68,13 @@ def token_pattern(fmt: str) -> re.Pattern:
     head, brace, tail = fmt.partition("{")
     if not brace or "}" not in tail:
         raise ValueError(f"token_format must contain one '{{}}' field for the index, got {fmt!r}")
-    return re.compile(re.escape(head) + r"(\d+)" + re.escape(tail.partition("}")[2]))
+    return re.compile(re.escape(head) + f"({DIGITS})" + re.escape(tail.partition("}")[2]))
+
+
+def read_index(digits: str) -> int:
+    """The number a run of ASCII digits spells, or :data:`TOO_BIG` when it has more digits
+    than any location index: ``int()`` of a long run is slow and past 4,300 digits raises."""
+    return int(digits) if len(digits) <= MAX_DIGITS else TOO_BIG
 
 
 def check_objects(
@@ -104,7 +126,7 @@ class TokenRun(NamedTuple):
 
     @property
     def values(self) -> list[int]:
-        return [int(m.group(1)) for m in self.tokens]
+        return [read_index(m.group(1)) for m in self.tokens]
 
 
 def token_runs(text: str, token: re.Pattern, label_first: bool, sep: str) -> list[TokenRun]:

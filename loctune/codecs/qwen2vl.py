@@ -12,18 +12,19 @@ from collections.abc import Sequence
 
 from loctune.codecs.base import Codec, register_codec
 from loctune.codecs.parsing import (
+    DIGITS,
     TextWriter,
     check_locations,
     check_objects,
     clean_label,
     object_span,
+    read_index,
 )
 from loctune.types import Box, DecodeResult, Detection, Encoding
 
-_BOX = re.compile(r"<\|box_start\|>(.*?)(?:<\|box_end\|>|(?=<\|box_start\|>)|$)", re.S)
-_CORNERS = re.compile(r"\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*,\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*")
-_REF = re.compile(r"<\|object_ref_start\|>(.*?)<\|object_ref_end\|>", re.S)
-_MARKUP = re.compile(r"<\|(?:object_ref|box)_(?:start|end)\|>")  # no label may contain one
+_NUMBER = rf"\s*({DIGITS})\s*"
+_CORNERS = re.compile(rf"\s*\({_NUMBER},{_NUMBER}\)\s*,\s*\({_NUMBER},{_NUMBER}\)\s*")
+_MARKUP = re.compile(r"<\|(object_ref|box)_(start|end)\|>")  # no label may contain one
 SCALE = 1000
 
 
@@ -80,18 +81,35 @@ class Qwen2VLCodec(Codec):
         return out.encoding()
 
     def decode(self, text: str, image_size: tuple[int, int]) -> DecodeResult:
-        result, last, label, label_span = DecodeResult([]), 0, "", (0, 0)
-        for m in _BOX.finditer(text):
-            refs = list(_REF.finditer(text, last, m.start()))
-            if refs:
-                label, label_span = clean_label(refs[-1].group(1)), refs[-1].span(1)
-            last = m.end()
-            corners = _CORNERS.fullmatch(m.group(1))
-            k = [int(v) for v in corners.groups()] if corners else []
-            if not k or max(k) > SCALE or k[2] <= k[0] or k[3] <= k[1]:
-                result.n_malformed += 1
-                continue
-            span = object_span(None, len(result.detections), m.span(1), label_span)
-            result.detections.append(Detection(label, self.locations_to_box(k, image_size)))
-            result.spans.append(span)
+        """One pass over the markup, linear in the text (a regex per box was quadratic in
+        unclosed phrases). A box runs to its ``<|box_end|>``, the next ``<|box_start|>`` or
+        the end of the text; a phrase counts once closed before a box, and phrase markup
+        inside a box is part of that box's (then malformed) text."""
+        result, label, label_span = DecodeResult([]), "", (0, 0)
+        phrase = box = None  # where the open phrase's / box's text starts
+        for m in _MARKUP.finditer(text):
+            kind, edge = m.groups()
+            if kind == "box":
+                if box is not None:
+                    self._read_box(text, (box, m.start()), label, label_span, image_size, result)
+                    box = None
+                if edge == "start":
+                    phrase, box = None, m.end()
+            elif box is None and edge == "start":
+                phrase = m.end()
+            elif box is None and phrase is not None:
+                label, label_span = clean_label(text[phrase : m.start()]), (phrase, m.start())
+                phrase = None
+        if box is not None:
+            self._read_box(text, (box, len(text)), label, label_span, image_size, result)
         return result
+
+    def _read_box(self, text, span, label, label_span, image_size, result: DecodeResult) -> None:
+        """Add the box written at ``span`` to ``result``, or count it malformed."""
+        corners = _CORNERS.fullmatch(text, *span)
+        k = [read_index(v) for v in corners.groups()] if corners else []
+        if not k or max(k) > SCALE or k[2] <= k[0] or k[3] <= k[1]:
+            result.n_malformed += 1
+            return
+        result.spans.append(object_span(None, len(result.detections), span, label_span))
+        result.detections.append(Detection(label, self.locations_to_box(k, image_size)))

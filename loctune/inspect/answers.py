@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass, field
 
 from loctune.codecs import Codec
+from loctune.codecs.parsing import DIGITS, read_index
 from loctune.inspect.records import GOOD, is_defective
 from loctune.inspect.tiling import Tiling, crop_to_image, image_to_crop, merge_detections
 from loctune.types import Box, Detection, Sample
@@ -28,9 +29,9 @@ DEFECTIVE = "defective"
 VERDICTS = (GOOD, DEFECTIVE)
 
 _VERDICT = re.compile(rf"\s*({GOOD}|{DEFECTIVE})\b\s*:?", re.IGNORECASE)
-_IMAGE_REF = re.compile(r"\bimage\s+(\d+)\s*:", re.IGNORECASE)
+_IMAGE_REF = re.compile(rf"\bimage\s+({DIGITS})\s*:", re.IGNORECASE)
 #: where a defect type ends: the first box markup or image reference
-_TYPE_END = re.compile(r"<|\(|\[|\{|\bimage\s+\d+\s*:", re.IGNORECASE)
+_TYPE_END = re.compile(rf"<|\(|\[|\{{|\bimage\s+{DIGITS}\s*:", re.IGNORECASE)
 
 
 def answer_text(sample: Sample, codec: Codec, tiling: Tiling | None = None) -> str:
@@ -104,7 +105,8 @@ def parse_answer(
     found, bad = list(whole), whole.n_malformed
     for i, ref in enumerate(refs):
         segment = rest[ref.end() : refs[i + 1].start() if i + 1 < len(refs) else len(rest)]
-        number, index = int(ref[1]), int(ref[1]) - tiling.first_crop
+        number = read_index(ref[1])  # a number no crop has is an image the turn did not show
+        index = number - tiling.first_crop
         if number == 1 and tiling.global_size is not None:
             decoded = codec.decode(segment, image_size)
             found += list(decoded)
