@@ -385,3 +385,21 @@ def test_a_plain_train_validates_keeps_a_best_model_folder_that_eval_opens(tmp_p
     assert main(["eval", "--model", str(run / "best"), "--data", str(data), "--split", "val",
                  "--project", str(tmp_path / "eval"), "--max-new-tokens", "8"]) == 0
     assert json.loads((tmp_path / "eval" / "exp" / "metrics.json").read_text())["n_samples"] == 1
+
+
+def test_every_checkpoint_folder_a_run_writes_opens_with_model(tmp_path, capsys):
+    """best/, last/ and model/ each open with ``eval --model`` and ``predict --model``."""
+    data = WRITERS["yolo"](tmp_path / "data")
+    run = train("small:tiny", data, tmp_path / "runs", "--steps", "4", "--max-new-tokens", "8")
+    assert (run / "last" / "state" / "optimizer.bin").is_file()  # --resume's state beside it
+    for folder in ("best", "last", "model"):
+        project = tmp_path / "eval" / folder
+        assert main(["eval", "--model", str(run / folder), "--data", str(data), "--split", "val",
+                     "--project", str(project), "--max-new-tokens", "8"]) == 0, folder
+        assert json.loads((project / "exp" / "metrics.json").read_text())["n_samples"] == 1
+        assert main(["predict", "--model", str(run / folder), str(tmp_path / "data" / "images" / "val"),
+                     "--prompt", "detect square ; circle", "--max-new-tokens", "8",
+                     "--project", str(tmp_path / "predict" / folder)]) == 0, folder
+    assert train("small:tiny", data, tmp_path / "runs", "--steps", "5", "--max-new-tokens", "8",
+                 "--resume").name == "exp"  # last/ still resumes
+    assert records(run / "metrics.jsonl")[-1]["step"] == 5
