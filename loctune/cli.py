@@ -139,7 +139,7 @@ def run_config_from_args(args):
 
 
 def cmd_train(args) -> int:
-    from loctune.evaluate import evaluate
+    from loctune.evaluate import evaluate, json_safe
     from loctune.models.spec import open_model
     from loctune.train import train
 
@@ -156,23 +156,20 @@ def cmd_train(args) -> int:
     adapter = open_model(cfg.model, train_samples, seed=cfg.train.seed, target=cfg.data, log=print)
     print(f"training {cfg.model.name} on {cfg.data}: {len(train_samples)} train / "
           f"{len(val_samples)} val -> {run_dir}")
-    result = train(
-        adapter,
-        train_samples,
-        cfg.train,
-        eval_fn=(
-            lambda a: evaluate(
-                a, val_samples, max_new_tokens=cfg.max_new_tokens, progress=False
-            ).metrics
-        )
-        if val_samples
-        else None,
-        resume=args.resume,
-        run_record=cfg,
-    )
+    final = {}  # the latest validation in full: its predictions and plots go to run_dir/val
+
+    def validate(a):
+        final["val"] = evaluate(a, val_samples, max_new_tokens=cfg.max_new_tokens, progress=False)
+        return final["val"].metrics
+
+    result = train(adapter, train_samples, cfg.train, eval_fn=validate if val_samples else None,
+                   resume=args.resume, run_record=cfg)
     adapter.save_pretrained(str(run_dir / "model"))
-    print(json.dumps({k: round(v, 4) for k, v in result.metrics.items()}, indent=1))
-    print(f"results saved to {run_dir} (model: {run_dir / 'model'})")
+    if "val" in final:  # what `loctune eval` writes, for the final validation (last/'s weights)
+        final["val"].save(run_dir / "val", val_samples)
+    print(json.dumps(json_safe({k: round(v, 4) for k, v in result.metrics.items()}), indent=1))
+    plots = f"; final validation and its plots: {run_dir / 'val'}" if "val" in final else ""
+    print(f"results saved to {run_dir} (model: {run_dir / 'model'}{plots})")
     return 0
 
 

@@ -59,7 +59,7 @@ def draw_truth_and_predictions(
     detections: Sequence[Detection | Mapping],
     truth: Sequence[Sequence[float]],
     truth_labels: Sequence[str] = (),
-    height: int = 320,
+    height: int = 480,
 ) -> Image.Image:
     """Truth (left) and predictions (right) of one image, side by side at ``height`` px,
     each panel titled, so a reader compares them without the two sets of tags overlapping."""

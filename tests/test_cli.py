@@ -403,3 +403,24 @@ def test_every_checkpoint_folder_a_run_writes_opens_with_model(tmp_path, capsys)
     assert train("small:tiny", data, tmp_path / "runs", "--steps", "5", "--max-new-tokens", "8",
                  "--resume").name == "exp"  # last/ still resumes
     assert records(run / "metrics.jsonl")[-1]["step"] == 5
+
+
+def test_train_writes_the_final_validation_with_its_plots(tmp_path, capsys):
+    """run/val holds what `loctune eval` writes: PR curves, confusion matrix (its counts are
+    tested in test_metrics), truth | predicted images."""
+    from loctune.visualize import TRUTH_COLOR
+
+    data = WRITERS["yolo"](tmp_path / "data")
+    run = train("small:tiny", data, tmp_path / "runs", "--steps", "2", "--max-new-tokens", "8")
+    out = capsys.readouterr().out
+    assert "NaN" not in out and f"final validation and its plots: {run / 'val'}" in out
+    for name in ("results.png", "val/pr_curves.png", "val/confusion_matrix.png",
+                 "val/examples.png"):
+        with Image.open(run / name) as im:
+            im.verify()  # a whole, valid PNG
+            assert im.format == "PNG" and min(im.size) > 300, name
+    pixels = torch.tensor(list(Image.open(run / "val" / "examples.png").convert("RGB").tobytes()))
+    green = torch.tensor([int(TRUTH_COLOR[i : i + 2], 16) for i in (1, 3, 5)])
+    assert (pixels.view(-1, 3) == green).all(1).sum() > 100  # the truth box and its tag
+    for name in ("metrics.json", "per_class.csv", "predictions.jsonl", "coco_results.json"):
+        assert (run / "val" / name).is_file(), name
