@@ -180,7 +180,7 @@ def cmd_eval(args) -> int:
     samples = load_splits(args.data, {args.split: args.n})[args.split]
     adapter = load_model(args.model)
     result = evaluate(adapter, samples, batch_size=args.batch, max_new_tokens=args.max_new_tokens,
-                      confidence=args.confidence, nms_iou=args.nms_iou or None)
+                      confidence=args.confidence, nms_iou=args.nms_iou or None, conf=args.conf)
     out = increment_run_dir(args.project, args.name)
     result.save(out, samples)
     metrics = {k: round(v, 4) for k, v in result.metrics.items()}
@@ -300,7 +300,7 @@ def cmd_inspect(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from loctune.evaluate import CONFIDENCE_MODES, NMS_IOU
+    from loctune.evaluate import CONF, CONFIDENCE_MODES, NMS_IOU
 
     p = argparse.ArgumentParser(prog="loctune", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -358,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test",
                    help="split to score; a file without splits is scored whole")
     e.add_argument("--n", type=int)
+    e.add_argument("--conf", type=float, default=CONF,
+                   help="score from which a detection counts for precision, recall and the "
+                        "confusion matrix (AP uses every score)")
     decoding(e)
     e.set_defaults(func=cmd_eval)
 

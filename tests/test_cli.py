@@ -400,6 +400,10 @@ def test_every_checkpoint_folder_a_run_writes_opens_with_model(tmp_path, capsys)
         assert main(["predict", "--model", str(run / folder), str(tmp_path / "data" / "images" / "val"),
                      "--prompt", "detect square ; circle", "--max-new-tokens", "8",
                      "--project", str(tmp_path / "predict" / folder)]) == 0, folder
+    assert main(["eval", "--model", str(run / "last"), "--data", str(data), "--split", "val",
+                 "--project", str(tmp_path / "conf"), "--max-new-tokens", "8", "--conf", "0.5"]) == 0
+    metrics = json.loads((tmp_path / "conf" / "exp" / "metrics.json").read_text())
+    assert "recall@0.5" in metrics and "recall@0.25" not in metrics  # P/R at the chosen score
     assert train("small:tiny", data, tmp_path / "runs", "--steps", "5", "--max-new-tokens", "8",
                  "--resume").name == "exp"  # last/ still resumes
     assert records(run / "metrics.jsonl")[-1]["step"] == 5
