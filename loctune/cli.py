@@ -154,6 +154,9 @@ def cmd_train(args) -> int:
     splits = load_splits(cfg.data, sizes)
     train_samples, val_samples = splits["train"], splits.get("val", [])
     adapter = open_model(cfg.model, train_samples, seed=cfg.train.seed, target=cfg.data, log=print)
+    if cfg.model.codec is None and isinstance(getattr(adapter.codec, "spec", None), str):
+        # the record names the codec the model was opened with, not "the default" of today
+        cfg = replace(cfg, model=replace(cfg.model, codec=adapter.codec.spec))
     print(f"training {cfg.model.name} on {cfg.data}: {len(train_samples)} train / "
           f"{len(val_samples)} val -> {run_dir}")
     final = {}  # the latest validation in full: its predictions and plots go to run_dir/val

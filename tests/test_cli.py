@@ -392,6 +392,10 @@ def test_every_checkpoint_folder_a_run_writes_opens_with_model(tmp_path, capsys)
     data = WRITERS["yolo"](tmp_path / "data")
     run = train("small:tiny", data, tmp_path / "runs", "--steps", "4", "--max-new-tokens", "8")
     assert (run / "last" / "state" / "optimizer.bin").is_file()  # --resume's state beside it
+    # the run record names the codec it trained with, though none was given
+    record = (run / "config.yaml").read_text()
+    codec = json.loads((run / "last" / "adapter.json").read_text())["codec"]
+    assert f"codec: {codec}" in record or f"codec: '{codec}'" in record
     for folder in ("best", "last", "model"):
         project = tmp_path / "eval" / folder
         assert main(["eval", "--model", str(run / folder), "--data", str(data), "--split", "val",
