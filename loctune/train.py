@@ -373,6 +373,7 @@ def _run(
         _check_same_data(state, checkpoint, len(samples), global_batch, config.seed)
         _check_same_recipe(state, checkpoint, recipe)
     start = state["step"]
+    record = config if run_record is None else run_record
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if checkpoint:
@@ -382,10 +383,10 @@ def _run(
                 logger.info("no checkpoint in %s; starting from step 0", last_dir)
             for stale in (metrics_file, run_dir / "metrics.csv", last_dir, best_dir):
                 _remove(stale)
-        save_config(config if run_record is None else run_record, run_dir / "config.yaml")
+        save_config(record, run_dir / "config.yaml")
     accelerator.wait_for_everyone()
-    if config.log_with:
-        accelerator.init_trackers(run_dir.name, config=_flat(config_to_dict(config)))
+    if config.log_with:  # the trackers' hyperparameters are the run record too
+        accelerator.init_trackers(run_dir.name, config=_flat(config_to_dict(record)))
     interval = config.eval_interval(len(samples), global_batch)
 
     micro_per_step = config.grad_accum * world
