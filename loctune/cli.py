@@ -178,7 +178,7 @@ def run_config_from_args(args):
 
 
 def cmd_train(args) -> int:
-    from loctune.evaluate import evaluate
+    from loctune.evaluate import evaluate, json_safe
     from loctune.models.spec import open_model
     from loctune.train import train
 
@@ -196,25 +196,25 @@ def cmd_train(args) -> int:
     splits = load_splits(cfg.data, sizes, options=cfg.data_options)
     train_samples, val_samples = splits["train"], splits.get("val", [])
     adapter = open_model(cfg.model, train_samples, seed=cfg.train.seed, target=cfg.data, log=print)
+    if cfg.model.codec is None and isinstance(getattr(adapter.codec, "spec", None), str):
+        # the record names the codec the model was opened with, not "the default" of today
+        cfg = replace(cfg, model=replace(cfg.model, codec=adapter.codec.spec))
     print(f"training {cfg.model.name} on {cfg.data}: {len(train_samples)} train / "
           f"{len(val_samples)} val -> {run_dir}")
-    result = train(
-        adapter,
-        train_samples,
-        cfg.train,
-        eval_fn=(
-            lambda a: evaluate(
-                a, val_samples, max_new_tokens=cfg.max_new_tokens, progress=False
-            ).metrics
-        )
-        if val_samples
-        else None,
-        resume=args.resume,
-        run_record=cfg,
-    )
+    final = {}  # the latest validation in full: its predictions and plots go to run_dir/val
+
+    def validate(a):
+        final["val"] = evaluate(a, val_samples, max_new_tokens=cfg.max_new_tokens, progress=False)
+        return final["val"].metrics
+
+    result = train(adapter, train_samples, cfg.train, eval_fn=validate if val_samples else None,
+                   resume=args.resume, run_record=cfg)
     adapter.save_pretrained(str(run_dir / "model"))
-    print(json.dumps({k: round(v, 4) for k, v in result.metrics.items()}, indent=1))
-    print(f"results saved to {run_dir} (model: {run_dir / 'model'})")
+    if "val" in final:  # what `loctune eval` writes, for the final validation (last/'s weights)
+        final["val"].save(run_dir / "val", val_samples)
+    print(json.dumps(json_safe({k: round(v, 4) for k, v in result.metrics.items()}), indent=1))
+    plots = f"; final validation and its plots: {run_dir / 'val'}" if "val" in final else ""
+    print(f"results saved to {run_dir} (model: {run_dir / 'model'}{plots})")
     return 0
 
 
@@ -226,7 +226,7 @@ def cmd_eval(args) -> int:
     samples = load_splits(args.data, {args.split: args.n}, options=options)[args.split]
     adapter = load_model(args.model)
     result = evaluate(adapter, samples, batch_size=args.batch, max_new_tokens=args.max_new_tokens,
-                      confidence=args.confidence, nms_iou=args.nms_iou or None)
+                      confidence=args.confidence, nms_iou=args.nms_iou or None, conf=args.conf)
     out = increment_run_dir(args.project, args.name)
     result.save(out, samples)
     metrics = {k: round(v, 4) for k, v in result.metrics.items()}
@@ -347,7 +347,7 @@ def cmd_inspect(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from loctune.data import FORMATS
-    from loctune.evaluate import CONFIDENCE_MODES, NMS_IOU
+    from loctune.evaluate import CONF, CONFIDENCE_MODES, NMS_IOU
 
     p = argparse.ArgumentParser(prog="loctune", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -413,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test",
                    help="split to score; a file without splits is scored whole")
     e.add_argument("--n", type=_COUNT, help="first n images of the split only")
+    e.add_argument("--conf", type=_FRACTION, default=CONF,
+                   help="score from which a detection counts for precision, recall and the "
+                        "confusion matrix (AP uses every score)")
     decoding(e)
     e.set_defaults(func=cmd_eval)
 

@@ -45,6 +45,7 @@ from loctune.types import BOX_TASKS, Box, Detection, ObjectSpan, Sample
 ConfidenceMode = Literal["tokens", "loc_tokens", "loc_mass"]
 CONFIDENCE_MODES: tuple[str, ...] = ("tokens", "loc_tokens", "loc_mass")
 _EV_KEYS = ("acc50", "miou", "ap", "ap50", "ap75")  # metrics that depend on the boxes
+CONF = 0.25  # score from which a detection counts for precision, recall and confusion
 NMS_IOU = 0.7  # default duplicate suppression of detection answers (torchvision-style NMS)
 
 
@@ -331,13 +332,15 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def summarize(samples: Sequence[Sample], decoded: Sequence[DecodedGeneration]) -> dict[str, float]:
+def summarize(
+    samples: Sequence[Sample], decoded: Sequence[DecodedGeneration], conf: float = CONF
+) -> dict[str, float]:
     """Metrics of decoded generations against their samples (see :func:`_summarize`)."""
-    return _summarize(samples, decoded)[0]
+    return _summarize(samples, decoded, conf)[0]
 
 
 def _summarize(
-    samples: Sequence[Sample], decoded: Sequence[DecodedGeneration]
+    samples: Sequence[Sample], decoded: Sequence[DecodedGeneration], conf: float = CONF
 ) -> tuple[dict[str, float], DetectionEvaluation | None]:
     """Flat metrics, and the full evaluation of the detection samples' argmax boxes.
 
@@ -347,9 +350,11 @@ def _summarize(
     samples with ground truth whose generation yields no valid object;
     ``n_malformed`` counts broken fragments; ``suppressed_rate`` is the share of
     decoded objects dropped as duplicates; ``loc_entropy`` is the mean entropy
-    (nats) over all generated location tokens. Crowd regions (see
-    :func:`_truth_and_crowd`) are passed to COCOeval as crowd, so detections on
-    them are neither true nor false positives.
+    (nats) over all generated location tokens. Crowd regions a reader keeps in
+    ``Sample.meta["crowd"]`` (``[label, box]`` pairs) are passed to COCOeval as
+    crowd, so detections on them are neither true nor false positives. ``conf`` is the
+    score from which a detection counts for precision, recall and the confusion matrix
+    (AP uses every score).
     """
     if len(samples) != len(decoded):
         raise ValueError(f"{len(samples)} samples but {len(decoded)} decoded generations")
@@ -376,7 +381,7 @@ def _summarize(
             metrics.update({prefix + k: v for k, v in scores.items()})
         if detection:
             found = evaluate_detections(
-                [getattr(decoded[i], field) for i in detection], truth, crowd=crowd
+                [getattr(decoded[i], field) for i in detection], truth, crowd=crowd, conf=conf
             )
             evaluation = evaluation or found
             metrics.update(
@@ -423,13 +428,14 @@ def evaluate_generations(
     loc_token_ids: Sequence[int],
     confidence: ConfidenceMode = "tokens",
     nms_iou: float | None = NMS_IOU,
+    conf: float = CONF,
 ) -> EvalResult:
     """Score generations made elsewhere (one per sample, in order) as :func:`evaluate` does."""
     if len(samples) != len(generations):
         raise ValueError(f"{len(samples)} samples but {len(generations)} generations")
     decoder = GenerationDecoder(codec, loc_token_ids, confidence=confidence, nms_iou=nms_iou)
     decoded = [decoder(g, s.image_size, s.task) for s, g in zip(samples, generations, strict=True)]
-    metrics, detection = _summarize(samples, decoded)
+    metrics, detection = _summarize(samples, decoded, conf)
     return EvalResult(metrics, _records(samples, generations, decoded), detection)
 
 
@@ -472,6 +478,7 @@ def evaluate(
     score: bool = True,
     confidence: ConfidenceMode = "tokens",
     nms_iou: float | None = NMS_IOU,
+    conf: float = CONF,
 ) -> EvalResult:
     """Generate for every sample with ``adapter``, decode both ways and score.
 
@@ -479,7 +486,8 @@ def evaluate(
     four objects). ``score=False`` skips the metrics, for unlabelled images
     (prediction). ``confidence`` is the detection score, see
     :class:`GenerationDecoder`, as is ``nms_iou`` (duplicate suppression for
-    detection answers; ``None`` turns it off). The model is in eval mode for the run and put
+    detection answers; ``None`` turns it off); ``conf`` the score from which a detection
+    counts for precision, recall and the confusion matrix (``precision@<conf>``). The model is in eval mode for the run and put
     back in its previous mode afterwards, so a training loop can call this.
     """
     if not samples:
@@ -515,7 +523,7 @@ def evaluate(
                 bar.update(len(batch))
     finally:
         adapter.model.train(was_training)
-    metrics, detection = _summarize(samples, decoded) if score else ({}, None)
+    metrics, detection = _summarize(samples, decoded, conf) if score else ({}, None)
     return EvalResult(metrics, _records(samples, generations, decoded), detection)
 
 

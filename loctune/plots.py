@@ -22,15 +22,31 @@ def _pyplot():
     return plt
 
 
-def plot_results(rows: Sequence[Mapping[str, object]], path: str | Path) -> list[str]:
-    """One panel per numeric column of ``rows`` against ``step``, e.g. training loss and
-    validation AP50; rows lacking a column simply have no point there. Returns the columns
-    drawn."""
+#: what a results plot shows when the rows have any of it (a column's name after its last
+#: ``/``): training loss, lr and gradient norm, then the task's validation numbers
+RESULTS_COLUMNS = ("loss", "lr", "grad_norm", "ap", "ap50", "ap75", "ar100", "precision@*",
+                   "recall@*", "acc50", "miou", "unparseable_rate")
+
+
+def plot_results(
+    rows: Sequence[Mapping[str, object]], path: str | Path, columns: Sequence[str] | None = None
+) -> list[str]:
+    """One panel per column of ``rows`` against ``step``, e.g. training loss and validation
+    AP50; rows lacking a column simply have no point there. ``columns`` None: those named by
+    :data:`RESULTS_COLUMNS` in that order (``eval/ap`` is ``ap``), or every numeric column
+    when none is. Returns the columns drawn."""
+    from fnmatch import fnmatch
+
     plt = _pyplot()
-    columns = sorted({
+    numeric = sorted({
         k for r in rows for k, v in r.items()
         if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)
     })
+    if columns is None:
+        chosen = [k for pattern in RESULTS_COLUMNS for k in numeric
+                  if fnmatch(k.rsplit("/", 1)[-1], pattern)]
+        columns = list(dict.fromkeys(chosen)) or numeric
+    columns = [c for c in columns if c in numeric]
     if not columns:
         raise ValueError("plot_results: no numeric columns besides 'step' to plot")
     n_cols = min(4, len(columns))
@@ -44,6 +60,7 @@ def plot_results(rows: Sequence[Mapping[str, object]], path: str | Path) -> list
             ax.plot(x, y, marker="o" if len(pts) < 30 else None, markersize=3)
         ax.set_title(column, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
+        ax.set_ylabel(column.rsplit("/", 1)[-1], fontsize=8)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(columns):]:
         ax.axis("off")

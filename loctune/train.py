@@ -12,9 +12,11 @@ are worth knowing because experiments depend on them:
 * **The loss is normalised by the number of supervised tokens in the whole
   optimizer step** (all accumulated micro-batches on all processes), so gradient
   accumulation and multi-process training give the gradient of the same mean.
-* **Checkpoints resume exactly.** ``last/`` holds safetensors weights plus
-  optimizer, scheduler and RNG states (read back with ``weights_only=True``) and
-  the step; killing a run and resuming it ends in the same weights.
+* **Checkpoints resume exactly.** ``last/`` is a model folder ``load_model`` opens
+  (``loctune eval --model runs/train/exp/last``), with the full training state beside
+  it in ``last/state/``: safetensors weights plus optimizer, scheduler and RNG states
+  (read back with ``weights_only=True``) and the step; killing a run and resuming it
+  ends in the same weights.
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ class ResumeError(ConfigError):
 #: LossConfig fields that choose how the loss is computed, not what it is: free to change on resume
 _KERNEL_FIELDS = ("kernel", "chunk_elements", "fused_chunk_rows")
 _WEIGHTS_FILE = "model.safetensors"
+#: subfolder of ``last/`` holding Accelerate's state (the model folder is ``last/`` itself)
+_STATE_DIR = "state"
 MAX_AUTO_EVALS = 10  # eval_every=0: every epoch, but no more validations than this per run
 #: ``best_metric="auto"``: the first of these an evaluation reports (detection, grounding)
 MAIN_METRICS = ("ap", "acc50")
@@ -324,11 +328,15 @@ def train(
 
 
 def load_weights(adapter: VLMAdapter, checkpoint: str | Path) -> None:
-    """Load the weights of a ``last/`` checkpoint (or an FSDP/DeepSpeed run's ``best/``)
-    into ``adapter.model``; a single-device ``best/`` is a model folder: ``load_model`` it."""
+    """Load the training-state weights of a ``last/`` checkpoint (``last/state/``), or an
+    FSDP/DeepSpeed run's ``best/``, into ``adapter.model``; on a single device ``last/``
+    and ``best/`` are model folders as well: ``load_model`` them."""
     from accelerate.utils import load_checkpoint_in_model
 
     path = Path(checkpoint)
+    state = path / _STATE_DIR
+    if any(state.glob(f"{_WEIGHTS_FILE}*")):  # FSDP keeps its gathered file at the top
+        path = state
     file = path / _WEIGHTS_FILE if path.is_dir() else path
     if path.is_dir() and not file.exists():
         index = path / f"{_WEIGHTS_FILE}.index.json"
@@ -371,6 +379,7 @@ def _run(
         _check_same_data(state, checkpoint, len(samples), global_batch, config.seed)
         _check_same_recipe(state, checkpoint, recipe)
     start = state["step"]
+    record = config if run_record is None else run_record
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if checkpoint:
@@ -380,10 +389,10 @@ def _run(
                 logger.info("no checkpoint in %s; starting from step 0", last_dir)
             for stale in (metrics_file, run_dir / "metrics.csv", last_dir, best_dir):
                 _remove(stale)
-        save_config(config if run_record is None else run_record, run_dir / "config.yaml")
+        save_config(record, run_dir / "config.yaml")
     accelerator.wait_for_everyone()
-    if config.log_with:
-        accelerator.init_trackers(run_dir.name, config=_flat(config_to_dict(config)))
+    if config.log_with:  # the trackers' hyperparameters are the run record too
+        accelerator.init_trackers(run_dir.name, config=_flat(config_to_dict(record)))
     interval = config.eval_interval(len(samples), global_batch)
 
     micro_per_step = config.grad_accum * world
@@ -399,7 +408,9 @@ def _run(
             'set it to "auto" in the DeepSpeed config'
         )
     if checkpoint:
-        accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
+        # checkpoints written before last/ was a model folder hold the state at their top
+        state_dir = checkpoint / _STATE_DIR if (checkpoint / _STATE_DIR).is_dir() else checkpoint
+        accelerator.load_state(str(state_dir), load_kwargs={"weights_only": True})
         logger.info("resumed from %s at step %d", checkpoint, start)
 
     shift = not adapter.is_encoder_decoder
@@ -508,7 +519,8 @@ def _run(
                 "metrics": metrics,
                 "recipe": recipe,
             }
-            _publish(accelerator, last_dir, partial(_save_full_state, accelerator, state))
+            _publish(accelerator, last_dir,
+                     partial(_save_full_state, accelerator, adapter, module, state))
         # Events fire after the step's clock was read; keep them out of the next throughput window.
         if events:
             clock = time.perf_counter()
@@ -655,8 +667,8 @@ def _eval_line(step: int, epoch: float, values: Mapping[str, float]) -> str:
 
 
 def _save_model_folder(accelerator, adapter: VLMAdapter, module: nn.Module, directory: Path):
-    """``best/`` as a folder ``load_model`` opens (the adapter's own save), except under
-    FSDP/DeepSpeed, where only Accelerate can gather the sharded weights: there it
+    """``best/`` and ``last/`` as folders ``load_model`` opens (the adapter's own save),
+    except under FSDP/DeepSpeed, where only Accelerate can gather the sharded weights: there it
     holds ``model.safetensors`` for :func:`load_weights`."""
     from accelerate.utils import DistributedType
 
@@ -666,8 +678,13 @@ def _save_model_folder(accelerator, adapter: VLMAdapter, module: nn.Module, dire
         adapter.save_pretrained(str(directory))
 
 
-def _save_full_state(accelerator, state: dict[str, Any], directory: Path) -> None:
-    accelerator.save_state(str(directory))
+def _save_full_state(
+    accelerator, adapter: VLMAdapter, module: nn.Module, state: dict[str, Any], directory: Path
+) -> None:
+    """``last/``: the model folder (what ``best/`` holds) and, in ``state/``, Accelerate's
+    full training state; ``trainer_state.json`` and the manifest cover both."""
+    _save_model_folder(accelerator, adapter, module, directory)
+    accelerator.save_state(str(directory / _STATE_DIR))
     accelerator.wait_for_everyone()  # every process's RNG state is on disk before the manifest
     if accelerator.is_main_process:
         (directory / _STATE_FILE).write_text(json.dumps(state, indent=2))

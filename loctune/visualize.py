@@ -49,6 +49,7 @@ def draw_detections(
         )
         color = colors.setdefault(label, _COLORS[len(colors) % len(_COLORS)])
         pen.box([c * scale for c in box], color, f"{label} {score:.2f}")
+    pen.write_tags()  # after every outline, so no box line crosses a tag
     if path is not None:
         im.save(path)
     return im
@@ -59,7 +60,7 @@ def draw_truth_and_predictions(
     detections: Sequence[Detection | Mapping],
     truth: Sequence[Sequence[float]],
     truth_labels: Sequence[str] = (),
-    height: int = 320,
+    height: int = 480,
 ) -> Image.Image:
     """Truth (left) and predictions (right) of one image, side by side at ``height`` px,
     each panel titled, so a reader compares them without the two sets of tags overlapping."""
@@ -117,6 +118,7 @@ class _Pen:
         self.size = im.size
         self.width = width or max(2, round(max(im.size) / 250))
         self.font = font or ImageFont.load_default(size=max(12, round(min(im.size) * 0.04)))
+        self.pending: list[tuple[float, float, str, str]] = []
 
     def box(self, box: Sequence[float], color: str, label: str, below: bool = False) -> None:
         x0, y0, x1, y1 = box
@@ -129,7 +131,13 @@ class _Pen:
             y = y1 if y1 + h <= self.size[1] else y1 - h
         else:
             y = y0 - h if y0 - h >= 0 else y0
-        self.tag(x, y, label, color)
+        self.pending.append((x, y, label, color))
+
+    def write_tags(self) -> None:
+        """The tags of the boxes drawn so far, on top of every outline."""
+        for x, y, label, color in self.pending:
+            self.tag(x, y, label, color)
+        self.pending.clear()
 
     def tag(self, x: float, y: float, label: str, color: str) -> None:
         """``label`` on a filled ``color`` background with its top-left corner at (x, y)."""

@@ -385,3 +385,50 @@ def test_a_plain_train_validates_keeps_a_best_model_folder_that_eval_opens(tmp_p
     assert main(["eval", "--model", str(run / "best"), "--data", str(data), "--split", "val",
                  "--project", str(tmp_path / "eval"), "--max-new-tokens", "8"]) == 0
     assert json.loads((tmp_path / "eval" / "exp" / "metrics.json").read_text())["n_samples"] == 1
+
+
+def test_every_checkpoint_folder_a_run_writes_opens_with_model(tmp_path, capsys):
+    """best/, last/ and model/ each open with ``eval --model`` and ``predict --model``."""
+    data = WRITERS["yolo"](tmp_path / "data")
+    run = train("small:tiny", data, tmp_path / "runs", "--steps", "4", "--max-new-tokens", "8")
+    assert (run / "last" / "state" / "optimizer.bin").is_file()  # --resume's state beside it
+    # the run record names the codec it trained with, though none was given
+    record = (run / "config.yaml").read_text()
+    codec = json.loads((run / "last" / "adapter.json").read_text())["codec"]
+    assert f"codec: {codec}" in record or f"codec: '{codec}'" in record
+    for folder in ("best", "last", "model"):
+        project = tmp_path / "eval" / folder
+        assert main(["eval", "--model", str(run / folder), "--data", str(data), "--split", "val",
+                     "--project", str(project), "--max-new-tokens", "8"]) == 0, folder
+        assert json.loads((project / "exp" / "metrics.json").read_text())["n_samples"] == 1
+        assert main(["predict", "--model", str(run / folder), str(tmp_path / "data" / "images" / "val"),
+                     "--prompt", "detect square ; circle", "--max-new-tokens", "8",
+                     "--project", str(tmp_path / "predict" / folder)]) == 0, folder
+    assert main(["eval", "--model", str(run / "last"), "--data", str(data), "--split", "val",
+                 "--project", str(tmp_path / "conf"), "--max-new-tokens", "8", "--conf", "0.5"]) == 0
+    metrics = json.loads((tmp_path / "conf" / "exp" / "metrics.json").read_text())
+    assert "recall@0.5" in metrics and "recall@0.25" not in metrics  # P/R at the chosen score
+    assert train("small:tiny", data, tmp_path / "runs", "--steps", "5", "--max-new-tokens", "8",
+                 "--resume").name == "exp"  # last/ still resumes
+    assert records(run / "metrics.jsonl")[-1]["step"] == 5
+
+
+def test_train_writes_the_final_validation_with_its_plots(tmp_path, capsys):
+    """run/val holds what `loctune eval` writes: PR curves, confusion matrix (its counts are
+    tested in test_metrics), truth | predicted images."""
+    from loctune.visualize import TRUTH_COLOR
+
+    data = WRITERS["yolo"](tmp_path / "data")
+    run = train("small:tiny", data, tmp_path / "runs", "--steps", "2", "--max-new-tokens", "8")
+    out = capsys.readouterr().out
+    assert "NaN" not in out and f"final validation and its plots: {run / 'val'}" in out
+    for name in ("results.png", "val/pr_curves.png", "val/confusion_matrix.png",
+                 "val/examples.png"):
+        with Image.open(run / name) as im:
+            im.verify()  # a whole, valid PNG
+            assert im.format == "PNG" and min(im.size) > 300, name
+    pixels = torch.tensor(list(Image.open(run / "val" / "examples.png").convert("RGB").tobytes()))
+    green = torch.tensor([int(TRUTH_COLOR[i : i + 2], 16) for i in (1, 3, 5)])
+    assert (pixels.view(-1, 3) == green).all(1).sum() > 100  # the truth box and its tag
+    for name in ("metrics.json", "per_class.csv", "predictions.jsonl", "coco_results.json"):
+        assert (run / "val" / name).is_file(), name

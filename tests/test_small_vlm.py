@@ -49,6 +49,19 @@ def test_tokenizer_round_trip_unknown_words_and_files(tmp_path):
         WordTokenizer.from_pretrained(tmp_path)
 
 
+def test_class_names_with_digits_and_hyphens_stay_one_word_and_decode_as_written():
+    """Real datasets' names (microcontroller, NEU-DET): split at a digit or hyphen, they
+    decode as "heltec_esp 32 lora" and match no class."""
+    names = ["Heltec_ESP32_Lora", "ESP8266", "Raspberry_Pi_3", "rolled-in_scale"]
+    text = "detect " + " ; ".join(names)
+    assert WordTokenizer.split(text) == ["detect", "heltec_esp32_lora", ";", "esp8266", ";",
+                                         "raspberry_pi_3", ";", "rolled-in_scale"]
+    tok = WordTokenizer.from_texts([text], extra_tokens=["<b_0>"])
+    assert tok.decode(tok.encode("ESP8266 <b_0> rolled-in_scale")) == (
+        "esp8266 <b_0> rolled-in_scale")
+    assert WordTokenizer.split("2 squares, x-") == ["2", "squares", ",", "x", "-"]
+
+
 @pytest.mark.parametrize("codec", CODECS)
 def test_collate_labels_and_continuous_locations(samples, codec):
     adapter = build(codec)

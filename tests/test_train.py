@@ -166,9 +166,9 @@ def assert_same_weights(
 
 
 def checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    return {
-        k.removeprefix("model."): v for k, v in load_file(checkpoint / "model.safetensors").items()
-    }
+    """The weights of ``last/``'s training state (``last/state/``)."""
+    file = checkpoint / "state" / "model.safetensors"
+    return {k.removeprefix("model."): v for k, v in load_file(file).items()}
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -185,7 +185,10 @@ def test_a_few_steps_lower_the_loss_and_log_every_step(tmp_path):
     assert result.metrics["loss"] == records[-1]["loss"]
     assert result.step == 20 and result.best_checkpoint is None
     assert (tmp_path / "metrics.csv").read_text().splitlines()[0].startswith("step,")
-    assert (result.last_checkpoint / "model.safetensors").exists()
+    assert (result.last_checkpoint / "state" / "model.safetensors").exists()  # for --resume
+    # last/ is also the adapter's own model folder, which its from_pretrained reopens
+    assert_same_weights(weights(adapter),
+                        weights(TinyAdapter.from_pretrained(result.last_checkpoint)), atol=0)
 
 
 def test_schedule_warms_up_then_decays_to_min_lr(tmp_path):
@@ -556,8 +559,8 @@ def test_tensorboard_tracker_logs_under_the_run(tmp_path):
 def test_resume_refuses_a_damaged_checkpoint_naming_the_file(damage, tmp_path):
     train(make_adapter(), make_samples(), base_config(tmp_path), loss_fn=ce_loss)
     last = tmp_path / "last"
-    weights_file = next(last.glob("model*.safetensors"))
-    rng_file = next(last.glob("random_states*.pkl"))
+    weights_file = next(last.rglob("state/model*.safetensors"))
+    rng_file = next(last.rglob("random_states*.pkl"))
     if damage == "truncate":
         weights_file.write_bytes(weights_file.read_bytes()[:-100])
         expected = f"{weights_file.name} has"

@@ -51,3 +51,13 @@ def test_truth_tags_are_drawn_below_the_truth_box():
     green = tuple(int(TRUTH_COLOR[i : i + 2], 16) for i in (1, 3, 5))
     assert _colored(out, green, (103, 203, 110, 210)) > 0  # filled tag just below the bottom edge
     assert _colored(out, green, (103, 80, 110, 97)) == 0  # nothing above the box
+
+
+def test_no_box_line_crosses_another_boxes_tag():
+    """Tags are written after every outline: a later box through an earlier tag stays under it."""
+    im = Image.new("RGB", (400, 400), "black")
+    # the first box's tag sits above it, at about y 80..100; the second box's top edge runs at y 90
+    out = draw_detections(im, [Detection("cat", (100, 100, 300, 300), 0.9),
+                               Detection("dog", (50, 90, 350, 350), 0.8)], min_side=0)
+    first_tag = out.getpixel((102, 91))  # inside the first tag, on the second box's line
+    assert first_tag != (0, 200, 255)  # the dog's colour (#00c8ff) does not cut through it

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from loctune.boxes import iou_matrix
 from loctune.inspect.records import GOOD
 from loctune.types import Box, Detection, Sample
 
@@ -200,21 +199,19 @@ def image_to_crop(
 
 
 def nms(boxes: Sequence[Box], scores: Sequence[float], iou_threshold: float = 0.5) -> list[int]:
-    """Greedy non-maximum suppression: indices kept, highest score first."""
+    """Greedy non-maximum suppression (``torchvision.ops.nms``): indices kept, highest score
+    first; of equal scores the earlier box is kept."""
+    from torchvision.ops import nms as tv_nms
+
     if not boxes:
         return []
-    ious = iou_matrix(boxes, boxes)
     order = torch.argsort(
         torch.as_tensor(scores, dtype=torch.float64), descending=True, stable=True
     )
-    suppressed = torch.zeros(len(boxes), dtype=torch.bool)
-    keep = []
-    for i in order.tolist():
-        if suppressed[i]:
-            continue
-        keep.append(i)
-        suppressed |= ious[i] > iou_threshold
-    return keep
+    # rank as the score, so ties keep the earlier box whatever torchvision's sort does
+    ranks = torch.arange(len(order), 0, -1, dtype=torch.float64)
+    keep = tv_nms(torch.as_tensor(boxes, dtype=torch.float64)[order], ranks, iou_threshold)
+    return order[keep].tolist()
 
 
 def merge_detections(

@@ -1,8 +1,9 @@
 """A word-level tokenizer for the small VLM: a closed vocabulary, no network.
 
-Text splits into ``<...>`` special/location tokens, lower-cased words (an
-inner underscore, as in ``missing_piece``, keeps one word: it would otherwise be
-dropped), numbers and single punctuation marks. Words outside the vocabulary become ``<unk>``.
+Text splits into ``<...>`` special/location tokens, lower-cased words (a word starts
+with a letter and keeps its digits and inner ``_``/``-``, so class names such as
+``missing_piece``, ``ESP8266``, ``Raspberry_Pi_3`` or ``rolled-in_scale`` stay one token
+and decode as they were written), numbers and single punctuation marks. Words outside the vocabulary become ``<unk>``.
 Decoding writes ``<...>`` tokens back to back and spaces between words, the
 way codecs write them, so ``codec.decode(tokenizer.decode(ids))`` reads the
 boxes back.
@@ -17,7 +18,7 @@ from pathlib import Path
 
 PAD, BOS, EOS, UNK, SEP, IMAGE = "<pad>", "<bos>", "<eos>", "<unk>", "<sep>", "<image>"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, EOS, UNK, SEP, IMAGE)
-_PIECE = re.compile(r"<[^<>\s]+>|[^\W\d_]+(?:_[^\W\d_]+)*|\d+|[^\w\s]")
+_PIECE = re.compile(r"<[^<>\s]+>|[^\W\d_][^\W_]*(?:[_-][^\W_]+)*|\d+|[^\w\s]")
 
 
 class WordTokenizer:
