@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (ConfigError, DataError, FileNotFoundError, FloatingPointError) as err:
         print(f"loctune {args.command}: error: {err}", file=sys.stderr)
         return 2
 

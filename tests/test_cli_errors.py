@@ -41,6 +41,8 @@ def workdir(tmp_path_factory) -> Path:
     (root / "notes.txt").write_text("hello\n")
     (root / "empty").mkdir()
     (root / "small_runs" / "exp").mkdir(parents=True)
+    shutil.copytree(root / "model", root / "no_weights")
+    (root / "no_weights" / "model.safetensors").unlink()
     return root
 
 
@@ -75,7 +77,11 @@ BAD_COMMAND_LINES = [
     (["train", "--data", "synthetic", *T, "--image-root", "x"], "takes no reader options"),
     (["train", "--data", "synthetic", *T, "--resume", "--name", "never"],
      "has no last/ checkpoint"),
+    (["train", "--data", "synthetic", *T, "--model", M, "--codec", "rowcol:grid=4"],
+     "writes 4 location tokens"),
     (["eval", "--model", "{dir}/nosuch", "--data", "synthetic"], "no such checkpoint folder"),
+    (["eval", "--model", "{dir}/no_weights", "--data", "synthetic"],
+     "missing weights file {dir}/no_weights/model.safetensors"),
     (["eval", "--model", "small:tiny", "--data", "synthetic"], "fresh, untrained small VLM"),
     (["eval", "--model", M, "--data", "synthetic", "--split", "nosuch"], "no 'nosuch' split"),
     (["eval", "--model", M, "--data", "synthetic", "--n", "-3"], "--n: expected 0 <= value"),
@@ -118,7 +124,7 @@ def test_a_bad_command_line_is_one_line_and_exit_code_2(argv, words, workdir, ca
     assert "Traceback" not in err
     message = err.strip().splitlines()[-1]
     assert message.startswith(("loctune ", "usage: loctune")), message
-    assert words in message, message
+    assert words.format(dir=workdir) in message, message
 
 
 def test_a_refused_compare_rerun_is_one_line(tmp_path, capsys):

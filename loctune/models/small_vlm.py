@@ -707,7 +707,7 @@ class SmallVLM(nn.Module):
         model = cls(config_from_dict(SmallVLMConfig, data, source=str(config_file)))
         weights = path / WEIGHTS_FILE
         if not weights.is_file():
-            raise ValueError(f"missing weights file {weights}")
+            raise FileNotFoundError(f"missing weights file {weights}")
         missing, unexpected = load_model(
             model, str(weights), strict=False, device=str(map_location)
         )

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from loctune.codecs import Codec, get_codec
+from loctune.config import ConfigError
 from loctune.models.base import Generation, InContextAnswer, Turn, VLMAdapter
 from loctune.models.padding import pad_with_mask
 from loctune.models.small_vlm import (
@@ -503,7 +504,7 @@ class SmallVLMAdapter(VLMAdapter):
         elif isinstance(codec, str):
             codec = get_codec(codec)
         if codec.location_tokens != trained_tokens:
-            raise ValueError(
+            raise ConfigError(
                 f"codec {codec.spec!r} writes {len(codec.location_tokens)} location tokens "
                 f"({codec.location_tokens[:2]}...), but {path} was trained with "
                 f"{len(trained_tokens)} ({trained_tokens[:2]}...)"
