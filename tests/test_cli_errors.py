@@ -13,21 +13,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from test_cli import OBJECTS, write_coco, write_csv, write_voc
+from test_cli import OBJECTS, one_thread, write_coco, write_csv, write_voc  # noqa: F401
 
 from loctune.cli import main
 from loctune.models.small_vlm_adapter import SmallVLMAdapter
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
