@@ -514,3 +514,24 @@ def test_raccoon_original_split():
 def test_raccoon_missing_root_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="raccoon dataset not found"):
         raccoon(root=tmp_path)
+
+
+@pytest.mark.parametrize("layout", ["list_of_dicts", "dict_of_lists"])
+def test_hf_crowd_regions_are_kept_out_of_training_and_kept_for_ap(layout):
+    """As read_coco: an ``iscrowd`` object is a region for evaluation, not a target."""
+    import datasets
+
+    from loctune.data import read_hf
+
+    boxes, cats, crowd = [[1, 2, 10, 20], [20, 10, 30, 30]], [1, 0], [0, 1]
+    if layout == "list_of_dicts":
+        values = [[{"bbox": b, "category": c, "iscrowd": k}
+                   for b, c, k in zip(boxes, cats, crowd, strict=True)]]
+    else:
+        values = [{"bbox": boxes, "category": cats, "iscrowd": crowd}]
+    rows = datasets.Dataset.from_dict({"image": [Image.new("RGB", (64, 48))], "objects": values})
+    data = read_hf(rows, classes=["cat", "dog"])
+    (sample,) = data.samples
+    assert sample.labels == ["dog"] and sample.boxes == [(1.0, 2.0, 11.0, 22.0)]
+    assert sample.meta["crowd"] == [["cat", [20.0, 10.0, 50.0, 40.0]]]
+    assert data.report.counts["crowd"] == 1

@@ -127,8 +127,9 @@ class _RowReader:
             return None
         boxes: list[Box] = []
         labels: list[str] = []
+        crowd: list[list] = []  # as read_coco: [label, box] regions, ignored in AP
         n_invalid = 0
-        for j, (bbox, category) in enumerate(objects):
+        for j, (bbox, category, is_crowd) in enumerate(objects):
             field = f"{where}.{self.objects_column}[{j}]"
             label = self._label(category, f"{field}.{self.category_key}", validator)
             box = (
@@ -138,12 +139,18 @@ class _RowReader:
             )
             if box is None:
                 n_invalid += 1
-                continue
-            boxes.append(box)
-            labels.append(label)
+            elif is_crowd:
+                validator.skip("crowd", f"{field}.iscrowd",
+                               "crowd region kept out of training, ignored in AP")
+                crowd.append([label, list(box)])
+            else:
+                boxes.append(box)
+                labels.append(label)
         if not validator.keeps_image(where, len(boxes), n_invalid):
             return None
         meta: dict[str, Any] = {"image_size": size, "row": index, "n_invalid_boxes": n_invalid}
+        if crowd:
+            meta["crowd"] = crowd
         if isinstance(image, Image.Image):
             meta["source"] = f"{where}.{self.image_column}"  # named if it fails to decode
         if self.split is not None:
@@ -200,21 +207,29 @@ def _unwrap(feature: Any) -> Any:
             return feature
 
 
-def _as_records(objects: Any, bbox_key: str, category_key: str) -> list[tuple[Any, Any]] | None:
-    """``[(bbox, category), ...]`` from either layout; None when malformed."""
+def _as_records(
+    objects: Any, bbox_key: str, category_key: str
+) -> list[tuple[Any, Any, bool]] | None:
+    """``[(bbox, category, iscrowd), ...]`` from either layout; None when malformed.
+
+    ``iscrowd`` comes from an optional ``iscrowd`` key beside the boxes, as in datasets
+    converted from COCO; absent, no object is a crowd region."""
     if isinstance(objects, dict):
         bboxes, categories = objects.get(bbox_key), objects.get(category_key)
+        crowd = objects.get("iscrowd")
         if (
             isinstance(bboxes, list)
             and isinstance(categories, list)
             and len(bboxes) == len(categories)
+            and (crowd is None or (isinstance(crowd, list) and len(crowd) == len(bboxes)))
         ):
-            return list(zip(bboxes, categories, strict=True))
+            flags = [bool(c) for c in crowd] if crowd is not None else [False] * len(bboxes)
+            return list(zip(bboxes, categories, flags, strict=True))
         return None
     if isinstance(objects, list) and all(
         isinstance(o, dict) and bbox_key in o and category_key in o for o in objects
     ):
-        return [(o[bbox_key], o[category_key]) for o in objects]
+        return [(o[bbox_key], o[category_key], bool(o.get("iscrowd", 0))) for o in objects]
     return None
 
 
