@@ -141,6 +141,21 @@ def test_crop_samples_move_targets_and_relabel_inspection_crops():
     assert sample.meta["defective"] is True  # the original is untouched
 
 
+def test_crop_samples_move_crowd_regions_and_flags_with_the_boxes():
+    """A COCO sample's crowd regions and per-box iscrowd flags stay in crop coordinates."""
+    from loctune.types import Sample
+
+    sample = Sample(Image.new("RGB", (200, 100)), "detect a ; b",
+                    [(10.0, 10.0, 30.0, 30.0), (120.0, 10.0, 140.0, 30.0)], ["a", "b"],
+                    task="detection", image_id="c1",
+                    meta={"iscrowd": [False, True], "crowd": [["a", [90.0, 0.0, 150.0, 50.0]]]})
+    left, right = crop_samples(sample, rows=1, cols=2)
+    assert left.labels == ["a"] and left.meta["iscrowd"] == [False]
+    assert right.labels == ["b"] and right.meta["iscrowd"] == [True]
+    assert left.meta["crowd"] == [["a", [90.0, 0.0, 100.0, 50.0]]]  # its visible part
+    assert right.meta["crowd"] == [["a", [0.0, 0.0, 50.0, 50.0]]]
+
+
 # --- multi-scale features -------------------------------------------------------------
 
 

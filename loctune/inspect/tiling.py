@@ -253,15 +253,26 @@ def crop_samples(
     ``meta["crop"]`` records ``(row, col, box)`` so predictions map back. For an
     inspection sample with boxes, each crop's ``defective``/``defect_type`` say
     whether a defect box (not a dropped sliver) lies in that crop; a defective
-    sample without boxes cannot be localised, so its crops keep its label.
+    sample without boxes cannot be localised, so its crops keep its label. COCO's crowd
+    regions (``meta["crowd"]``) and per-box ``meta["iscrowd"]`` flags move with the boxes.
     """
     image = sample.load_image()
     grid = tile_grid(image.size, rows, cols, overlap)
     out = []
     for crop, crop_image in zip(grid.crops, split_image(image, grid), strict=True):
-        boxes, labels = image_to_crop(sample.boxes, sample.labels, crop, min_visible, min_side)
+        # boxes tagged by index, so per-box metadata (iscrowd flags) follows the kept ones
+        tags = [str(i) for i in range(len(sample.boxes))]
+        boxes, kept = image_to_crop(sample.boxes, tags, crop, min_visible, min_side)
+        labels = [sample.labels[int(i)] for i in kept]
         meta = {**sample.meta, "crop": (crop.row, crop.col, crop.box)}
         meta.pop("image_size", None)
+        if "iscrowd" in meta:
+            meta["iscrowd"] = [meta["iscrowd"][int(i)] for i in kept]
+        if "crowd" in meta:  # crowd regions: any visible part still excuses detections on it
+            names = [name for name, _ in meta["crowd"]]
+            regions, names = image_to_crop([tuple(b) for _, b in meta["crowd"]], names, crop,
+                                           min_visible=0.0, min_side=1.0)
+            meta["crowd"] = [[name, list(box)] for name, box in zip(names, regions, strict=True)]
         if "mask" in meta:  # synthetic/folder samples carry a pixel mask; keep it aligned
             x1, y1, x2, y2 = crop.box
             meta["mask"] = np.asarray(meta["mask"])[y1:y2, x1:x2]
