@@ -174,3 +174,15 @@ def test_paths_outside_the_root_are_dropped_unless_allowed(tmp_path, capsys):
     assert "outside_root" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
     assert _train(data, tmp_path / "runs", "--allow-outside-root") == 0
+
+
+def test_instances_makes_refcoco_usable_from_the_command_line(tmp_path, capsys):
+    instances = write_coco(tmp_path)
+    refs = [{"ref_id": i, "ann_id": i, "image_id": i, "split": "train",
+             "sentences": [{"sent": f"the {label}"}]}
+            for i, (label, _) in enumerate(OBJECTS.values())]
+    (tmp_path / "refs.json").write_text(json.dumps(refs))
+    assert _train(tmp_path / "refs.json", tmp_path / "runs") == 2
+    assert "RefCOCO refs need the COCO instances file" in capsys.readouterr().err
+    assert _train(tmp_path / "refs.json", tmp_path / "runs", "--instances", str(instances)) == 0
+    assert f"instances: {instances}" in (tmp_path / "runs" / "exp" / "config.yaml").read_text()
