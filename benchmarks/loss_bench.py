@@ -3,10 +3,10 @@
 Logits of PaliGemma's vocabulary (257,152) for ``--tokens`` positions, 10% of
 them location tokens (1,024 location ids), forward + backward, fp32 and bf16.
 Cases marked ``[triton]`` use ``LossConfig(kernel="triton")`` (CUDA; the default
-there, with ``--kernels torch,triton``). Every row is a ratio to ``F.cross_entropy`` on the same logits measured in the
-same run; fused-linear rows are ratios to ``hidden @ W.T`` then
-``F.cross_entropy``. Peak memory is what the step allocates beyond its inputs
-(the gradient included).
+there, with ``--kernels torch,triton``). Every row is a ratio to
+``F.cross_entropy`` on the same logits measured in the same run; fused-linear
+rows are ratios to ``hidden @ W.T`` then ``F.cross_entropy``. Peak memory is
+what the step allocates beyond its inputs (the gradient included).
 
 CUDA: ``torch.cuda.max_memory_allocated``, synchronised timings, median of
 ``--reps`` after warm-up. CPU: wall time in this process; peak memory from

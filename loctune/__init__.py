@@ -30,7 +30,10 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "loctune.models.text_lm": ("load_causal_lm", "LMTokenizer", "PACKAGED_LM"),
     "loctune.pretrain": ("PretrainConfig", "SourceConfig", "run_pretrain", "source_corpus"),
     "loctune.models.hf": ("load_adapter", "HFAdapter", "LoadOptions", "LoraOptions"),
-    "loctune.data": ("load_dataset", "raccoon", "named_set", "SampleSet", "ValidationReport", "DataError", "split_samples"),
+    "loctune.data": (
+        "load_dataset", "raccoon", "named_set", "SampleSet", "ValidationReport", "DataError",
+        "split_samples",
+    ),
     "loctune.data.synthetic": ("SyntheticConfig", "make_grounding_split", "make_detection_split"),
     "loctune.train": ("train", "TrainConfig", "TrainResult", "load_weights"),
     "loctune.config": ("load_config", "apply_overrides", "save_config", "parse_spec"),

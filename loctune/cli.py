@@ -1,4 +1,5 @@
-"""`loctune train | eval | predict | pretrain | compare | demo | inspect | inspect-study`: a thin CLI.
+"""`loctune train | eval | predict | pretrain | compare | demo | inspect | inspect-study`:
+a thin CLI.
 
 Every subcommand accepts trailing ``key=value`` overrides of its config
 dataclass (``lr=3e-4``, ``loss.targets.power=3``), in the spirit of
@@ -349,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     from loctune.data import FORMATS
     from loctune.evaluate import CONF, CONFIDENCE_MODES, NMS_IOU
 
-    p = argparse.ArgumentParser(prog="loctune", description=__doc__.splitlines()[0])
+    summary = " ".join(__doc__.split("\n\n")[0].split())  # the docstring's first paragraph
+    p = argparse.ArgumentParser(prog="loctune", description=summary)
     sub = p.add_subparsers(dest="command", required=True)
 
     def common_model(sp, needs_data=True, required=True):
@@ -357,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="checkpoint dir, shipped checkpoint name, 'small[:preset]' or hub id")
         if needs_data:
             sp.add_argument("--data", required=required,
-                            help="data.yaml, COCO json, VOC dir, CSV, JSONL, 'synthetic', 'raccoon'")
+                            help="data.yaml, COCO json, VOC dir, CSV, JSONL, 'synthetic', "
+                                 "'raccoon'")
             sp.add_argument("--format", choices=FORMATS,
                             help="annotation format, when detection cannot tell")
             sp.add_argument("--image-root",
@@ -391,10 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=_number(float, 0.0))
     t.add_argument("--lr", type=float)
     t.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"])
-    t.add_argument("--lora", type=_POSITIVE, metavar="RANK", help="train a LoRA adapter of this rank")
+    t.add_argument("--lora", type=_POSITIVE, metavar="RANK",
+                   help="train a LoRA adapter of this rank")
     t.add_argument("--freeze-vision", action="store_true")
     t.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights dtype of a hub model")
-    t.add_argument("--qlora", action="store_true", help="with --lora: load the base model in 4 bit (CUDA)")
+    t.add_argument("--qlora", action="store_true",
+                   help="with --lora: load the base model in 4 bit (CUDA)")
     t.add_argument("--codec", help="codec spec overriding the model's, e.g. rowcol:grid=16, "
                                    "patch:grid=16, bins:n_bins=1000 (fresh small VLM: "
                                    "rowcol:grid=32)")
@@ -449,7 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", help="key=value CompareConfig overrides")
     d.set_defaults(func=cmd_demo)
 
-    ins = sub.add_parser("inspect", help="few-shot inspection with good/defective examples in context")
+    ins = sub.add_parser("inspect",
+                         help="few-shot inspection with good/defective examples in context")
     ins.add_argument("--model", required=True,
                      help="multi-image chat VLM (SmolVLM/Idefics3, Qwen2-VL) or a small VLM "
                           "trained on episodes (inspect-study's s<seed>/model)")
@@ -464,7 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--metric", default="cosine", choices=["cosine", "dot"],
                      help="similarity for --select nearest")
     ins.add_argument("--tile", help="ROWSxCOLS: global view plus crops per image, e.g. 2x2")
-    ins.add_argument("--overlap", type=_number(float, 0.0, 1.0, open_high=True), default=0.0, help="crop overlap fraction")
+    ins.add_argument("--overlap", type=_number(float, 0.0, 1.0, open_high=True), default=0.0,
+                     help="crop overlap fraction")
     ins.add_argument("--seed", type=_COUNT, default=0)
     ins.add_argument("--dtype", help="fp32, bf16, fp16")
     ins.add_argument("--codec", help="box codec, e.g. qwen2vl for Qwen2-VL's own format")

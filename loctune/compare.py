@@ -59,7 +59,11 @@ class CompareConfig:
 
     out_dir: str = "runs/compare"
     # loss presets, or variants "preset:key=value,..." (e.g. "gem:beta=2")
-    methods: list[str] = field(default_factory=lambda: ["ce", "distance_inverse", "gaussian", "gem", "gem_distance_inverse"])
+    methods: list[str] = field(
+        default_factory=lambda: [
+            "ce", "distance_inverse", "gaussian", "gem", "gem_distance_inverse"
+        ]
+    )
     sizes: list[int] = field(default_factory=lambda: [100, 300, 1000, 3000])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     baseline: str = "ce"
@@ -98,7 +102,9 @@ def _loaders(cfg: CompareConfig) -> tuple[list[Sample], list[Sample], list[Sampl
             sc = SyntheticConfig(image_size=data.image_size, max_objects=data.max_objects,
                                  **data.scene)
         except TypeError as err:
-            raise ValueError(f"CompareConfig.data.scene: {err} (fields of SyntheticConfig expected)") from None
+            raise ValueError(
+                f"CompareConfig.data.scene: {err} (fields of SyntheticConfig expected)"
+            ) from None
         pool = make_grounding_split("train", max(cfg.sizes), seed=data.seed, config=sc)
         val = make_grounding_split("val", data.n_val, seed=data.seed, config=sc)
         test = make_grounding_split("test", data.n_test, seed=data.seed, config=sc)
@@ -125,7 +131,9 @@ def main_metric(cfg: CompareConfig, test: Sequence[Sample]) -> str:
 def training_subset(pool: Sequence[Sample], size: int, seed: int) -> list[Sample]:
     """First ``size`` of the pool shuffled by ``seed``: seeds vary the labelled data too."""
     if size > len(pool):
-        raise ValueError(f"training size {size} exceeds the {len(pool)} available training examples")
+        raise ValueError(
+            f"training size {size} exceeds the {len(pool)} available training examples"
+        )
     order = list(range(len(pool)))
     random.Random(seed).shuffle(order)
     return [pool[i] for i in order[:size]]
@@ -168,7 +176,9 @@ def run_cell(cfg: CompareConfig, grid: CellGrid, method: str, size: int, seed: i
     return grid.cell(("runs", method, f"n{size}", f"s{seed}"), run)
 
 
-def run_compare(cfg: CompareConfig, progress: bool = True, log: Callable[[str], None] = print) -> Path:
+def run_compare(
+    cfg: CompareConfig, progress: bool = True, log: Callable[[str], None] = print
+) -> Path:
     """Run every missing cell, then (re)write the report. Returns the report path."""
     grid = CellGrid(cfg.out_dir, cfg, CONFIG_FILE, RERUNNABLE)
     pool, val, test = _loaders(cfg)
@@ -212,7 +222,8 @@ def write_report(cfg: CompareConfig, rows: list[dict], test: Sequence[Sample],
         f"# loctune compare: {cfg.data.name}",
         "",
         f"{metric} on {len(test)} held-out test examples; mean ± sample std over "
-        f"{len(cfg.seeds)} seeds (seeds vary initialisation, data order and which examples are labelled); "
+        f"{len(cfg.seeds)} seeds (seeds vary initialisation, data order and which examples "
+        "are labelled); "
         f"best per size in bold. Every cell: {t.steps} steps, batch {t.batch_size}, lr {t.lr}, "
         f"model `{m.name}`, codec `{m.codec or 'its own'}`"
         + (f", {m.image_size} px." if m.image_size else "."),
@@ -228,7 +239,8 @@ def write_report(cfg: CompareConfig, rows: list[dict], test: Sequence[Sample],
         lines += [
             f"### {metric} minus {cfg.baseline}'s, paired by seed",
             "",
-            "A seed fixes the initialisation and the labelled subset for every method. Cells: mean ± "
+            "A seed fixes the initialisation and the labelled subset for every method. "
+            "Cells: mean ± "
             f"std of the per-seed difference (seeds where the method beat {cfg.baseline} / seeds, "
             "two-sided sign-test p).",
             "",
@@ -238,19 +250,24 @@ def write_report(cfg: CompareConfig, rows: list[dict], test: Sequence[Sample],
     for extra, higher_is_better in (("miou", True), ("ev_acc50", True), ("ap50", True),
                                     ("unparseable_rate", False), ("loc_entropy", False)):
         if extra != metric and any(extra in r for r in rows):
-            lines += [f"### {extra}", "", report.markdown_table(rows, extra, shown, bold=higher_is_better), ""]
+            table = report.markdown_table(rows, extra, shown, bold=higher_is_better)
+            lines += [f"### {extra}", "", table, ""]
     if eff:
         target, largest = eff[0]["target"], eff[0]["baseline_size"]
         lines += [
             f"## Labels needed to reach {cfg.baseline} at n={largest} ({metric} {target:.3f})",
             "",
-            "Interpolated in log(size) on the mean curve; '>' means not reached within the measured sizes.",
+            "Interpolated in log(size) on the mean curve; '>' means not reached within the "
+            "measured sizes.",
             "",
             "| method | labels needed | fraction of baseline |",
             "|---|---:|---:|",
         ]
         for e in eff:
-            need = f"{e['labels_needed']:.0f}" if e["labels_needed"] is not None else f"> {max(cfg.sizes)}"
+            need = (
+                f"{e['labels_needed']:.0f}" if e["labels_needed"] is not None
+                else f"> {max(cfg.sizes)}"
+            )
             ratio = f"{e['ratio']:.2f}" if e["ratio"] is not None else "–"
             lines.append(f"| {e['method']} | {need} | {ratio} |")
         lines.append("")
@@ -261,7 +278,8 @@ def write_report(cfg: CompareConfig, rows: list[dict], test: Sequence[Sample],
         "",
         "![predictions](predictions.png)",
         "",
-        "Config: `compare_config.json`; per-run metrics: `results.csv` and `runs/<method>/n<size>/s<seed>/`.",
+        "Config: `compare_config.json`; per-run metrics: `results.csv` and "
+        "`runs/<method>/n<size>/s<seed>/`.",
     ]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
@@ -275,7 +293,9 @@ def _curves(cfg: CompareConfig, key: str) -> dict[str, list[tuple[int, float]]]:
     for m in cfg.methods:
         f = Path(cfg.out_dir) / "runs" / m / f"n{size}" / f"s{seed}" / "metrics.jsonl"
         if f.exists():
-            curves[f"{m} n={size}"] = [(p["step"], p[key]) for p in report.read_jsonl(f) if key in p]
+            curves[f"{m} n={size}"] = [
+                (p["step"], p[key]) for p in report.read_jsonl(f) if key in p
+            ]
     return curves
 
 
@@ -289,7 +309,9 @@ def _draw_predictions(cfg: CompareConfig, test: Sequence[Sample], path: Path) ->
 
     size, seed = max(cfg.sizes), cfg.seeds[0]
     n = min(cfg.n_draw, len(test))
-    fig, axes = plt.subplots(len(cfg.methods), n, figsize=(2 * n, 2.1 * len(cfg.methods)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(cfg.methods), n, figsize=(2 * n, 2.1 * len(cfg.methods)), squeeze=False
+    )
     for i, m in enumerate(cfg.methods):
         f = Path(cfg.out_dir) / "runs" / m / f"n{size}" / f"s{seed}" / "test" / "predictions.jsonl"
         preds = [json.loads(line) for line in f.read_text().splitlines()] if f.exists() else []
@@ -299,10 +321,14 @@ def _draw_predictions(cfg: CompareConfig, test: Sequence[Sample], path: Path) ->
             ax.set_xticks([])
             ax.set_yticks([])
             for b in test[j].boxes:
-                ax.add_patch(Rectangle(b[:2], b[2] - b[0], b[3] - b[1], fill=False, ec="lime", lw=1.5))
+                ax.add_patch(
+                    Rectangle(b[:2], b[2] - b[0], b[3] - b[1], fill=False, ec="lime", lw=1.5)
+                )
             for d in preds[j]["detections"] if j < len(preds) else []:
                 b = d["box"]
-                ax.add_patch(Rectangle(b[:2], b[2] - b[0], b[3] - b[1], fill=False, ec="magenta", lw=1.5, ls="--"))
+                ax.add_patch(Rectangle(
+                    b[:2], b[2] - b[0], b[3] - b[1], fill=False, ec="magenta", lw=1.5, ls="--"
+                ))
             if j == 0:
                 ax.set_ylabel(m, fontsize=7)
             if i == 0:

@@ -65,13 +65,16 @@ def apply_overrides(config: C, overrides: Iterable[str]) -> C:
 
 
 def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
-    """Nested dict from ``a.b=value`` strings; values stay text until their field's type is known."""
+    """Nested dict from ``a.b=value`` strings; values stay text until their field's type is
+    known."""
     out: dict[str, Any] = {}
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"override {item!r} must look like 'key=value' or 'section.key=value'")
+            raise ConfigError(
+                f"override {item!r} must look like 'key=value' or 'section.key=value'"
+            )
         *parents, leaf = key.split(".")
         node = out
         for part in parents:
@@ -217,7 +220,8 @@ def _build(cls: type, data: Mapping[str, Any], source: str, prefix: str):
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise ConfigError(
-            f"{source}: invalid {cls.__name__}{' at ' + prefix.rstrip('.') if prefix else ''}: {err}"
+            f"{source}: invalid {cls.__name__}"
+            f"{' at ' + prefix.rstrip('.') if prefix else ''}: {err}"
         ) from None
 
 

@@ -487,8 +487,9 @@ def evaluate(
     (prediction). ``confidence`` is the detection score, see
     :class:`GenerationDecoder`, as is ``nms_iou`` (duplicate suppression for
     detection answers; ``None`` turns it off); ``conf`` the score from which a detection
-    counts for precision, recall and the confusion matrix (``precision@<conf>``). The model is in eval mode for the run and put
-    back in its previous mode afterwards, so a training loop can call this.
+    counts for precision, recall and the confusion matrix (``precision@<conf>``). The
+    model is in eval mode for the run and put back in its previous mode afterwards, so a
+    training loop can call this.
     """
     if not samples:
         raise ValueError("evaluate: no samples")

@@ -487,7 +487,8 @@ class LocationLoss:
             raise ValueError("loc_token_ids must be distinct, non-negative vocabulary ids")
         if (config.name != "ce" or config.emd_weight) and (space is None or not ids.numel()):
             raise ValueError(
-                f"loss {config.name!r} needs location tokens; this codec writes coordinates as text "
+                f"loss {config.name!r} needs location tokens; this codec writes coordinates "
+                "as text "
                 "(use name='ce' without emd_weight)"
             )
         if space is not None and ids.numel() and ids.numel() != space.size:
@@ -548,7 +549,8 @@ class LocationLoss:
         """
         if hidden.shape[:-1] != labels.shape or weight.shape[1] != hidden.shape[-1]:
             raise ValueError(
-                f"fused_linear: hidden {list(hidden.shape)}, weight {list(weight.shape)} and labels "
+                f"fused_linear: hidden {list(hidden.shape)}, weight {list(weight.shape)} "
+                "and labels "
                 f"{list(labels.shape)} disagree: expected hidden [*labels.shape, H], weight [V, H]"
             )
         labels, continuous = self._align(labels.to(hidden.device), continuous, shift)
@@ -558,7 +560,9 @@ class LocationLoss:
         if plan.loc_rows is not None:
             ids = plan.loc_ids
             loc_logits = F.linear(
-                flat.index_select(0, plan.loc_rows), weight[ids], None if bias is None else bias[ids]
+                flat.index_select(0, plan.loc_rows),
+                weight[ids],
+                None if bias is None else bias[ids],
             )
             loss = loss + self._emd(loc_logits, plan)
         return loss + plan.offset * plan.scale
@@ -735,7 +739,8 @@ def list_losses() -> list[str]:
 
 def loss_config(name: str, **overrides) -> LossConfig:
     """Preset ``name`` with ``overrides``: LossConfig fields, or TargetSpec fields
-    (``power=3``) applied to its targets, e.g. ``loss_config("gem_distance_inverse", beta=0.5, power=4)``.
+    (``power=3``) applied to its targets, e.g.
+    ``loss_config("gem_distance_inverse", beta=0.5, power=4)``.
 
     ``name`` may carry overrides itself, ``"gem_distance_inverse:beta=2,h=linear"``, so that a
     variant is one string wherever methods are named (compare's ``methods``, ``--method``);
@@ -769,5 +774,6 @@ def loss_config(name: str, **overrides) -> LossConfig:
 def build_loss(
     name: str, loc_token_ids: Sequence[int], space: LocationSpace | None, **overrides
 ) -> LocationLoss:
-    """``build_loss("gem_distance_inverse", ids, space, power=3)``: a preset bound to a vocabulary."""
+    """``build_loss("gem_distance_inverse", ids, space, power=3)``: a preset bound to a
+    vocabulary."""
     return LocationLoss(loss_config(name, **overrides), loc_token_ids, space)

@@ -26,7 +26,9 @@ def expand_images(inputs: Sequence[str | Path]) -> list[Path]:
         if path.is_dir():
             images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if not images:
-                raise FileNotFoundError(f"{path}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+                raise FileNotFoundError(
+                    f"{path}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})"
+                )
         elif path.is_file():
             images = [path]
         elif glob.has_magic(str(item)):

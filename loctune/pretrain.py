@@ -55,10 +55,12 @@ def _stage(**overrides: Any) -> TrainConfig:
 
 @dataclass
 class PretrainConfig:
-    """Model, corpus and the two stages' optimisation (``align.lr=...``, ``multitask.steps=...``)."""
+    """Model, corpus and the two stages' optimisation (``align.lr=...``,
+    ``multitask.steps=...``)."""
 
     out_dir: str = "runs/pretrain"
-    model: str = "pretrained"  # a SmallVLM preset (``pretrained``: EfficientNet-Lite0 + own decoder)
+    # a SmallVLM preset (``pretrained``: EfficientNet-Lite0 + own decoder)
+    model: str = "pretrained"
     model_overrides: dict[str, Any] = field(default_factory=dict)  # SmallVLMConfig fields
     codec: str = "rowcol:grid=32"  # a codec spec (loctune.codecs.get_codec)
     seed: int = 0

@@ -128,7 +128,9 @@ def labels_to_reach(sizes: Sequence[int], means: Sequence[float], target: float)
     return None
 
 
-def markdown_table(rows: Sequence[dict], metric: str, methods: Sequence[str], bold: bool = True) -> str:
+def markdown_table(
+    rows: Sequence[dict], metric: str, methods: Sequence[str], bold: bool = True
+) -> str:
     """Methods x sizes, ``mean ± std`` per cell, the highest mean per size in bold (``bold``)."""
     agg = aggregate(rows, metric)
     sizes = sorted({s for _, s in agg})
@@ -145,7 +147,8 @@ def markdown_table(rows: Sequence[dict], metric: str, methods: Sequence[str], bo
                 continue
             mean, std, n = agg[(m, s)]
             cell = f"{mean:.3f} ± {std:.3f}"
-            cells.append(f"**{cell}**" if bold and best[s] is not None and mean == best[s] else cell)
+            is_best = bold and best[s] is not None and mean == best[s]
+            cells.append(f"**{cell}**" if is_best else cell)
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -196,7 +199,9 @@ def paired_table(rows: Sequence[dict], metric: str, methods: Sequence[str], base
     return "\n".join(lines)
 
 
-def data_efficiency(rows: Sequence[dict], metric: str, methods: Sequence[str], baseline: str) -> list[dict]:
+def data_efficiency(
+    rows: Sequence[dict], metric: str, methods: Sequence[str], baseline: str
+) -> list[dict]:
     """Per method: labels needed to match the baseline's accuracy at its largest size."""
     agg = aggregate(rows, metric)
     base_sizes = sorted(s for m, s in agg if m == baseline)
@@ -256,7 +261,9 @@ def plot_accuracy_vs_labels(
     plt.close(fig)
 
 
-def plot_learning_curves(curves: dict[str, list[tuple[int, float]]], ylabel: str, path: str | Path) -> None:
+def plot_learning_curves(
+    curves: dict[str, list[tuple[int, float]]], ylabel: str, path: str | Path
+) -> None:
     """One line per run label, e.g. ``{"ce n=300 s0": [(step, loss), ...]}``."""
     import matplotlib
 

@@ -150,7 +150,8 @@ class TrainConfig:
             )
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(
-                f"TrainConfig.mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}"
+                "TrainConfig.mixed_precision must be 'no', 'bf16' or 'fp16', "
+                f"got {self.mixed_precision!r}"
             )
         if self.best_mode not in ("max", "min"):
             raise ValueError(
@@ -310,7 +311,8 @@ def train(
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=config.grad_accum, sync_with_dataloader=False
         ),
-        step_scheduler_with_optimizer=False,  # one scheduler step per optimizer step, any process count
+        # one scheduler step per optimizer step, any process count
+        step_scheduler_with_optimizer=False,
         log_with=list(config.log_with) or None,
         project_dir=str(run_dir),
     )
@@ -404,7 +406,8 @@ def _run(
     if accelerator.gradient_accumulation_steps != config.grad_accum:
         raise ValueError(
             f"the launcher's DeepSpeed config sets gradient_accumulation_steps="
-            f"{accelerator.gradient_accumulation_steps} but TrainConfig.grad_accum={config.grad_accum}; "
+            f"{accelerator.gradient_accumulation_steps} but "
+            f"TrainConfig.grad_accum={config.grad_accum}; "
             'set it to "auto" in the DeepSpeed config'
         )
     if checkpoint:
@@ -501,7 +504,9 @@ def _run(
             if config.log_with:
                 accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
         if improved:
-            _publish(accelerator, best_dir, partial(_save_model_folder, accelerator, adapter, module))
+            _publish(
+                accelerator, best_dir, partial(_save_model_folder, accelerator, adapter, module)
+            )
         if stop and is_main:
             progress.write(
                 f"early stop at step {step}: {config.patience} evaluations without a better "
@@ -544,12 +549,14 @@ def _run(
 def _apply_freeze(
     model: nn.Module, trainable: Sequence[str], freeze: Sequence[str]
 ) -> Callable[[], None]:
-    """Turn off ``requires_grad`` per the patterns; return a function restoring the adapter's flags."""
+    """Turn off ``requires_grad`` per the patterns; return a function restoring the adapter's
+    flags."""
     params = dict(model.named_parameters())
     for pattern in [*trainable, *freeze]:
         if not any(fnmatch(name, pattern) for name in params):
             raise ValueError(
-                f"trainable/freeze pattern {pattern!r} matches no parameter of {type(model).__name__}"
+                f"trainable/freeze pattern {pattern!r} matches no parameter of "
+                f"{type(model).__name__}"
             )
     original = {name: p.requires_grad for name, p in params.items()}
     for name, p in params.items():
@@ -571,7 +578,8 @@ def _apply_freeze(
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay matrices; spare biases, norm weights and embeddings (table or learned positions)."""
+    """AdamW groups: decay matrices; spare biases, norm weights and embeddings (table or
+    learned positions)."""
     embedding_params = {
         id(p)
         for m in model.modules()
@@ -591,7 +599,8 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 
 
 def _lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
-    """Multiplier of the peak lr at 0-based ``step``: linear warmup, then cosine to ``floor`` at the last step."""
+    """Multiplier of the peak lr at 0-based ``step``: linear warmup, then cosine to ``floor``
+    at the last step."""
     if step < warmup:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup - 1))
@@ -605,7 +614,8 @@ def _default_loss(config: TrainConfig, adapter: VLMAdapter) -> LossFn:
 
 
 def _supervised_tokens(labels: torch.Tensor, shift: bool) -> torch.Tensor:
-    """Label positions the loss counts (causal models predict token t+1 at t, so the first never is)."""
+    """Label positions the loss counts (causal models predict token t+1 at t, so the first
+    never is)."""
     return ((labels[:, 1:] if shift else labels) != IGNORE_INDEX).sum()
 
 

@@ -168,7 +168,8 @@ def row_grad(
         with _on(z):
             _grad_kernel[(n,)](
                 z, z.stride(0), out, out.stride(0), rows if rows is not None else z,
-                shift if shift is not None else lse, lse, coef, z.shape[1], 1.0 / beta, sig_k or 0.0,
+                shift if shift is not None else lse, lse, coef, z.shape[1], 1.0 / beta,
+                sig_k or 0.0,
                 HAS_ROWS=rows is not None, HAS_SHIFT=shift is not None, WEIGHTED=sig_k is not None,
                 BLOCK=BLOCK, num_warps=NUM_WARPS,
             )  # fmt: skip

@@ -22,7 +22,8 @@ def draw_detections(
     truth_labels: Sequence[str] = (),
     min_side: int = 320,
 ) -> Image.Image:
-    """A copy of ``image`` with predictions (a colour per label, tagged "label score") and truth (green).
+    """A copy of ``image`` with predictions (a colour per label, tagged "label score") and
+    truth (green).
 
     Detections may be :class:`Detection` objects or their dict form as written
     to ``predictions.jsonl``; boxes are in ``image``'s pixels. Images whose short
@@ -33,7 +34,9 @@ def draw_detections(
     im = image.convert("RGB")
     scale = max(1.0, min_side / min(im.size)) if min_side else 1.0
     if scale > 1:
-        im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.BICUBIC)
+        im = im.resize(
+            (round(im.width * scale), round(im.height * scale)), Image.Resampling.BICUBIC
+        )
     else:
         im = im.copy()
     pen = _Pen(im)

@@ -368,7 +368,8 @@ def test_n_val_zero_trains_on_every_training_image(tmp_path, capsys):
                                 "box": [2, 2, 20, 20]}))
     data = tmp_path / "refs.jsonl"
     data.write_text("\n".join(rows) + "\n")
-    train("small:tiny", data, tmp_path / "runs", "--codec", "rowcol:grid=8", "--steps", "1", "--n-val", "0")
+    train("small:tiny", data, tmp_path / "runs", "--codec", "rowcol:grid=8", "--steps", "1",
+          "--n-val", "0")
     assert "20 train / 0 val" in capsys.readouterr().out
     train("small:tiny", data, tmp_path / "runs2", "--codec", "rowcol:grid=8", "--steps", "1")
     assert "18 train / 2 val" in capsys.readouterr().out
@@ -401,11 +402,13 @@ def test_every_checkpoint_folder_a_run_writes_opens_with_model(tmp_path, capsys)
         assert main(["eval", "--model", str(run / folder), "--data", str(data), "--split", "val",
                      "--project", str(project), "--max-new-tokens", "8"]) == 0, folder
         assert json.loads((project / "exp" / "metrics.json").read_text())["n_samples"] == 1
-        assert main(["predict", "--model", str(run / folder), str(tmp_path / "data" / "images" / "val"),
+        assert main(["predict", "--model", str(run / folder),
+                     str(tmp_path / "data" / "images" / "val"),
                      "--prompt", "detect square ; circle", "--max-new-tokens", "8",
                      "--project", str(tmp_path / "predict" / folder)]) == 0, folder
     assert main(["eval", "--model", str(run / "last"), "--data", str(data), "--split", "val",
-                 "--project", str(tmp_path / "conf"), "--max-new-tokens", "8", "--conf", "0.5"]) == 0
+                 "--project", str(tmp_path / "conf"), "--max-new-tokens", "8",
+                 "--conf", "0.5"]) == 0
     metrics = json.loads((tmp_path / "conf" / "exp" / "metrics.json").read_text())
     assert "recall@0.5" in metrics and "recall@0.25" not in metrics  # P/R at the chosen score
     assert train("small:tiny", data, tmp_path / "runs", "--steps", "5", "--max-new-tokens", "8",

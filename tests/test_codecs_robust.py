@@ -130,7 +130,7 @@ def test_long_generations_decode_in_linear_time(codec):
         assert time.perf_counter() - start < 2.0, kind
 
 
-# --- Florence-2 bins in the boxes' own dtype -------------------------------------------------------
+# --- Florence-2 bins in the boxes' own dtype -------------------------------------------------
 
 
 def test_florence2_bins_a_tensor_in_its_dtype_as_transformers_does():

@@ -97,7 +97,8 @@ def _assert_florence_decodes_alike(codec, processor, text: str, size, task: str 
 
 
 def test_florence2_decode_truncates_like_transformers_float32(florence_processor):
-    """612.5 * 4.56 is 2793 in float32 but 2792.9999999999995 in float64: the codec must say 2793."""
+    """612.5 * 4.56 is 2793 in float32 but 2792.9999999999995 in float64: the codec must say
+    2793."""
     codec = get_codec("florence2")
     text = "dog<loc_224><loc_20><loc_825><loc_612>"
     _assert_florence_decodes_alike(codec, florence_processor, text, (2681, 4560))

@@ -26,7 +26,8 @@ def test_compare_writes_report_and_resumes(tmp_path):
     cfg = tiny_config(tmp_path)
     path = run_compare(cfg, progress=False, log=lambda _: None)
     text = path.read_text()
-    assert "| ce |" in text and "| gem_distance_inverse:beta=2 |" in text and "Labels needed" in text
+    assert "| ce |" in text and "| gem_distance_inverse:beta=2 |" in text
+    assert "Labels needed" in text
     # the trivial baseline on the same split, beside the methods (and not among the cells)
     assert re.search(r"^\| mean box \| \**\d\.\d{3} ± \d\.\d{3}\** \| ", text, re.M)
     for name in ("results.csv", "accuracy_vs_labels.png", "learning_curves.png", "predictions.png",
@@ -34,7 +35,8 @@ def test_compare_writes_report_and_resumes(tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
     rows = report.read_csv(tmp_path / "results.csv")
     assert len(rows) == 8
-    assert "minus ce's, paired by seed" in text and "| gem_distance_inverse:beta=2 | " in text.split("paired")[1]
+    assert "minus ce's, paired by seed" in text
+    assert "| gem_distance_inverse:beta=2 | " in text.split("paired")[1]
     assert all(0.0 <= r["acc50"] <= 1.0 and 0.0 <= r["miou"] <= 1.0 for r in rows)
     # finished cells are reused, not retrained: their result files stay as they were
     cell = tmp_path / "runs" / "ce" / "n4" / "s0" / "result.json"
@@ -66,7 +68,8 @@ def test_scene_overrides_reach_the_synthetic_data(tmp_path):
 
     cfg = apply_overrides(tiny_config(tmp_path), ["data.scene={min_objects: 1, max_objects: 1}"])
     with pytest.raises(ValueError, match="max_objects"):
-        _loaders(cfg)  # max_objects has its own field; duplicating it is an error, not a silent pick
+        # max_objects has its own field; duplicating it is an error, not a silent pick
+        _loaders(cfg)
     cfg = apply_overrides(tiny_config(tmp_path), ["data.max_objects=1", "data.scene.min_objects=1"])
     pool, _, _ = _loaders(cfg)
     assert all(len(s.meta["objects"]) == 1 for s in pool)

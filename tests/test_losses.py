@@ -326,9 +326,9 @@ def test_upstream_gradient_scales_and_second_backward_is_refused():
 
 
 def test_presets_and_overrides():
-    assert {"ce", "soft_ce", "gem", "gem_distance_inverse", "dist2", "two_bin", "label_smoothing"} <= set(
-        list_losses()
-    )
+    assert {
+        "ce", "soft_ce", "gem", "gem_distance_inverse", "dist2", "two_bin", "label_smoothing"
+    } <= set(list_losses())
     assert loss_config("gem_linear").h == "linear" and loss_config("gem").h == "logsigmoid"
     dist2 = loss_config("dist2")
     assert (dist2.name, dist2.targets.kind, dist2.hard_weight, dist2.soft_weight) == (
@@ -392,7 +392,10 @@ def test_wasserstein_adds_the_cdf_w1_to_ce_on_bins():
             cdf_w1(torch.softmax(z[i, LOC0 : LOC0 + N_LOC], -1), y - LOC0) / N_LOC
             for i, y in enumerate(lab.tolist()) if y >= LOC0
         ]
-        return ref_soft_ce(logits, labels, None) + 0.7 * torch.stack(terms).sum() / (lab != -100).sum()
+        return (
+            ref_soft_ce(logits, labels, None)
+            + 0.7 * torch.stack(terms).sum() / (lab != -100).sum()
+        )
 
     r, g_r = grads(ref, logits)
     torch.testing.assert_close(w, r)

@@ -125,7 +125,9 @@ def test_triton_fused_linear_matches_torch_kernel(dtype):
     grads = {}
     for kernel in ("triton", "torch"):
         loss = LocationLoss(
-            loss_config("gem_distance_inverse", kernel=kernel, fused_chunk_rows=5, chunk_elements=1),
+            loss_config(
+                "gem_distance_inverse", kernel=kernel, fused_chunk_rows=5, chunk_elements=1
+            ),
             LOC_IDS,
             SPACE,
         )

@@ -1,4 +1,5 @@
-"""Detection evaluation beyond AP: crowd regions, per-class AP, PR curves, confusion, P/R at a confidence."""
+"""Detection evaluation beyond AP: crowd regions, per-class AP, PR curves, confusion, P/R at a
+confidence."""
 
 import math
 
@@ -11,7 +12,10 @@ GT = [[D("cat", (10, 10, 50, 50)), D("dog", (60, 60, 90, 90))], [D("cat", (0, 0,
 
 
 def test_all_twelve_coco_numbers_are_kept():
-    preds = [[D("cat", (10, 10, 50, 50), 0.9), D("dog", (60, 60, 90, 90), 0.8)], [D("cat", (0, 0, 20, 20), 0.7)]]
+    preds = [
+        [D("cat", (10, 10, 50, 50), 0.9), D("dog", (60, 60, 90, 90), 0.8)],
+        [D("cat", (0, 0, 20, 20), 0.7)],
+    ]
     m = coco_detection_metrics(preds, GT)
     assert set(COCO_STATS) <= set(m)
     assert m["ap"] == pytest.approx(1.0) and m["ar100"] == pytest.approx(1.0)
@@ -33,7 +37,10 @@ def test_detections_on_a_crowd_region_are_ignored_as_pycocotools_does():
 
 
 def test_per_class_ap_and_pr_curves():
-    preds = [[D("cat", (10, 10, 50, 50), 0.9), D("dog", (0, 0, 5, 5), 0.8)], [D("cat", (0, 0, 20, 20), 0.7)]]
+    preds = [
+        [D("cat", (10, 10, 50, 50), 0.9), D("dog", (0, 0, 5, 5), 0.8)],
+        [D("cat", (0, 0, 20, 20), 0.7)],
+    ]
     ev = evaluate_detections(preds, GT)
     assert ev.classes == ["cat", "dog"]
     assert ev.per_class["cat"]["ap50"] == pytest.approx(1.0)
@@ -44,7 +51,11 @@ def test_per_class_ap_and_pr_curves():
 
 def test_confusion_counts_wrong_class_missed_and_false_detections():
     preds = [
-        [D("dog", (10, 10, 50, 50), 0.9), D("cat", (200, 200, 220, 220), 0.9), D("dog", (60, 60, 90, 90), 0.1)],
+        [
+            D("dog", (10, 10, 50, 50), 0.9),
+            D("cat", (200, 200, 220, 220), 0.9),
+            D("dog", (60, 60, 90, 90), 0.1),
+        ],
         [D("cat", (0, 0, 20, 20), 0.7)],
     ]
     ev = evaluate_detections(preds, GT, conf=0.25)
@@ -68,7 +79,12 @@ def test_no_detections_and_no_truth():
 def test_duplicate_box_rate_counts_boxes_that_repeat_an_earlier_one():
     from loctune.metrics import duplicate_box_rate
 
-    answer = [D("cat", (0, 0, 10, 10)), D("cat", (0, 0, 10, 10)), D("dog", (0, 0, 10, 10.2)), D("cat", (50, 50, 60, 60))]
+    answer = [
+        D("cat", (0, 0, 10, 10)),
+        D("cat", (0, 0, 10, 10)),
+        D("dog", (0, 0, 10, 10.2)),
+        D("cat", (50, 50, 60, 60)),
+    ]
     assert duplicate_box_rate([answer, [D("cat", (0, 0, 10, 10))]]) == pytest.approx(2 / 5)
     assert duplicate_box_rate([[D("a", (0, 0, 10, 10)), D("a", (5, 0, 15, 10))]]) == 0.0
     assert duplicate_box_rate([[], []]) == 0.0

@@ -17,7 +17,9 @@ def test_results_plot_has_a_panel_per_numeric_column(tmp_path):
 
 def test_detection_plots_are_written(tmp_path):
     gts = [[D("cat", (0, 0, 10, 10)), D("dog", (20, 20, 40, 40))]]
-    ev = evaluate_detections([[D("cat", (0, 0, 10, 10), 0.9), D("cat", (20, 20, 40, 40), 0.6)]], gts)
+    ev = evaluate_detections(
+        [[D("cat", (0, 0, 10, 10), 0.9), D("cat", (20, 20, 40, 40), 0.6)]], gts
+    )
     plot_pr_curves(ev, tmp_path / "pr.png")
     plot_confusion_matrix(ev, tmp_path / "confusion.png")
     for name in ("pr.png", "confusion.png"):

@@ -125,7 +125,9 @@ def test_location_tokens_start_as_a_smooth_code_of_their_position(adapter):
     sim = torch.nn.functional.cosine_similarity(emb[:1], emb, dim=1)
     assert sim[1] > sim[4] > sim[7]  # neighbouring bins closer than far ones
     assert sincos_positions_2d(4, 16).shape == (16, 16)
-    torch.testing.assert_close(sincos_features(torch.tensor([[0.0, 0.0]]), 8)[0, :2], torch.zeros(2))
+    torch.testing.assert_close(
+        sincos_features(torch.tensor([[0.0, 0.0]]), 8)[0, :2], torch.zeros(2)
+    )
 
 
 def test_caption_and_counting_answers_are_supervised_text(adapter, samples):
@@ -161,7 +163,8 @@ def test_save_reload_extend_vocabulary_and_record(adapter, samples, tmp_path):
 PRETRAIN_ARGS = [
     "model_overrides.image_size=64", "model_overrides.text_width=64",
     "model_overrides.text_depth=1", "model_overrides.text_heads=2",
-    "model_overrides.max_positions=96", "codec=rowcol:grid=8", "source.image_size=64", "source.caption=16",
+    "model_overrides.max_positions=96", "codec=rowcol:grid=8", "source.image_size=64",
+    "source.caption=16",
     "source.grounding=16", "source.detection=8", "source.counting=8", "source.n_test=4",
     "align.steps=2", "align.batch_size=8", "multitask.steps=3", "multitask.batch_size=8",
     "multitask.warmup_steps=0", "align.warmup_steps=0", "align.progress=false",
@@ -192,10 +195,12 @@ def test_pretrain_stages_resume_and_record_sources(pretrained):
     # stage 1 trained the projector (and the own decoder), never the backbone
     stage1 = SmallVLMAdapter.from_pretrained(out / "align" / "model").model
     final = SmallVLMAdapter.from_pretrained(out / "model").model
-    fresh = SmallVLMAdapter.build("rowcol:grid=8", samples=make_split("caption", "train", 2, image_size=64),
+    fresh = SmallVLMAdapter.build("rowcol:grid=8",
+                                  samples=make_split("caption", "train", 2, image_size=64),
                                   config="pretrained", seed=0, **SMALL).model
-    assert torch.equal(stage1.vision.backbone.conv_stem.weight, fresh.vision.backbone.conv_stem.weight)
-    assert torch.equal(final.vision.backbone.conv_stem.weight, fresh.vision.backbone.conv_stem.weight)
+    stem = fresh.vision.backbone.conv_stem.weight
+    assert torch.equal(stage1.vision.backbone.conv_stem.weight, stem)
+    assert torch.equal(final.vision.backbone.conv_stem.weight, stem)
     assert not torch.equal(stage1.projector.proj[0].weight, final.projector.proj[0].weight)
     # a rerun skips both finished stages and scores again
     mtime = (out / "model" / "model.safetensors").stat().st_mtime

@@ -97,7 +97,8 @@ def test_coco_reads_boxes_as_xyxy_and_reports_every_problem(tmp_path):
     }
     assert report.n_samples == 2 and report.n_boxes == 2
     assert examples(report, "empty_box") == [
-        f"{path}: annotations[5] (id=15) bbox: box [5, 5, 5, 9] (x1 y1 x2 y2) has zero or negative area"
+        f"{path}: annotations[5] (id=15) bbox: box [5, 5, 5, 9] (x1 y1 x2 y2) "
+        "has zero or negative area"
     ]
     assert (
         "annotations[3] (id=13) category_id: 99 is not in categories"

@@ -54,7 +54,9 @@ def test_paired_differences_and_sign_test():
     out = []
     for seed, shift in enumerate([-0.1, 0.0, 0.1, 0.05, -0.05, 0.08]):
         out.append({"method": "ce", "size": 100, "seed": seed, "acc50": 0.3 + shift})
-        out.append({"method": "di", "size": 100, "seed": seed, "acc50": 0.32 + shift + 0.001 * seed})
+        out.append(
+            {"method": "di", "size": 100, "seed": seed, "acc50": 0.32 + shift + 0.001 * seed}
+        )
     out.append({"method": "di", "size": 100, "seed": 9, "acc50": 0.9})  # no ce on seed 9: unpaired
     table = report.paired_table(out, "acc50", ["ce", "di"], "ce")
     assert "| di | +0.023 ± 0.002 (6/6, p=0.03) |" in table and "| ce |" not in table

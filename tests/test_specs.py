@@ -21,7 +21,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 def test_spec_strings_parse_and_format_back():
     assert parse_spec("rowcol:grid=16") == ("rowcol", {"grid": 16})
-    assert parse_spec("bins:n_bins=1000,strict=false") == ("bins", {"n_bins": 1000, "strict": False})
+    assert parse_spec("bins:n_bins=1000,strict=false") == (
+        "bins", {"n_bins": 1000, "strict": False}
+    )
     assert parse_spec("gem") == ("gem", {})
     for name, options in (("bins", {"token_format": "<bin_{}>", "separator": " ; "}),
                           ("patch", {"grid": 8})):

@@ -128,7 +128,8 @@ def test_detection_returns_every_object_of_the_class():
 
 
 def test_box_edges_touch_the_object_colour():
-    """Without noise/jitter every edge of the box has a pixel of the target's colour: tight, x/y not swapped."""
+    """Without noise/jitter every edge of the box has a pixel of the target's colour: tight,
+    x/y not swapped."""
     cfg = SyntheticConfig(noise_std=0.0, color_jitter=0)
     for s in make_grounding_split("train", 30, config=cfg):
         pixels = np.asarray(s.image).astype(int)

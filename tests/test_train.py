@@ -1,4 +1,5 @@
-"""The training loop: learning, exact resume after SIGKILL, accumulation and multi-process equivalence.
+"""The training loop: learning, exact resume after SIGKILL, accumulation and multi-process
+equivalence.
 
 A tiny adapter defined here (a few hundred parameters, variable-length answers,
 tied embeddings, optional dropout) keeps every run to a second or so. The file
@@ -107,7 +108,8 @@ class TinyAdapter(VLMAdapter):
 
 
 def ce_loss(logits, labels, continuous=None, shift=True, num_items_in_batch=None):
-    """Stand-in with LocationLoss's call signature: token-summed CE over the step's supervised tokens."""
+    """Stand-in with LocationLoss's call signature: token-summed CE over the step's supervised
+    tokens."""
     if shift:
         logits, labels = logits[:, :-1], labels[:, 1:]
     total = F.cross_entropy(
@@ -220,7 +222,8 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
-    """The child stalls in its 2nd evaluation (step 6; checkpoint at step 4), gets SIGKILL, then resumes."""
+    """The child stalls in its 2nd evaluation (step 6; checkpoint at step 4), gets SIGKILL,
+    then resumes."""
     overrides = ["steps=10", "save_every=4", "eval_every=3", "dropout=0.2"]
     reference = make_adapter(dropout=0.2)
     train(
@@ -460,7 +463,8 @@ def script_config(run_dir: Path, overrides: list[str]) -> TrainConfig:
 
 
 def eval_counter(adapter: VLMAdapter) -> dict[str, float]:
-    """A cheap deterministic 'metric' (weight norm) that can stall on request, to be killed there."""
+    """A cheap deterministic 'metric' (weight norm) that can stall on request, to be killed
+    there."""
     norm = float(sum(p.detach().pow(2).sum() for p in adapter.model.parameters()))
     eval_counter.calls += 1
     if str(eval_counter.calls) == os.environ.get("STALL_AT_EVAL"):

@@ -6,8 +6,8 @@ from loctune.visualize import TRUTH_COLOR, draw_detections
 
 def test_draws_prediction_and_truth_where_the_boxes_are(tmp_path):
     im = Image.new("RGB", (100, 80), "black")
-    out = draw_detections(im, [Detection("cat", (10, 20, 50, 60), 0.9), {"label": "dog", "box": [60, 5, 90, 30]}],
-                          tmp_path / "x.png", truth=[(5, 5, 20, 20)], min_side=0)
+    dets = [Detection("cat", (10, 20, 50, 60), 0.9), {"label": "dog", "box": [60, 5, 90, 30]}]
+    out = draw_detections(im, dets, tmp_path / "x.png", truth=[(5, 5, 20, 20)], min_side=0)
     assert (tmp_path / "x.png").exists()
     assert out.size == im.size
     assert out.getpixel((10, 40)) != (0, 0, 0)  # left edge of the cat box
@@ -22,8 +22,8 @@ def _colored(im, color, region):
 
 
 def test_small_images_are_enlarged_and_boxes_follow():
-    out = draw_detections(Image.new("RGB", (64, 64), "black"), [Detection("a", (16, 16, 48, 48), 1.0)],
-                          min_side=320)
+    out = draw_detections(Image.new("RGB", (64, 64), "black"),
+                          [Detection("a", (16, 16, 48, 48), 1.0)], min_side=320)
     assert out.size == (320, 320)
     assert out.getpixel((80, 200)) == (255, 0, 255)  # left edge of the box, 5x
     assert out.getpixel((160, 200)) == (0, 0, 0)
@@ -32,7 +32,8 @@ def test_small_images_are_enlarged_and_boxes_follow():
 def test_tags_sit_on_a_filled_background_above_the_box_and_scale_with_the_image():
     def tag_height(side):
         box = (side * 0.3, side * 0.5, side * 0.7, side * 0.9)
-        out = draw_detections(Image.new("RGB", (side, side), "black"), [Detection("raccoon", box, 0.87)])
+        out = draw_detections(Image.new("RGB", (side, side), "black"),
+                              [Detection("raccoon", box, 0.87)])
         column = [out.getpixel((round(box[0]) + 1, y)) for y in range(round(box[1]))]
         # the tag: a run of the box colour (its filled background) directly above the box
         return sum(1 for p in column if p == (255, 0, 255)), out
@@ -42,7 +43,8 @@ def test_tags_sit_on_a_filled_background_above_the_box_and_scale_with_the_image(
     assert small >= 12  # a filled band, not a 1 px line
     assert large > 2.5 * small  # the tag grows with the image
     # the text is drawn in a contrasting ink inside the tag
-    assert _colored(out, (255, 255, 255), (120, 170, 280, 200)) + _colored(out, (0, 0, 0), (120, 170, 280, 200)) > 0
+    tag = (120, 170, 280, 200)
+    assert _colored(out, (255, 255, 255), tag) + _colored(out, (0, 0, 0), tag) > 0
 
 
 def test_truth_tags_are_drawn_below_the_truth_box():

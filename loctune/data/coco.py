@@ -192,7 +192,8 @@ def read_coco(
             validator.skip(
                 "crowd",
                 f"{path}: annotations[{position}] (id={ann_id}) iscrowd",
-                "crowd region kept out of training, ignored in AP (include_crowd=True trains on it)",
+                "crowd region kept out of training, ignored in AP "
+                "(include_crowd=True trains on it)",
             )
             name = index.category(position, ann)
             region = index.box(position, ann, image) if name is not None else None

@@ -10,9 +10,10 @@ ones Label Studio wrote (``/data/upload/3/8f2c-dog.jpg``,
 ``image_root`` by the path, then by the file name, then by the name without the
 upload prefix; one that climbs out of ``image_root`` (``../``) is dropped as
 ``outside_root`` unless ``allow_outside_root=True``. Rotated rectangles and
-non-rectangle regions are reported as skipped, not bent into boxes. A task whose ``original_width``/``original_height``
-differ from the image file's header (e.g. sizes after an EXIF rotation the
-browser applied) is dropped as ``size_mismatch``.
+non-rectangle regions are reported as skipped, not bent into boxes. A task
+whose ``original_width``/``original_height`` differ from the image file's header
+(e.g. sizes after an EXIF rotation the browser applied) is dropped as
+``size_mismatch``.
 """
 
 from __future__ import annotations
@@ -148,7 +149,8 @@ def _region_box(
         return None
     if not value.get("rectanglelabels"):
         validator.skip("not_a_box", where,
-                       f"region of type {region.get('type', 'unknown')!r} is not a labelled rectangle")
+                       f"region of type {region.get('type', 'unknown')!r} "
+                       "is not a labelled rectangle")
         return None
     keys = ("x", "y", "width", "height")
     if not all(is_number(value.get(k)) for k in keys):

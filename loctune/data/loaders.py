@@ -260,7 +260,9 @@ def named_set(name: str, split: str = "all", root: str | os.PathLike | None = No
 def _named_root(name: str, root: str | os.PathLike | None, marker: str) -> Path:
     root = Path(root) if root else shared_data_dir() / name
     if not (root / marker).is_dir():
-        raise FileNotFoundError(f"{name} dataset not found at {root} (expected {marker}/); pass root=")
+        raise FileNotFoundError(
+            f"{name} dataset not found at {root} (expected {marker}/); pass root="
+        )
     return root
 
 

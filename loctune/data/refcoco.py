@@ -161,7 +161,8 @@ def read_referring_jsonl(
     min_inside: float = 0.5,
     allow_outside_root: bool = False,
 ) -> SampleSet:
-    """One grounding sample per line; image paths relative to ``image_root`` (default: the file's folder)."""
+    """One grounding sample per line; image paths relative to ``image_root`` (default: the
+    file's folder)."""
     if box_format not in ("xyxy", "xywh"):
         raise ValueError(f"box_format must be 'xyxy' or 'xywh', got {box_format!r}")
     path = Path(path)

@@ -246,7 +246,8 @@ class Validator:
             self.fail(
                 "no_valid_boxes",
                 where,
-                f"all {n_invalid} annotated boxes are invalid; image dropped, not kept as a negative",
+                f"all {n_invalid} annotated boxes are invalid; image dropped, "
+                "not kept as a negative",
                 unit="sample",
             )
             return False

@@ -132,7 +132,8 @@ def _split_images(entry: Any, root: Path, where: str, validator: Validator) -> l
 
 
 def _listed_images(list_file: Path, root: Path, validator: Validator) -> list[tuple[Path, str]]:
-    """Paths in a list file; ``./x`` is relative to the list's folder (Ultralytics), else the root."""
+    """Paths in a list file; ``./x`` is relative to the list's folder (Ultralytics), else the
+    root."""
     images = []
     for lineno, line in enumerate(read_text(list_file).splitlines(), 1):
         name = line.strip()

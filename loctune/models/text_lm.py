@@ -159,7 +159,8 @@ class _TokenIds(Mapping):
 
 
 class LMTokenizer:
-    """A pretrained LM's tokenizer behind :class:`~loctune.models.tokenizer.WordTokenizer`'s interface.
+    """A pretrained LM's tokenizer behind
+    :class:`~loctune.models.tokenizer.WordTokenizer`'s interface.
 
     ``<image>`` and ``<sep>`` are added as special tokens and ``extra_tokens``
     (location tokens) as added tokens when absent, so each is one id and never
@@ -260,7 +261,8 @@ class LMTokenizer:
         return [get(t, self.unk_id) for t in tokens]
 
     def encode(self, text: str) -> list[int]:
-        """Ids of ``text``, no special tokens added; the literals ``<bos>``, ``<sep>``... are roles."""
+        """Ids of ``text``, no special tokens added; the literals ``<bos>``, ``<sep>``... are
+        roles."""
         ids: list[int] = []
         for k, piece in enumerate(_ROLE_SPLIT.split(text)):
             if k % 2:

@@ -142,7 +142,10 @@ class TimmEncoder(nn.Module):
         ]
         size = maps[self.finest].shape[-2:]
         merged = torch.cat(
-            [m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="nearest") for m in maps],
+            [
+                m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="nearest")
+                for m in maps
+            ],
             dim=1,
         )
         return merged.flatten(2).transpose(1, 2)

@@ -3,10 +3,10 @@
 Text splits into ``<...>`` special/location tokens, lower-cased words (a word starts
 with a letter and keeps its digits and inner ``_``/``-``, so class names such as
 ``missing_piece``, ``ESP8266``, ``Raspberry_Pi_3`` or ``rolled-in_scale`` stay one token
-and decode as they were written), numbers and single punctuation marks. Words outside the vocabulary become ``<unk>``.
-Decoding writes ``<...>`` tokens back to back and spaces between words, the
-way codecs write them, so ``codec.decode(tokenizer.decode(ids))`` reads the
-boxes back.
+and decode as they were written), numbers and single punctuation marks. Words outside
+the vocabulary become ``<unk>``. Decoding writes ``<...>`` tokens back to back and
+spaces between words, the way codecs write them, so
+``codec.decode(tokenizer.decode(ids))`` reads the boxes back.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ class WordTokenizer:
 
     @classmethod
     def from_texts(cls, texts: Iterable[str], extra_tokens: Sequence[str] = ()) -> WordTokenizer:
-        """Vocabulary = specials + ``extra_tokens`` (in order, e.g. location tokens) + pieces of ``texts``.
+        """Vocabulary = specials + ``extra_tokens`` (in order, e.g. location tokens) + pieces
+        of ``texts``.
 
         Pieces are sorted, so the same texts give the same ids whatever their order.
         """

@@ -134,7 +134,8 @@ class HFAdapter(VLMAdapter):
         if missing:
             raise ValueError(
                 f"{self.family}: tokenizer lacks {len(missing)} location tokens of codec "
-                f"{codec.name!r} (first: {missing[0]!r}); load through {type(self).__name__}.from_pretrained"
+                f"{codec.name!r} (first: {missing[0]!r}); load through "
+                f"{type(self).__name__}.from_pretrained"
             )
         self._loc_ids = self.tokenizer.convert_tokens_to_ids(list(codec.location_tokens))
 
@@ -439,7 +440,8 @@ class HFAdapter(VLMAdapter):
 
     @torch.no_grad()
     def greedy(self, inputs: dict[str, Any], max_new_tokens: int):
-        """``model.generate`` greedily with raw logits per step, in eval mode, restoring the mode."""
+        """``model.generate`` greedily with raw logits per step, in eval mode, restoring the
+        mode."""
         was_training = self.model.training
         self.model.eval()
         try:
