@@ -22,11 +22,9 @@ are worth knowing because experiments depend on them:
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +38,23 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from loctune.config import ConfigError, changed_fields, config_to_dict, save_config
+from loctune.checkpointing import (
+    STATE_DIR,
+    WEIGHTS_FILE,
+    ResumeError,
+    check_manifest,
+    check_same_data,
+    check_same_recipe,
+    find_checkpoint,
+    publish,
+    read_state,
+    recipe,
+    remove,
+    save_full_state,
+    save_model_folder,
+    truncate_metrics,
+)
+from loctune.config import config_to_dict, save_config
 from loctune.losses import LossConfig
 from loctune.models.base import VLMAdapter
 from loctune.report import read_jsonl
@@ -53,19 +67,8 @@ logger = logging.getLogger(__name__)
 EvalFn = Callable[[VLMAdapter], Mapping[str, float]]
 LossFn = Callable[..., torch.Tensor]
 
-_STATE_FILE = "trainer_state.json"
-_MANIFEST = "manifest.json"
 
 
-class ResumeError(ConfigError):
-    """A checkpoint this run cannot continue from: damaged, or trained another way."""
-
-
-#: LossConfig fields that choose how the loss is computed, not what it is: free to change on resume
-_KERNEL_FIELDS = ("kernel", "chunk_elements", "fused_chunk_rows")
-_WEIGHTS_FILE = "model.safetensors"
-#: subfolder of ``last/`` holding Accelerate's state (the model folder is ``last/`` itself)
-_STATE_DIR = "state"
 MAX_AUTO_EVALS = 10  # eval_every=0: every epoch, but no more validations than this per run
 #: ``best_metric="auto"``: the first of these an evaluation reports (detection, grounding)
 MAIN_METRICS = ("ap", "acc50")
@@ -336,14 +339,14 @@ def load_weights(adapter: VLMAdapter, checkpoint: str | Path) -> None:
     from accelerate.utils import load_checkpoint_in_model
 
     path = Path(checkpoint)
-    state = path / _STATE_DIR
-    if any(state.glob(f"{_WEIGHTS_FILE}*")):  # FSDP keeps its gathered file at the top
+    state = path / STATE_DIR
+    if any(state.glob(f"{WEIGHTS_FILE}*")):  # FSDP keeps its gathered file at the top
         path = state
-    file = path / _WEIGHTS_FILE if path.is_dir() else path
+    file = path / WEIGHTS_FILE if path.is_dir() else path
     if path.is_dir() and not file.exists():
-        index = path / f"{_WEIGHTS_FILE}.index.json"
+        index = path / f"{WEIGHTS_FILE}.index.json"
         if not index.exists():
-            raise FileNotFoundError(f"{path} holds neither {_WEIGHTS_FILE} nor a sharded index")
+            raise FileNotFoundError(f"{path} holds neither {WEIGHTS_FILE} nor a sharded index")
         file = index
     load_checkpoint_in_model(_AdapterModule(adapter), str(file), strict=False)
 
@@ -371,26 +374,26 @@ def _run(
     if isinstance(loss_fn, nn.Module):
         loss_fn = loss_fn.to(accelerator.device)
 
-    checkpoint = _find_checkpoint(last_dir) if resume else None
+    checkpoint = find_checkpoint(last_dir) if resume else None
     state = (
-        _read_state(checkpoint) if checkpoint else {"step": 0, "best_value": None, "metrics": {}}
+        read_state(checkpoint) if checkpoint else {"step": 0, "best_value": None, "metrics": {}}
     )
-    recipe = _recipe(config, adapter)
+    run_recipe = recipe(config.loss, adapter)
     if checkpoint:
-        _check_manifest(checkpoint)
-        _check_same_data(state, checkpoint, len(samples), global_batch, config.seed)
-        _check_same_recipe(state, checkpoint, recipe)
+        check_manifest(checkpoint)
+        check_same_data(state, checkpoint, len(samples), global_batch, config.seed)
+        check_same_recipe(state, checkpoint, run_recipe)
     start = state["step"]
     record = config if run_record is None else run_record
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if checkpoint:
-            _truncate_metrics(metrics_file, start)
+            truncate_metrics(metrics_file, start)
         else:
             if resume:
                 logger.info("no checkpoint in %s; starting from step 0", last_dir)
             for stale in (metrics_file, run_dir / "metrics.csv", last_dir, best_dir):
-                _remove(stale)
+                remove(stale)
         save_config(record, run_dir / "config.yaml")
     accelerator.wait_for_everyone()
     if config.log_with:  # the trackers' hyperparameters are the run record too
@@ -412,7 +415,7 @@ def _run(
         )
     if checkpoint:
         # checkpoints written before last/ was a model folder hold the state at their top
-        state_dir = checkpoint / _STATE_DIR if (checkpoint / _STATE_DIR).is_dir() else checkpoint
+        state_dir = checkpoint / STATE_DIR if (checkpoint / STATE_DIR).is_dir() else checkpoint
         accelerator.load_state(str(state_dir), load_kwargs={"weights_only": True})
         logger.info("resumed from %s at step %d", checkpoint, start)
 
@@ -504,8 +507,8 @@ def _run(
             if config.log_with:
                 accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
         if improved:
-            _publish(
-                accelerator, best_dir, partial(_save_model_folder, accelerator, adapter, module)
+            publish(
+                accelerator, best_dir, partial(save_model_folder, accelerator, adapter, module)
             )
         if stop and is_main:
             progress.write(
@@ -522,10 +525,10 @@ def _run(
                 "best_value": best_value,
                 "stale_evals": stale_evals,
                 "metrics": metrics,
-                "recipe": recipe,
+                "recipe": run_recipe,
             }
-            _publish(accelerator, last_dir,
-                     partial(_save_full_state, accelerator, adapter, module, state))
+            publish(accelerator, last_dir,
+                     partial(save_full_state, accelerator, adapter, module, state))
         # Events fire after the step's clock was read; keep them out of the next throughput window.
         if events:
             clock = time.perf_counter()
@@ -676,157 +679,6 @@ def _eval_line(step: int, epoch: float, values: Mapping[str, float]) -> str:
     return f"val step {step} epoch {epoch:.2f} | {cells}"
 
 
-def _save_model_folder(accelerator, adapter: VLMAdapter, module: nn.Module, directory: Path):
-    """``best/`` and ``last/`` as folders ``load_model`` opens (the adapter's own save),
-    except under FSDP/DeepSpeed, where only Accelerate can gather the sharded weights: there it
-    holds ``model.safetensors`` for :func:`load_weights`."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        accelerator.save_model(module, directory)
-    elif accelerator.is_main_process:
-        adapter.save_pretrained(str(directory))
-
-
-def _save_full_state(
-    accelerator, adapter: VLMAdapter, module: nn.Module, state: dict[str, Any], directory: Path
-) -> None:
-    """``last/``: the model folder (what ``best/`` holds) and, in ``state/``, Accelerate's
-    full training state; ``trainer_state.json`` and the manifest cover both."""
-    _save_model_folder(accelerator, adapter, module, directory)
-    accelerator.save_state(str(directory / _STATE_DIR))
-    accelerator.wait_for_everyone()  # every process's RNG state is on disk before the manifest
-    if accelerator.is_main_process:
-        (directory / _STATE_FILE).write_text(json.dumps(state, indent=2))
-        _write_manifest(directory)
-
-
-def _write_manifest(directory: Path) -> None:
-    """``manifest.json``: size and SHA-256 of every file of the checkpoint, so a resume can
-    tell a complete checkpoint from a truncated, zeroed or partly missing one."""
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != _MANIFEST)
-    entries = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)}
-               for p in files}
-    (directory / _MANIFEST).write_text(json.dumps(entries, indent=1))
-
-
-def _check_manifest(checkpoint: Path) -> None:
-    """Refuse to resume from a checkpoint whose files differ from what was saved."""
-    file = checkpoint / _MANIFEST
-    if not file.is_file():
-        raise ResumeError(
-            f"cannot resume from {checkpoint}: no {_MANIFEST} (written with every checkpoint; "
-            "the save was interrupted or the folder comes from elsewhere). Use a new run_dir."
-        )
-    try:
-        entries = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ResumeError(f"{file}: corrupt checkpoint manifest ({err})") from None
-    for name, entry in entries.items():
-        path = checkpoint / name
-        problem = (
-            "is missing" if not path.is_file()
-            else f"has {path.stat().st_size} bytes, {entry['size']} were saved"
-            if path.stat().st_size != entry["size"]
-            else "differs from what was saved (SHA-256)" if _sha256(path) != entry["sha256"]
-            else None
-        )
-        if problem:
-            raise ResumeError(
-                f"cannot resume from {checkpoint}: {name} {problem}; the checkpoint is damaged. "
-                "Use a new run_dir, or resume=False."
-            )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _recipe(config: TrainConfig, adapter: VLMAdapter) -> dict[str, Any]:
-    """What a resumed run must share with the saved one besides the data stream: the loss
-    and the codec (their tensors may even fit, and train the wrong objective silently)."""
-    loss = {k: v for k, v in config_to_dict(config.loss).items() if k not in _KERNEL_FIELDS}
-    return {"loss": loss, "codec": adapter.codec.spec}
-
-
-def _check_same_recipe(state: Mapping[str, Any], checkpoint: Path, recipe: dict) -> None:
-    saved = state.get("recipe")
-    if saved is None:
-        return  # checkpoints written before the recipe was recorded
-    changed = changed_fields(saved, recipe)
-    if changed:
-        detail = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items())
-        raise ResumeError(
-            f"cannot resume from {checkpoint}: the run was trained otherwise ({detail}). "
-            "Resume with the same settings, or start a new run_dir."
-        )
-
-
-def _publish(accelerator, final: Path, write: Callable[[Path], None]) -> None:
-    """Write a checkpoint next to ``final`` and swap it in, so a kill never leaves a torn one.
-
-    The previous checkpoint survives as ``<name>.old`` until the new one is in place;
-    :func:`_find_checkpoint` falls back to it.
-    """
-    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
-    if accelerator.is_main_process:
-        _remove(tmp)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    write(tmp)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _remove(old)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        _remove(old)
-    accelerator.wait_for_everyone()
-
-
-def _find_checkpoint(last_dir: Path) -> Path | None:
-    for candidate in (last_dir, last_dir.with_name(last_dir.name + ".old")):
-        if (candidate / _STATE_FILE).exists():
-            return candidate
-    return None
-
-
-def _read_state(checkpoint: Path) -> dict[str, Any]:
-    try:
-        return json.loads((checkpoint / _STATE_FILE).read_text())
-    except json.JSONDecodeError as err:
-        raise ResumeError(f"{checkpoint / _STATE_FILE}: corrupt trainer state ({err})") from None
-
-
-def _check_same_data(
-    state: Mapping[str, Any], checkpoint: Path, n_samples: int, global_batch: int, seed: int
-) -> None:
-    """Resuming is only exact on the same data stream; refuse a silently different one."""
-    now = {"n_samples": n_samples, "global_batch": global_batch, "seed": seed}
-    changed = {k: (state[k], v) for k, v in now.items() if state.get(k) != v}
-    if changed:
-        detail = ", ".join(f"{k}: {old} then, {new} now" for k, (old, new) in changed.items())
-        raise ResumeError(
-            f"cannot resume from {checkpoint}: the data stream differs ({detail}); global batch is "
-            "batch_size x grad_accum x processes. Use a new run_dir or resume=False."
-        )
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records an interrupted run wrote after its last checkpoint."""
-    if path.exists():
-        kept = [
-            line
-            for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step
-        ]
-        path.write_text("".join(line + "\n" for line in kept))
-
-
 def _write_run_tables(jsonl: Path, run_dir: Path) -> None:
     """``metrics.csv``, one row per validation (with the training numbers last logged
     before it; every logged step when nothing was validated), and ``results.png``."""
@@ -866,13 +718,6 @@ def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[prefix + key] = value if isinstance(value, int | float | str | bool) else str(value)
     return out
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
 
 
 def _progress_bar(total: int, start: int, enabled: bool):
