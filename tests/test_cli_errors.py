@@ -186,3 +186,15 @@ def test_instances_makes_refcoco_usable_from_the_command_line(tmp_path, capsys):
     assert "RefCOCO refs need the COCO instances file" in capsys.readouterr().err
     assert _train(tmp_path / "refs.json", tmp_path / "runs", "--instances", str(instances)) == 0
     assert f"instances: {instances}" in (tmp_path / "runs" / "exp" / "config.yaml").read_text()
+
+
+def test_resuming_with_another_codec_or_method_names_the_field(tmp_path, capsys):
+    argv = ["train", "--model", "small:tiny", "--data", "synthetic", "--n-train", "4",
+            "--n-val", "0", "--steps", "1", "--project", str(tmp_path), "progress=false"]
+    assert main([*argv, "--codec", "rowcol:grid=8"]) == 0
+    resume = [*argv, "--steps", "2", "--resume"]
+    assert main([*resume, "--codec", "rowcol:grid=16"]) == 2
+    err = capsys.readouterr().err
+    assert "codec: 'rowcol:grid=8' then, 'rowcol:grid=16' now" in err and "Traceback" not in err
+    assert main([*resume, "--codec", "rowcol:grid=8", "--method", "gem"]) == 2
+    assert "loss.name: 'ce' then, 'gem' now" in capsys.readouterr().err
