@@ -25,7 +25,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "loctune.models.small_vlm": ("SmallVLM", "SmallVLMConfig", "small_vlm_config"),
     "loctune.models.small_vlm_adapter": ("SmallVLMAdapter",),
     "loctune.models.spec": ("ModelConfig", "open_model"),
-    "loctune.run_config": ("RunConfig",),
+    "loctune.run_config": ("RunConfig", "DataOptions"),
     "loctune.models.backbones": ("create_backbone", "packaged_state_dict"),
     "loctune.models.text_lm": ("load_causal_lm", "LMTokenizer", "PACKAGED_LM"),
     "loctune.pretrain": ("PretrainConfig", "SourceConfig", "run_pretrain", "source_corpus"),
@@ -36,7 +36,10 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
     "loctune.data.synthetic": ("SyntheticConfig", "make_grounding_split", "make_detection_split"),
     "loctune.train": ("train", "TrainConfig", "TrainResult", "load_weights"),
-    "loctune.config": ("load_config", "apply_overrides", "save_config", "parse_spec"),
+    "loctune.checkpointing": ("ResumeError",),
+    "loctune.config": (
+        "load_config", "apply_overrides", "save_config", "parse_spec", "ConfigError",
+    ),
     "loctune.evaluate": (
         "evaluate", "evaluate_generations", "EvalResult", "GenerationDecoder",
         "suppress_duplicates",
