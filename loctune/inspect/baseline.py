@@ -10,7 +10,10 @@ the same protocol as the VLMs (:mod:`loctune.inspect.evaluation`).
 
 Feature extractors are pluggable (any ``f(images[B, 3, H, W] in [0, 1]) ->
 [B, C, h, w]``, e.g. a pretrained backbone, or one wrapped in
-``MultiScaleEncoder``). The default, ``RandomConvFeatures``, needs no weights.
+``MultiScaleEncoder``), or named: ``"random"`` (:class:`RandomConvFeatures`, the
+default, needs no weights) or ``"lite0"`` (the ImageNet-pretrained
+EfficientNet-Lite0's stride-8 and stride-16 stages, PatchCore's mid-level
+recipe, :class:`~loctune.inspect.features.PretrainedPatchFeatures`).
 With ``tiles=(rows, cols)`` every image is cut into crops first (see
 ``tiling``), each crop is featurised at ``input_size`` and the crop score maps
 are stitched back, so small defects are seen at native resolution.
@@ -33,6 +36,8 @@ from loctune.inspect.tiling import tile_grid
 from loctune.types import Box
 
 FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
+#: named feature extractors, see :func:`patch_extractor`
+FEATURES = ("random", "lite0")
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -74,6 +79,18 @@ class RandomConvFeatures(nn.Module):
         )
 
 
+def patch_extractor(name: str, seed: int = 0) -> nn.Module:
+    """A named PatchCore feature extractor: ``"random"`` convolutions (seeded by ``seed``)
+    or ``"lite0"``, pretrained EfficientNet-Lite0 mid-level features (``seed`` unused)."""
+    if name == "random":
+        return RandomConvFeatures(seed=seed)
+    if name == "lite0":
+        from loctune.inspect.features import PretrainedPatchFeatures
+
+        return PretrainedPatchFeatures()
+    raise ValueError(f"features: expected one of {FEATURES}, got {name!r}")
+
+
 def _device_of(extractor: FeatureExtractor) -> torch.device:
     """Where a module extractor's weights are (e.g. a VLM encoder on the GPU); CPU otherwise.
 
@@ -103,17 +120,27 @@ class PatchCore:
     resized to before featurising. ``bank_size``: cap on the memory bank,
     filled by greedy k-centre selection (PatchCore's coreset) to bound the
     cost of the nearest-neighbour search; None keeps every patch.
+    ``extractor``: a callable, or a name of :data:`FEATURES`. ``cache``: a dict
+    shared by detectors with the same extractor, ``input_size`` and tiling
+    that keeps each image's features (keyed by the image object, which it
+    holds), so examples reused across many fits are featurised once.
     """
 
     def __init__(
         self,
-        extractor: FeatureExtractor | None = None,
+        extractor: FeatureExtractor | str | None = None,
         input_size: int = 256,
         tiles: tuple[int, int] | None = None,
         overlap: float = 0.0,
         bank_size: int | None = None,
+        cache: dict | None = None,
     ) -> None:
-        self.extractor = extractor if extractor is not None else RandomConvFeatures()
+        if extractor is None:
+            extractor = RandomConvFeatures()
+        elif isinstance(extractor, str):
+            extractor = patch_extractor(extractor)
+        self.extractor = extractor
+        self.cache = cache
         self.input_size = input_size
         self.tiles = tiles
         self.overlap = overlap
@@ -130,6 +157,10 @@ class PatchCore:
     @torch.no_grad()
     def _features(self, image: Image.Image) -> tuple[torch.Tensor, list[tuple[int, int, int, int]]]:
         """``[views, C, h, w]`` features of one image and the view boxes."""
+        if self.cache is not None:
+            hit = self.cache.get(id(image))
+            if hit is not None and hit[0] is image:
+                return hit[1], hit[2]
         boxes = self._views(image)
         tensor = image_to_tensor(image)
         views = torch.stack(
@@ -144,7 +175,10 @@ class PatchCore:
                 for x1, y1, x2, y2 in boxes
             ]
         )
-        return self.extractor(views.to(_device_of(self.extractor))).float().cpu(), boxes
+        features = self.extractor(views.to(_device_of(self.extractor))).float().cpu()
+        if self.cache is not None:
+            self.cache[id(image)] = (image, features, boxes)
+        return features, boxes
 
     @staticmethod
     def _patches(features: torch.Tensor) -> torch.Tensor:
