@@ -300,3 +300,45 @@ def test_inspect_real_config_is_checked():
         InspectRealConfig(eval_k=[0, 1])
     with pytest.raises(ValueError, match="selection_metrics"):
         InspectRealConfig(selection_metrics=["euclid"])
+
+
+# --- NEU-DET few-shot typing ------------------------------------------------------------------
+
+NEU = Path(__file__).resolve().parents[2] / "shared" / "data" / "neu-det"
+
+
+def test_typing_split_is_disjoint_balanced_and_seeded():
+    from loctune.inspect.neu import typing_split
+
+    types = ["a"] * 10 + ["b"] * 10 + ["c"] * 6
+    support, queries = typing_split(types, 2, 4, seed=0)
+    assert not set(support) & set(queries)
+    assert sorted(types[i] for i in support) == ["a", "a", "b", "b", "c", "c"]
+    assert sorted(types[i] for i in queries) == ["a"] * 4 + ["b"] * 4 + ["c"] * 4
+    assert typing_split(types, 2, 4, seed=0) == (support, queries)
+    assert typing_split(types, 2, 4, seed=1) != (support, queries)
+    with pytest.raises(ValueError, match="'c': 6 images"):
+        typing_split(types, 2, 5, seed=0)
+
+
+def test_nearest_example_typing_names_the_type_of_the_most_similar_example():
+    from loctune.inspect.neu import nearest_example_typing
+
+    embeddings = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.2], [0.1, 0.8], [0.2, 0.9]])
+    types = ["x", "y", "x", "y", "x"]  # the last is an x that looks like a y
+    m = nearest_example_typing(embeddings, types, support=[0, 1], queries=[2, 3, 4])
+    assert m["accuracy"] == pytest.approx(2 / 3)
+    assert m["balanced_accuracy"] == pytest.approx((1 / 2 + 1) / 2) and m["n_queries"] == 3
+
+
+@pytest.mark.skipif(not (NEU / "ANNOTATIONS").is_dir(), reason="shared/data/neu-det not present")
+def test_inspect_real_neu_typing_writes_its_report(tmp_path):
+    out = tmp_path / "neu"
+    args = ["inspect-real", "data=neu-det", "--out", str(out), "seeds=[0]", "eval_k=[1,2]",
+            "features=[random]", "neu_queries_per_type=2", "input_size=32"]
+    assert main(args) == 0
+    text = (out / "report.md").read_text()
+    assert "| 2 | random conv, centred |" in text
+    assert (out / "typing_accuracy_vs_k.png").stat().st_size > 1000
+    metrics = json.loads((out / "s0" / "type_random_dot" / "k1" / "metrics.json").read_text())
+    assert metrics["n_queries"] == 12 and 0 <= metrics["accuracy"] <= 1
