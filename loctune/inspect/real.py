@@ -265,7 +265,63 @@ def run_inspect_real(
             scalars = {m: v for m, v in metrics.items() if not isinstance(v, dict)}
             rows.append({"method": method, "k": k, "seed": seed, **scalars})
         grid.write_rows(rows)
-    return write_real_report(cfg, rows, queries, pool)
+    figure_k = 4 if 4 in cfg.eval_k else max(cfg.eval_k)
+    detectors = {
+        method_name(f, t): PatchCore(extractor(f, cfg.seeds[0]), input_size=cfg.input_size,
+                                     tiles=tiles if t else None, bank_size=cfg.bank_size)
+        for f in cfg.features for t in (False, True)
+    }
+    plot_score_maps(Path(cfg.out_dir) / "score_maps.png", queries,
+                    fixed_shots(pool, figure_k, cfg.data_seed, cfg.seeds[0]), detectors)
+    return write_real_report(cfg, rows, queries, pool, figure_k)
+
+
+def plot_score_maps(
+    path: Path,
+    queries: Sequence[Sample],
+    shots: Sequence[Sample],
+    detectors: dict[str, PatchCore],
+    n_defective: int = 4,
+    n_good: int = 2,
+) -> None:
+    """A grid: the first defective and good queries (true boxes in red), then each
+    detector's score map (fit on the good ``shots``), one colour scale per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    good_shots = [s.load_image() for s in shots if not is_defective(s)]
+    for detector in detectors.values():
+        detector.fit(good_shots, threshold=None if len(good_shots) >= 2 else float("inf"))
+    chosen = ([q for q in queries if is_defective(q)][:n_defective]
+              + [q for q in queries if not is_defective(q)][:n_good])
+    columns = 1 + len(detectors)
+    fig, axes = plt.subplots(len(chosen), columns, figsize=(2 * columns, 2 * len(chosen)),
+                             squeeze=False)
+    for row, query in zip(axes, chosen, strict=True):
+        image = query.load_image()
+        row[0].imshow(image)
+        for x1, y1, x2, y2 in query.boxes:
+            row[0].add_patch(matplotlib.patches.Rectangle(
+                (x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="red", linewidth=1.5))
+        row[0].set_ylabel("defective" if is_defective(query) else "good", fontsize=8)
+        for ax, detector in zip(row[1:], detectors.values(), strict=True):
+            found = detector.predict(image)
+            ax.imshow(found.score_map.numpy(), cmap="inferno")
+            ax.plot(*found.peak, marker="+", color="cyan", markersize=8)
+            ax.set_xlabel(f"score {found.score:.2f}", fontsize=7)
+    axes[0][0].set_title("query + true box", fontsize=8)
+    for ax, method in zip(axes[0][1:], detectors, strict=True):
+        ax.set_title(method_label(method).removeprefix("PatchCore, "), fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"PatchCore score maps, k={len(good_shots)} good shots (cyan +: peak)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def write_real_report(
@@ -273,8 +329,10 @@ def write_real_report(
     rows: list[dict[str, Any]],
     queries: Sequence[Sample],
     pool: Sequence[Sample],
+    figure_k: int | None = None,
 ) -> Path:
-    """report.md, results.csv and the AUROC-vs-k plots of an ``inspect-real`` run."""
+    """report.md, results.csv and the AUROC-vs-k plots of an ``inspect-real`` run
+    (``figure_k``: the k of ``score_maps.png``, when one was drawn)."""
     out = Path(cfg.out_dir)
     report.write_csv(rows, out / "results.csv")
     present = {r["method"] for r in rows}
@@ -322,6 +380,14 @@ def write_real_report(
         "![AUROC vs k](auroc_vs_k.png)",
         "",
     ]
+    if figure_k is not None:
+        lines += [
+            f"Score maps of the first queries (seed {cfg.seeds[0]}, k={figure_k}); each map on "
+            "its own colour scale, the score under it:",
+            "",
+            "![score maps](score_maps.png)",
+            "",
+        ]
     if selection:
         report.plot_accuracy_vs_labels(
             rows, "auroc", list(selection), out / "selection_auroc_vs_k.png", by="k",
