@@ -275,7 +275,7 @@ def test_inspect_real_writes_report_tables_plot_and_config(fake_pcb, tmp_path):
                  "nearest, centred", "random shots per query"):
         assert f"| {name} |" in text
     assert "| 2 | PatchCore, pretrained Lite0 | " in text
-    for png in ("auroc_vs_k.png", "selection_auroc_vs_k.png"):
+    for png in ("auroc_vs_k.png", "selection_auroc_vs_k.png", "score_maps.png"):
         assert (out / png).stat().st_size > 1000
     saved = json.loads((out / "inspect_real_config.json").read_text())
     assert saved["root"] == str(fake_pcb) and saved["eval_k"] == [1, 2]
