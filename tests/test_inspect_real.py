@@ -342,3 +342,21 @@ def test_inspect_real_neu_typing_writes_its_report(tmp_path):
     assert (out / "typing_accuracy_vs_k.png").stat().st_size > 1000
     metrics = json.loads((out / "s0" / "type_random_dot" / "k1" / "metrics.json").read_text())
     assert metrics["n_queries"] == 12 and 0 <= metrics["accuracy"] <= 1
+
+
+def test_ignore_border_leaves_the_crop_edge_out_of_score_peak_and_calibration():
+    rng = np.random.default_rng(1)
+    good = [Image.fromarray(rng.integers(100, 140, (64, 64, 3), dtype=np.uint8)) for _ in range(3)]
+    edge = good[0].copy()
+    ImageDraw.Draw(edge).rectangle((0, 0, 5, 5), fill=(255, 255, 255))  # only at the border
+    centre = good[0].copy()
+    ImageDraw.Draw(centre).rectangle((30, 30, 36, 36), fill=(255, 255, 255))
+    plain = PatchCore(input_size=64).fit(good)
+    inner = PatchCore(input_size=64, ignore_border=12).fit(good)
+    assert plain.predict(edge).defective  # the border defect counts without ignore_border
+    assert not inner.predict(edge).defective and inner.predict(centre).defective
+    peak = inner.predict(edge).peak
+    assert 12 <= peak[0] <= 52 and 12 <= peak[1] <= 52
+    assert inner.threshold <= plain.threshold  # calibrated on the interior too
+    with pytest.raises(ValueError, match="leaves nothing"):
+        PatchCore(input_size=64, ignore_border=32).fit(good)

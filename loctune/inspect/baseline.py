@@ -124,6 +124,10 @@ class PatchCore:
     shared by detectors with the same extractor, ``input_size`` and tiling
     that keeps each image's features (keyed by the image object, which it
     holds), so examples reused across many fits are featurised once.
+    ``ignore_border``: pixels at the image border that do not count towards the
+    image score, the peak or the box (0: all count). Patches at a crop's edge
+    see zero padding and structures cut by the border, which few good shots
+    cover; on DeepPCB crops they were the commonest false alarms.
     """
 
     def __init__(
@@ -134,6 +138,7 @@ class PatchCore:
         overlap: float = 0.0,
         bank_size: int | None = None,
         cache: dict | None = None,
+        ignore_border: int = 0,
     ) -> None:
         if extractor is None:
             extractor = RandomConvFeatures()
@@ -141,6 +146,7 @@ class PatchCore:
             extractor = patch_extractor(extractor)
         self.extractor = extractor
         self.cache = cache
+        self.ignore_border = ignore_border
         self.input_size = input_size
         self.tiles = tiles
         self.overlap = overlap
@@ -197,12 +203,13 @@ class PatchCore:
             raise ValueError(
                 "fit: calibrating the threshold needs two good images; pass threshold="
             )
-        per_image = [self._patches(self._features(im)[0]) for im in good]
+        featurised = [self._features(im) for im in good]
+        per_image = [self._patches(features) for features, _ in featurised]
         if threshold is None:
             loo = []
-            for i, patches in enumerate(per_image):
+            for i, (im, (features, boxes)) in enumerate(zip(good, featurised, strict=True)):
                 others = self._select(torch.cat(per_image[:i] + per_image[i + 1 :]))
-                loo.append(float(_nearest_distance(patches, others).max()))
+                loo.append(self._image_score(*self._score_map(im, features, boxes, others)))
             threshold = max(loo)
         self.bank = self._select(torch.cat(per_image))
         self.threshold = threshold
@@ -213,23 +220,48 @@ class PatchCore:
             return patches
         return patches[greedy_coreset(patches, self.bank_size)]
 
+    def _score_map(
+        self, image: Image.Image, features: torch.Tensor, boxes: list, bank: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch scores ``[views, h, w]`` against ``bank`` and the stitched full-image map."""
+        views, _, h, w = features.shape
+        patch_scores = _nearest_distance(self._patches(features), bank).reshape(views, h, w)
+        score_map = torch.zeros(image.height, image.width)
+        for view_scores, (x1, y1, x2, y2) in zip(patch_scores, boxes, strict=True):
+            up = F.interpolate(view_scores[None, None], size=(y2 - y1, x2 - x1), mode="bilinear")
+            score_map[y1:y2, x1:x2] = torch.maximum(score_map[y1:y2, x1:x2], up[0, 0])
+        return patch_scores, score_map
+
+    def _interior(self, score_map: torch.Tensor) -> torch.Tensor:
+        """A mask of the pixels that count: all, or those ``ignore_border`` px inside."""
+        keep = torch.ones_like(score_map, dtype=torch.bool)
+        b = self.ignore_border
+        if b:
+            h, w = score_map.shape
+            if 2 * b >= min(h, w):
+                raise ValueError(f"ignore_border={b} px leaves nothing of a {w}x{h} image")
+            keep[:b], keep[-b:], keep[:, :b], keep[:, -b:] = False, False, False, False
+        return keep
+
+    def _image_score(self, patch_scores: torch.Tensor, score_map: torch.Tensor) -> float:
+        if not self.ignore_border:
+            return float(patch_scores.max())
+        return float(score_map[self._interior(score_map)].max())
+
     @torch.no_grad()
     def predict(self, image: Image.Image) -> AnomalyPrediction:
         if self.bank is None or self.threshold is None:
             raise RuntimeError("predict: call fit() with good images first")
         features, boxes = self._features(image)
-        views, _, h, w = features.shape
-        patch_scores = _nearest_distance(self._patches(features), self.bank).reshape(views, h, w)
-        score_map = torch.zeros(image.height, image.width)
-        for view_scores, (x1, y1, x2, y2) in zip(patch_scores, boxes, strict=True):
-            up = F.interpolate(view_scores[None, None], size=(y2 - y1, x2 - x1), mode="bilinear")
-            score_map[y1:y2, x1:x2] = torch.maximum(score_map[y1:y2, x1:x2], up[0, 0])
-        score = float(patch_scores.max())
+        patch_scores, score_map = self._score_map(image, features, boxes, self.bank)
+        score = self._image_score(patch_scores, score_map)
         defective = score > self.threshold
+        interior = self._interior(score_map)
         box = None
         if defective:
-            box = mask_box(largest_region((score_map > self.threshold).numpy()))
-        peak_y, peak_x = divmod(int(score_map.argmax()), image.width)
+            box = mask_box(largest_region(((score_map > self.threshold) & interior).numpy()))
+        masked = torch.where(interior, score_map, torch.tensor(-torch.inf))
+        peak_y, peak_x = divmod(int(masked.argmax()), image.width)
         return AnomalyPrediction(score, defective, score_map, box, (peak_x + 0.5, peak_y + 0.5))
 
 

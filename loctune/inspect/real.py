@@ -97,6 +97,7 @@ class InspectRealConfig:
     tile_cols: int = 2
     input_size: int = 128
     bank_size: int | None = 2048
+    ignore_border: int = 0  # px at a crop's border left out of its score (PatchCore.ignore_border)
     selection_metrics: list[str] = field(default_factory=lambda: list(SIMILARITIES))
     selection_features: str = "lite0"
     # data=neu-det: few-shot typing, k examples per type, this many queries per type
@@ -228,7 +229,8 @@ def run_inspect_real(
                 def make_detector(net=net, tiled=tiled, cache=cache) -> PatchCore:
                     return PatchCore(net, input_size=cfg.input_size,
                                      tiles=tiles if tiled else None,
-                                     bank_size=cfg.bank_size, cache=cache)
+                                     bank_size=cfg.bank_size, cache=cache,
+                                     ignore_border=cfg.ignore_border)
 
                 for k in cfg.eval_k:
                     shots = fixed_shots(pool, k, cfg.data_seed, seed)
@@ -243,7 +245,7 @@ def run_inspect_real(
 
             def make_selected(net=net, cache=cache) -> PatchCore:
                 return PatchCore(net, input_size=cfg.input_size, bank_size=cfg.bank_size,
-                                 cache=cache)
+                                 cache=cache, ignore_border=cfg.ignore_border)
 
             if embed is None:
                 embed = CachedEmbedder(PooledFeatures(
@@ -268,7 +270,8 @@ def run_inspect_real(
     figure_k = 4 if 4 in cfg.eval_k else max(cfg.eval_k)
     detectors = {
         method_name(f, t): PatchCore(extractor(f, cfg.seeds[0]), input_size=cfg.input_size,
-                                     tiles=tiles if t else None, bank_size=cfg.bank_size)
+                                     tiles=tiles if t else None, bank_size=cfg.bank_size,
+                                     ignore_border=cfg.ignore_border)
         for f in cfg.features for t in (False, True)
     }
     plot_score_maps(Path(cfg.out_dir) / "score_maps.png", queries,
@@ -363,7 +366,10 @@ def write_real_report(
         f"on the k good crops only (as it should: it is a one-class method; the defective "
         f"examples are not used). Crops (or, with tiling, each of their {cfg.tile_rows}x"
         f"{cfg.tile_cols} tiles) are featurised at {cfg.input_size} px; memory bank capped at "
-        f"{cfg.bank_size} patches by greedy k-centre coreset. Features: random conv = two fixed "
+        f"{cfg.bank_size} patches by greedy k-centre coreset"
+        + (f"; the outer {cfg.ignore_border} px of every crop do not count towards its score, "
+           "peak or box. " if cfg.ignore_border else ". ")
+        + "Features: random conv = two fixed "
         "random 3x3 convolutions (seeded per seed); pretrained Lite0 = ImageNet EfficientNet-Lite0 "
         "stages at stride 8 and 16, each 3x3-averaged, upsampled and concatenated (152 "
         f"channels). Mean ± sample std over {len(cfg.seeds)} seed(s) {cfg.seeds} (the example "
