@@ -63,7 +63,7 @@ METRICS = {
 
 @dataclass
 class InspectRealConfig:
-    """One real-set study; the defaults run in about 10 minutes on one CPU thread.
+    """One real-set study; the DeepPCB defaults ran in 5.5 minutes on one CPU thread.
 
     ``data="deeppcb"``: PatchCore on balanced crops (below). ``data="neu-det"``:
     few-shot defect typing (:mod:`loctune.inspect.neu`) by the nearest of ``k``
@@ -83,7 +83,7 @@ class InspectRealConfig:
 
     out_dir: str = "runs/inspect_real"
     data: str = "deeppcb"
-    root: str = ""  # default: shared/data/deeppcb/PCBData beside the checkout
+    root: str = ""  # default: shared/data/deeppcb/PCBData (or neu-det) beside the checkout
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     eval_k: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     data_seed: int = 0
