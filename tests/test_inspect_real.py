@@ -13,7 +13,12 @@ from PIL import Image, ImageDraw
 
 from loctune.cli import main
 from loctune.inspect.baseline import PatchCore, patch_extractor
-from loctune.inspect.deeppcb import balanced_crop_windows, deeppcb_crops, load_deeppcb
+from loctune.inspect.deeppcb import (
+    balanced_crop_windows,
+    deeppcb_crops,
+    has_colour_marks,
+    load_deeppcb,
+)
 from loctune.inspect.features import PretrainedPatchFeatures
 from loctune.inspect.real import InspectRealConfig, fixed_shots
 from loctune.inspect.records import inspection_sample, is_defective
@@ -360,3 +365,12 @@ def test_ignore_border_leaves_the_crop_edge_out_of_score_peak_and_calibration():
     assert inner.threshold <= plain.threshold  # calibrated on the interior too
     with pytest.raises(ValueError, match="leaves nothing"):
         PatchCore(input_size=64, ignore_border=32).fit(good)
+
+
+def test_boards_with_annotations_drawn_in_are_recognised(fake_pcb, tmp_path):
+    tested = [s for s in load_deeppcb(fake_pcb, "test") if is_defective(s)]
+    assert not any(has_colour_marks(s.image) for s in tested)  # binarised grey boards
+    marked = Image.open(tested[0].image).convert("RGB")
+    ImageDraw.Draw(marked).rectangle((10, 10, 60, 40), outline=(0, 255, 0), width=3)
+    marked.save(tmp_path / "marked.png")
+    assert has_colour_marks(tmp_path / "marked.png")

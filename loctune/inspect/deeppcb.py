@@ -119,6 +119,20 @@ def _pair(root: Path, image_rel: Path, annotation: Path, split: str) -> list[Sam
     return [good, defective]
 
 
+def has_colour_marks(path: str | os.PathLike, tolerance: int = 60, max_pixels: int = 50) -> bool:
+    """Whether a board image holds coloured pixels (channels differing by more than
+    ``tolerance``; more than ``max_pixels`` of them). DeepPCB images are binarised grey,
+    but one tested board of the test split (``44000020_test.jpg``) has its annotation
+    drawn in: green boxes and the type names, which would give its defects away."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        rgb = np.asarray(image.convert("RGB"), dtype=np.int16)
+    spread = rgb.max(axis=-1) - rgb.min(axis=-1)
+    return int((spread > tolerance).sum()) > max_pixels
+
+
 @dataclass(frozen=True)
 class CropWindow:
     """A square window on a board: ``window`` in board pixels, the image it is cut from

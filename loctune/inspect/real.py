@@ -37,7 +37,7 @@ from PIL import Image
 from loctune import report
 from loctune.cells import CellGrid
 from loctune.inspect.baseline import FEATURES, PatchCore, patch_extractor
-from loctune.inspect.deeppcb import GOOD_SOURCES, deeppcb_crops, load_deeppcb
+from loctune.inspect.deeppcb import GOOD_SOURCES, deeppcb_crops, has_colour_marks, load_deeppcb
 from loctune.inspect.evaluation import (
     ICLEvaluation,
     evaluate_patchcore_fixed_shots,
@@ -135,7 +135,10 @@ def _boards(cfg: InspectRealConfig, split: str, n: int) -> list[Sample]:
         (s for s in load_deeppcb(cfg.root or None, split) if is_defective(s)),
         key=lambda s: s.image_id,
     )
-    return random.Random(f"{cfg.data_seed}:{split}").sample(tested, min(n, len(tested)))
+    drawn = random.Random(f"{cfg.data_seed}:{split}").sample(tested, min(n, len(tested)))
+    # boards with annotations drawn into the image are dropped after the draw, so that
+    # the other boards of a draw stay the same
+    return [s for s in drawn if not has_colour_marks(s.image)]
 
 
 def crop_sets(cfg: InspectRealConfig) -> tuple[list[Sample], list[Sample]]:
