@@ -350,6 +350,8 @@ def write_real_report(
     report.plot_accuracy_vs_labels(rows, "auroc", list(main), out / "auroc_vs_k.png", by="k",
                                    xlabel=xlabel, log_x=False, labels=main, ylabel="image AUROC")
     n_def = sum(is_defective(q) for q in queries)
+    n_query_boards = len({q.meta["board"] for q in queries})
+    n_pool_boards = len({s.meta["board"] for s in pool})
     sizes = sorted({d for q in queries for b in q.boxes for d in (b[2] - b[0], b[3] - b[1])})
     good_note = ("the same window on the board's defect-free template"
                  if cfg.good_from == "template" else "a window of the tested board no defect touches")
@@ -357,10 +359,10 @@ def write_real_report(
         "# loctune inspect-real: few-shot PatchCore on DeepPCB crops",
         "",
         f"Queries: {len(queries)} crops of {cfg.crop} px ({n_def} defective, "
-        f"{len(queries) - n_def} good) from {cfg.query_boards} boards of the DeepPCB test split. "
+        f"{len(queries) - n_def} good) from {n_query_boards} boards of the DeepPCB test split. "
         f"A defective crop is a window holding a defect box at a random position; its good "
         f"counterpart is {good_note}. Examples: {len(pool)} crops built the same way from "
-        f"{cfg.support_boards} trainval boards. Defect boxes in the query crops are "
+        f"{n_pool_boards} trainval boards. Defect boxes in the query crops are "
         f"{sizes[0]:.0f}-{sizes[-1]:.0f} px on a side."
         if sizes else "",
         "",
