@@ -1,5 +1,5 @@
-"""`loctune train | eval | predict | pretrain | compare | demo | inspect | inspect-study`:
-a thin CLI.
+"""`loctune train | eval | predict | pretrain | compare | demo | inspect | inspect-study |
+inspect-real`: a thin CLI.
 
 Every subcommand accepts trailing ``key=value`` overrides of its config
 dataclass (``lr=3e-4``, ``loss.targets.power=3``), in the spirit of
@@ -272,6 +272,12 @@ def cmd_inspect_study(args) -> int:
     return _run_study(args, InspectStudyConfig, run_inspect_study)
 
 
+def cmd_inspect_real(args) -> int:
+    from loctune.inspect.real import InspectRealConfig, run_inspect_real
+
+    return _run_study(args, InspectRealConfig, run_inspect_real)
+
+
 def cmd_demo(args) -> int:
     from loctune.compare import demo_config, run_compare
 
@@ -467,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--n", type=_COUNT, help="--eval: first n test images only")
     ins.add_argument("--k", type=_COUNT, default=2, help="good and defective examples each")
     ins.add_argument("--select", default="balanced", choices=["random", "balanced", "nearest"])
-    ins.add_argument("--metric", default="cosine", choices=["cosine", "dot"],
+    ins.add_argument("--metric", default="cosine", choices=["cosine", "dot", "centred"],
                      help="similarity for --select nearest")
     ins.add_argument("--tile", help="ROWSxCOLS: global view plus crops per image, e.g. 2x2")
     ins.add_argument("--overlap", type=_number(float, 0.0, 1.0, open_high=True), default=0.0,
@@ -487,6 +493,15 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out", help="report directory (default runs/inspect_study)")
     st.add_argument("overrides", nargs="*", help="key=value InspectStudyConfig overrides")
     st.set_defaults(func=cmd_inspect_study)
+
+    real = sub.add_parser("inspect-real",
+                          help="few-shot PatchCore on real boards (DeepPCB crops): random vs "
+                               "pretrained features, with and without tiling, by k; example "
+                               "selection by cosine, dot and centred cosine")
+    real.add_argument("--config", help="YAML/JSON InspectRealConfig")
+    real.add_argument("--out", help="report directory (default runs/inspect_real)")
+    real.add_argument("overrides", nargs="*", help="key=value InspectRealConfig overrides")
+    real.set_defaults(func=cmd_inspect_real)
     return p
 
 

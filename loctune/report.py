@@ -232,9 +232,11 @@ def plot_accuracy_vs_labels(
     xlabel: str = "labelled training examples",
     log_x: bool = True,
     labels: Mapping[str, str] | None = None,
+    ylabel: str | None = None,
 ) -> None:
     """Mean ± std of ``metric`` against ``by`` (log axis unless ``log_x`` is False), a line
-    per method, named by ``labels`` where given."""
+    per method, named by ``labels`` where given; the y axis is ``ylabel`` (default: the
+    metric's key)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -253,7 +255,7 @@ def plot_accuracy_vs_labels(
     if log_x:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(metric)
+    ax.set_ylabel(ylabel or metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -274,6 +274,7 @@ def test_patchcore_in_context_fits_on_the_good_examples_the_vlm_sees(adapter, po
     for prediction, examples in zip(result.predictions, chosen, strict=True):
         assert prediction.examples == [e.image_id for e in examples if not is_defective(e)]
         assert len(prediction.examples) == 2
+    assert 0 <= result.metrics.pop("loc_peak") <= 1  # threshold-free pointing
     assert result.metrics == inspection_metrics(result.predictions, pool) | {
         "type_accuracy": pytest.approx(math.nan, nan_ok=True)
     }

@@ -6,8 +6,14 @@ Records are ``loctune.types.Sample`` with ``task="inspection"`` (see
 """
 
 from loctune.inspect.answers import ParsedAnswer, answer_text, parse_answer
-from loctune.inspect.baseline import AnomalyPrediction, PatchCore, RandomConvFeatures
-from loctune.inspect.deeppcb import load_deeppcb
+from loctune.inspect.baseline import (
+    FEATURES,
+    AnomalyPrediction,
+    PatchCore,
+    RandomConvFeatures,
+    patch_extractor,
+)
+from loctune.inspect.deeppcb import balanced_crop_windows, deeppcb_crops, load_deeppcb
 from loctune.inspect.episodes import (
     EncoderFeatures,
     EpisodeAdapter,
@@ -17,12 +23,15 @@ from loctune.inspect.episodes import (
 from loctune.inspect.evaluation import (
     ICLEvaluation,
     evaluate_in_context,
+    evaluate_patchcore_fixed_shots,
     evaluate_patchcore_in_context,
 )
+from loctune.inspect.features import PretrainedPatchFeatures
 from loctune.inspect.folder import folder_categories, load_inspection_folder, read_inspection_data
 from loctune.inspect.metrics import accuracy, auroc, f1, inspection_metrics, point_in_boxes
 from loctune.inspect.multiscale import MultiScaleEncoder
 from loctune.inspect.prompts import Episode, build_prompt
+from loctune.inspect.real import InspectRealConfig, run_inspect_real
 from loctune.inspect.records import by_product, inspection_prompt, inspection_sample
 from loctune.inspect.regions import label_components, largest_region, mask_to_boxes
 from loctune.inspect.run import ICLPrediction, inspect_in_context, predict_episodes
@@ -49,6 +58,14 @@ from loctune.inspect.tiling import (
 )
 
 __all__ = [
+    "FEATURES",
+    "InspectRealConfig",
+    "PretrainedPatchFeatures",
+    "balanced_crop_windows",
+    "deeppcb_crops",
+    "evaluate_patchcore_fixed_shots",
+    "patch_extractor",
+    "run_inspect_real",
     "EncoderFeatures",
     "Episode",
     "EpisodeAdapter",

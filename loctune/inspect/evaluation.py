@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loctune.inspect.baseline import PatchCore
-from loctune.inspect.metrics import inspection_metrics
+from loctune.inspect.baseline import AnomalyPrediction, PatchCore
+from loctune.inspect.metrics import inspection_metrics, point_in_boxes
 from loctune.inspect.prompts import Episode
 from loctune.inspect.records import is_defective
 from loctune.inspect.run import ICLPrediction, predict_episodes
@@ -89,30 +89,76 @@ def evaluate_patchcore_in_context(
     F1 and localisation are NaN and only the threshold-free AUROC is
     reported. A flagged query's box is the largest region above the
     threshold. PatchCore names no defect type: ``type_accuracy`` is NaN.
+    ``loc_peak``: see :func:`_patchcore_evaluation`.
     """
     if k < 1:
         raise ValueError(f"k: PatchCore needs at least one good shot, got k={k}")
     chosen = select_examples(queries, support, k, strategy, metric, embed, seed)
-    predictions = []
+    found = []
     for query, examples in zip(queries, chosen, strict=True):
         good = [e for e in examples if not is_defective(e)]
         threshold = None if len(good) >= 2 else math.inf
         detector = make_detector().fit([e.load_image() for e in good], threshold=threshold)
-        found = detector.predict(query.load_image())
-        predictions.append(
-            ICLPrediction(
-                image_id=query.image_id,
-                text="",
-                defective=found.defective,
-                score=found.score,
-                defect_type="",
-                detections=[Detection("defect", found.box)] if found.box is not None else [],
-                malformed=False,
-                n_malformed_boxes=0,
-                examples=[e.image_id for e in good],
-            )
+        found.append((detector.predict(query.load_image()), good))
+    return _patchcore_evaluation(queries, found, calibrated=k >= 2)
+
+
+def evaluate_patchcore_fixed_shots(
+    queries: Sequence[Sample],
+    examples: Sequence[Sample],
+    make_detector: Callable[[], PatchCore] = PatchCore,
+) -> ICLEvaluation:
+    """PatchCore with one set of shots for every query, the usual few-shot anomaly protocol.
+
+    The detector is fit once on the good ones among ``examples`` (the defective
+    ones are not used) and scores every query; the threshold is calibrated by
+    leave-one-out on them, which needs two (else accuracy, F1 and box
+    localisation are NaN, as in :func:`evaluate_patchcore_in_context`).
+    """
+    good = [e for e in examples if not is_defective(e)]
+    if not good:
+        raise ValueError("evaluate_patchcore_fixed_shots: no good example to fit on")
+    threshold = None if len(good) >= 2 else math.inf
+    detector = make_detector().fit([e.load_image() for e in good], threshold=threshold)
+    found = [(detector.predict(q.load_image()), good) for q in queries]
+    return _patchcore_evaluation(queries, found, calibrated=len(good) >= 2)
+
+
+def _patchcore_evaluation(
+    queries: Sequence[Sample],
+    found: Sequence[tuple[AnomalyPrediction, Sequence[Sample]]],
+    calibrated: bool,
+) -> ICLEvaluation:
+    """Predictions and metrics of PatchCore verdicts (each with the good shots it was fit on).
+
+    Besides :func:`inspection_metrics`, ``loc_peak`` is threshold-free pointing:
+    the share of defective queries with boxes whose score-map maximum lies in a
+    true box.
+    """
+    predictions = [
+        ICLPrediction(
+            image_id=query.image_id,
+            text="",
+            defective=verdict.defective,
+            score=verdict.score,
+            defect_type="",
+            detections=[Detection("defect", verdict.box)] if verdict.box is not None else [],
+            malformed=False,
+            n_malformed_boxes=0,
+            examples=[e.image_id for e in good],
         )
-    metrics = {**inspection_metrics(predictions, queries), "type_accuracy": float("nan")}
-    if k < 2:
+        for query, (verdict, good) in zip(queries, found, strict=True)
+    ]
+    peaks = [
+        point_in_boxes(verdict.peak, query.boxes)
+        for query, (verdict, _) in zip(queries, found, strict=True)
+        if is_defective(query) and query.boxes
+    ]
+    metrics = {
+        **inspection_metrics(predictions, queries),
+        "type_accuracy": float("nan"),
+        "loc_peak": float(sum(peaks) / len(peaks)) if peaks else float("nan"),
+    }
+    if not calibrated:
         metrics.update(dict.fromkeys(("accuracy", "f1", "loc_acc50", "loc_pointing"), float("nan")))
     return ICLEvaluation(metrics, predictions)

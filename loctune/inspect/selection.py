@@ -20,7 +20,7 @@ from loctune.inspect.records import by_product, is_defective
 from loctune.types import Sample
 
 STRATEGIES = ("random", "balanced", "nearest")
-SIMILARITIES = ("cosine", "dot")
+SIMILARITIES = ("cosine", "dot", "centred")
 
 Embedder = Callable[[Sequence[Image.Image]], torch.Tensor]
 
@@ -48,11 +48,23 @@ class PooledFeatures:
 
 
 def similarity(queries: torch.Tensor, keys: torch.Tensor, metric: str = "cosine") -> torch.Tensor:
-    """``[Q, K]`` similarities of embedding rows: ``"cosine"`` or ``"dot"`` product."""
+    """``[Q, K]`` similarities of embedding rows: ``"cosine"``, ``"dot"`` product, or
+    ``"centred"`` cosine: the mean of ``keys`` (the example pool) is subtracted from
+    queries and keys before normalising.
+
+    Cosine of raw embeddings can be dominated by what every embedding shares
+    (Steck et al. 2024, arXiv 2403.05440: cosine of learned embeddings can be
+    arbitrary); pooled ReLU features, all positive, sit in one narrow cone, so
+    their cosines are all near 1. Centring on the pool removes the shared
+    direction and compares what differs between examples.
+    """
     if metric not in SIMILARITIES:
         raise ValueError(f"metric: expected one of {SIMILARITIES}, got {metric!r}")
     queries, keys = queries.float(), keys.float()
-    if metric == "cosine":
+    if metric == "centred":
+        centre = keys.mean(dim=0, keepdim=True)
+        queries, keys = queries - centre, keys - centre
+    if metric in ("cosine", "centred"):
         queries, keys = F.normalize(queries, dim=-1), F.normalize(keys, dim=-1)
     return queries @ keys.T
 
@@ -69,7 +81,8 @@ class ExampleSelector:
     ``"random"``: uniformly within each class. ``"balanced"``: defective
     examples cycle through the defect types (random within a type), so ``k``
     examples cover ``min(k, types)`` types. ``"nearest"``: the ``k`` most
-    similar of each class under ``metric`` on ``embed`` (default
+    similar of each class under ``metric`` (:func:`similarity`; ``"centred"``
+    centres on the mean embedding of the whole pool) on ``embed`` (default
     :class:`PooledFeatures`; pool embeddings are computed once). Random draws
     are seeded by ``seed`` and the query's id, so a query gets the same
     examples whatever order queries come in. The query itself, and samples
