@@ -1,4 +1,5 @@
-"""In-context learning in the small VLM: interleaved collate, episodes, training, scoring, metrics."""
+"""In-context learning in the small VLM: interleaved collate, episodes, training, scoring,
+metrics."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Real-board inspection: DeepPCB crops, pretrained patch features, centred selection, inspect-real."""
+"""Real-board inspection: DeepPCB crops, pretrained patch features, centred selection,
+inspect-real."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ DEEPPCB = Path(__file__).resolve().parents[2] / "shared" / "data" / "deeppcb" / 
 
 
 def _inside(box, window) -> bool:
-    return window[0] <= box[0] and window[1] <= box[1] and box[2] <= window[2] and box[3] <= window[3]
+    return (window[0] <= box[0] and window[1] <= box[1]
+            and box[2] <= window[2] and box[3] <= window[3])
 
 
 def test_crop_windows_are_balanced_and_hold_their_defects_in_crop_pixels():
@@ -72,7 +74,8 @@ def test_good_windows_from_the_tested_board_touch_no_defect_and_positions_vary()
 
 def test_crop_windows_stay_balanced_when_no_clean_place_exists():
     # defects everywhere: no defect-free 128 px window of the tested board
-    boxes = [(float(x), float(y), x + 4.0, y + 4.0) for x in range(0, 640, 60) for y in range(0, 640, 60)]
+    boxes = [(float(x), float(y), x + 4.0, y + 4.0)
+             for x in range(0, 640, 60) for y in range(0, 640, 60)]
     windows = balanced_crop_windows(
         (640, 640), boxes, ["pin-hole"] * len(boxes), 128, 2, random.Random(0), good_from="test"
     )
@@ -160,7 +163,8 @@ def test_fixed_shots_are_nested_in_k_and_seeded():
     pool = [
         inspection_sample(Image.new("RGB", (8, 8)), "pcb", image_id=f"g{i}") for i in range(6)
     ] + [
-        inspection_sample(Image.new("RGB", (8, 8)), "pcb", [(1, 1, 3, 3)], ["open"], image_id=f"d{i}")
+        inspection_sample(Image.new("RGB", (8, 8)), "pcb", [(1, 1, 3, 3)], ["open"],
+                          image_id=f"d{i}")
         for i in range(6)
     ]
     two, four = fixed_shots(pool, 2, 0, 1), fixed_shots(pool, 4, 0, 1)

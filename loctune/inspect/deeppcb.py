@@ -66,7 +66,8 @@ def read_deeppcb_boxes(path: Path) -> tuple[list[Box], list[str]]:
 
 
 def load_deeppcb(root: str | os.PathLike | None = None, split: str = "all") -> list[Sample]:
-    """Template and tested samples of the pairs in ``split`` (``"trainval"``, ``"test"``, ``"all"``).
+    """Template and tested samples of the pairs in ``split`` (``"trainval"``, ``"test"``,
+    ``"all"``).
 
     Samples come pair by pair, template first. ``meta`` holds ``split``,
     ``pair_id`` and, on the tested board, ``template`` (the path of its

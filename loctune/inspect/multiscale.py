@@ -23,12 +23,14 @@ Encoder = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _as_map(features: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
-    """Encoder output -> ``[N, C, h, w]``; token sequences ``[N, h*w, C]`` need a square or given grid."""
+    """Encoder output -> ``[N, C, h, w]``; token sequences ``[N, h*w, C]`` need a square or
+    given grid."""
     if features.ndim == 4:
         return features
     if features.ndim != 3:
         raise ValueError(
-            f"encoder output: expected [N, C, h, w] or [N, h*w, C], got shape {tuple(features.shape)}"
+            "encoder output: expected [N, C, h, w] or [N, h*w, C], got shape "
+            f"{tuple(features.shape)}"
         )
     n, tokens, channels = features.shape
     if grid is None:

@@ -105,7 +105,9 @@ class InspectRealConfig:
 
     def __post_init__(self):
         if self.data not in DATASETS:
-            raise ValueError(f"InspectRealConfig.data: expected one of {DATASETS}, got {self.data!r}")
+            raise ValueError(
+                f"InspectRealConfig.data: expected one of {DATASETS}, got {self.data!r}"
+            )
         if self.good_from not in GOOD_SOURCES:
             raise ValueError(f"InspectRealConfig.good_from: expected one of {GOOD_SOURCES}")
         for name in ("seeds", "eval_k", "features"):
@@ -121,7 +123,8 @@ class InspectRealConfig:
         unknown = sorted(set(self.selection_metrics) - set(SIMILARITIES))
         if unknown:
             raise ValueError(
-                f"InspectRealConfig.selection_metrics: unknown {unknown}; choose from {SIMILARITIES}"
+                f"InspectRealConfig.selection_metrics: unknown {unknown}; "
+                f"choose from {SIMILARITIES}"
             )
         if self.support_boards * self.per_board < max(self.eval_k):
             raise ValueError(
@@ -354,7 +357,8 @@ def write_real_report(
     n_pool_boards = len({s.meta["board"] for s in pool})
     sizes = sorted({d for q in queries for b in q.boxes for d in (b[2] - b[0], b[3] - b[1])})
     good_note = ("the same window on the board's defect-free template"
-                 if cfg.good_from == "template" else "a window of the tested board no defect touches")
+                 if cfg.good_from == "template"
+                 else "a window of the tested board no defect touches")
     lines = [
         "# loctune inspect-real: few-shot PatchCore on DeepPCB crops",
         "",
