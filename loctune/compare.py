@@ -226,7 +226,7 @@ def write_report(cfg: CompareConfig, rows: list[dict], test: Sequence[Sample],
         "are labelled); "
         f"best per size in bold. Every cell: {t.steps} steps, batch {t.batch_size}, lr {t.lr}, "
         f"model `{m.name}`, codec `{m.codec or 'its own'}`"
-        + (f", {m.image_size} px." if m.image_size else "."),
+        + (f", {m.image_size} px." if m.image_size and m.is_fresh_small else "."),
         "",
         report.markdown_table(rows, metric, shown),
         "",
