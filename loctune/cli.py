@@ -105,6 +105,9 @@ def load_splits(
 
     reader_options = (options or DataOptions()).reader_options()
     if spec == "raccoon":
+        if set(reader_options) - {"allow_outside_root"} or (options and options.format):
+            raise UsageError("--data raccoon: a named set knows its own layout; of the reader "
+                             "options only --allow-outside-root applies")
         read = raccoon("all", **reader_options)
     elif not Path(spec).exists():
         raise FileNotFoundError(

@@ -66,6 +66,7 @@ BAD_COMMAND_LINES = [
      "--max-new-tokens: expected 1 <= value"),
     (["train", "--data", "{dir}/notes.txt", *T], "cannot tell the annotation format"),
     (["train", "--data", "synthetic", *T, "--image-root", "x"], "takes no reader options"),
+    (["train", "--data", "raccoon", *T, "--image-root", "x"], "knows its own layout"),
     (["train", "--data", "synthetic", *T, "--resume", "--name", "never"],
      "has no last/ checkpoint"),
     (["train", "--data", "synthetic", *T, "--model", M, "--codec", "rowcol:grid=4"],
