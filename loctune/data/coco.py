@@ -117,9 +117,8 @@ class CocoIndex:
     def _check_image(self, image_id: Any) -> CocoImage | None:
         _, where, img = self._raw_images[image_id]
         path = resolve(self.image_root, str(img["file_name"]))
-        if not self.validator.inside_root(path, self.image_root, f"{where}: file_name"):
-            return None
-        if self.check_images and not self.validator.image_file(path, where, self.image_root):
+        if not self.validator.usable_image(path, self.image_root, f"{where}: file_name",
+                                           self.check_images):
             return None
         declared = declared_size(img.get("width"), img.get("height"))
         size = checked_size(

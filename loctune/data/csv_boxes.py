@@ -136,8 +136,7 @@ def _add_row(
     if name not in images:
         image_path = resolve(root, name)
         usable = (
-            validator.inside_root(image_path, root, f"{where}: filename")
-            and (not check_images or validator.image_file(image_path, f"{where}: filename", root))
+            validator.usable_image(image_path, root, f"{where}: filename", check_images)
             and checked_size(size, image_path, f"{where}: width/height", validator, check_images)
         )
         images[name] = _Image(image_path, size, line, dropped=not usable)

@@ -99,9 +99,7 @@ def _read_image(image: ET.Element, index: int, path: Path, root: Path, validator
     if not name:
         validator.fail("malformed", f"{where}: name", "expected an image path", "sample")
         return None
-    if not validator.inside_root(file, root, f"{where}: name"):
-        return None
-    if not validator.image_file(file, where, root):
+    if not validator.usable_image(file, root, f"{where}: name"):
         return None
     if checked_size(size, file, f"{where}: width/height", validator) is None:
         return None

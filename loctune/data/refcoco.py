@@ -194,9 +194,7 @@ def read_referring_jsonl(
             )
             continue
         image_path = resolve(root, str(record["image"]))
-        if not validator.inside_root(image_path, root, f"{where}: image") or (
-            check_images and not validator.image_file(image_path, f"{where}: image", root)
-        ):
+        if not validator.usable_image(image_path, root, f"{where}: image", check_images):
             continue
         size = _record_size(record, image_path, where, validator, sizes, check_images)
         if size is None:

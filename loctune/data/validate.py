@@ -264,6 +264,15 @@ class Validator:
         self.fail("missing_image", where, f"image file not found: {path}{hint}", unit="sample")
         return False
 
+    def usable_image(
+        self, path: str | os.PathLike, root: str | os.PathLike, where: str, exists: bool = True
+    ) -> bool:
+        """True when the image path stays inside ``root`` and, with ``exists``, the file is
+        there; otherwise the sample is dropped (recorded): every file reader's first check."""
+        return self.inside_root(path, root, where) and (
+            not exists or self.image_file(path, where, root)
+        )
+
     def inside_root(self, path: str | os.PathLike, root: str | os.PathLike, where: str) -> bool:
         """False (recorded) when an image path leaves the dataset root, unless
         ``allow_outside_root``: an annotation file must not make training read other files

@@ -120,9 +120,7 @@ def _read_file(
         )
         return None
     image_path = _with_image_suffix(root / filename)
-    if not validator.inside_root(image_path, root, f"{xml_file}: filename"):
-        return None
-    if check_images and not validator.image_file(image_path, f"{xml_file}: filename", root):
+    if not validator.usable_image(image_path, root, f"{xml_file}: filename", check_images):
         return None
     size = _size(tree, xml_file, image_path, validator, check_images)
     if size is None:
