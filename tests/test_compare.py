@@ -98,3 +98,21 @@ def test_every_training_field_reaches_the_cells_and_the_loss_only_through_method
     assert "weight_decay: 0.3" in saved and "grad_accum: 2" in saved
     with pytest.raises(ValueError, match="train.loss is set per cell by methods"):
         apply_overrides(cfg, ["train.loss.name=gem"])
+
+
+def test_demo_fine_tunes_the_shipped_checkpoint_on_an_unseen_real_target():
+    """The demo is the transfer study in miniature: a packaged checkpoint that has not seen
+    the demo's target set, paired seeds, and a frozen encoder (so its cells fit 10 minutes)."""
+    import json
+    from pathlib import Path
+
+    from loctune.compare import demo_config
+    from loctune.models.checkpoints import resolve_checkpoint
+
+    cfg = demo_config("unused")
+    folder = Path(resolve_checkpoint(cfg.model.name))
+    trained_on = json.loads((folder / "config.json").read_text())["trained_on"]
+    assert cfg.data.name not in trained_on
+    assert "ce" in cfg.methods and len(cfg.methods) >= 2 and len(cfg.seeds) >= 2
+    assert cfg.train.freeze == ["vision.*"]
+    assert len(cfg.methods) * len(cfg.sizes) * len(cfg.seeds) * cfg.train.steps <= 1000
