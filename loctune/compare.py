@@ -1,9 +1,11 @@
 """The experiment loctune exists for: supervision method x labelled-set size x seed.
 
-Every cell trains the same small VLM for the same number of steps on the first
-``size`` examples of a seed-shuffled training pool, then scores it on one fixed,
-held-out test split. Finished cells write ``result.json`` and are skipped on
-rerun, so an interrupted comparison resumes where it stopped.
+Every cell trains the same small VLM (or fine-tunes one checkpoint) for the same number
+of steps on the first ``size`` examples of a seed-shuffled training pool, then scores it
+on one fixed, held-out test split. A method's main knob (``tune``) is chosen first, on the
+validation split carved from the training pool, never on test. Finished cells write
+``result.json`` and are skipped on rerun, so an interrupted comparison resumes where it
+stopped.
 """
 
 from __future__ import annotations
@@ -55,7 +57,12 @@ class CompareConfig:
     set by the method) from ``model`` on ``data``. Sizes above the pool size are an error,
     not silently capped. ``metric`` ``auto`` is Acc@0.5 for grounding data, AP50 for
     detection. ``model.name`` a pretrained checkpoint: every cell fine-tunes it, and one
-    that was trained on ``data.name`` is refused."""
+    that was trained on ``data.name`` is refused.
+
+    ``tune`` maps a method to candidate settings of its main knob (``{"gaussian":
+    ["sigma=0.5", "sigma=2"]}``); the preset's own value is always a candidate. Each is
+    trained at ``tune_size`` (0: the smallest size) on the first ``tune_seeds`` seeds and
+    scored on validation; the grid then runs the best one under the method's name."""
 
     out_dir: str = "runs/compare"
     # loss presets, or variants "preset:key=value,..." (e.g. "gem:beta=2")
@@ -74,6 +81,9 @@ class CompareConfig:
     )
     data: CompareData = field(default_factory=CompareData)
     train: TrainConfig = field(default_factory=_cell_training)
+    tune: dict[str, list[str]] = field(default_factory=dict)
+    tune_size: int = 0
+    tune_seeds: int = 2
 
     def __post_init__(self):
         if self.train.loss != LossConfig():
@@ -84,11 +94,35 @@ class CompareConfig:
                 loss_config(m)
             except (KeyError, TypeError, ValueError) as err:
                 raise ValueError(f"CompareConfig.methods: {m!r}: {err.args[0]}") from None
+        for m, candidates in self.tune.items():
+            if m not in self.methods:
+                raise ValueError(f"CompareConfig.tune: {m!r} is not one of methods "
+                                 f"{self.methods}")
+            for c in candidates:
+                try:
+                    loss_config(with_options(m, c))
+                except (KeyError, TypeError, ValueError) as err:
+                    raise ValueError(f"CompareConfig.tune.{m}: {c!r}: {err.args[0]}") from None
+        if self.tune and self.tune_size and self.tune_size not in self.sizes:
+            raise ValueError(f"CompareConfig.tune_size {self.tune_size} is not one of sizes "
+                             f"{self.sizes} (0: the smallest)")
+        if self.tune and self.tune_seeds < 1:
+            raise ValueError(f"CompareConfig.tune_seeds must be >= 1, got {self.tune_seeds}")
+
+
+def with_options(method: str, options: str) -> str:
+    """``method`` with ``options`` ("key=value,...") added: ``gem:h=linear`` + ``beta=2``
+    is ``gem:h=linear,beta=2``."""
+    if not options:
+        return method
+    return f"{method}{',' if ':' in method else ':'}{options}"
 
 
 #: CompareConfig fields that may change between runs of one comparison (more methods or
 #: seeds add cells; the others only change the report)
-RERUNNABLE = ("out_dir", "methods", "seeds", "baseline", "metric", "n_draw", "train.progress")
+#: (a new tune candidate only adds cells: grid cells are stored under the variant they ran)
+RERUNNABLE = ("out_dir", "methods", "seeds", "baseline", "metric", "n_draw", "train.progress",
+              "tune")
 CONFIG_FILE = "compare_config.json"
 
 
@@ -150,9 +184,10 @@ def _make_adapter(cfg: CompareConfig, seed: int, pool: Sequence[Sample]):
     return open_model(cfg.model, pool, texts, seed=seed, target=cfg.data.name, unseen=True)
 
 
-def run_cell(cfg: CompareConfig, grid: CellGrid, method: str, size: int, seed: int, pool, val,
-             test, progress: bool = True) -> dict:
-    """Train and test one (method, size, seed); reuse its result if already done."""
+def run_cell(cfg: CompareConfig, grid: CellGrid, method: str, size: int, seed: int, pool,
+             val, scored_on, progress: bool = True, stage: str = "runs") -> dict:
+    """Train one (method, size, seed) and score it on ``scored_on`` (test for the grid,
+    validation when ``stage`` is ``tune``); reuse its result if already done."""
     from loctune.evaluate import evaluate
     from loctune.train import train
 
@@ -169,27 +204,57 @@ def run_cell(cfg: CompareConfig, grid: CellGrid, method: str, size: int, seed: i
             eval_fn=lambda a: evaluate(a, val, progress=False).metrics,
             resume=True,
         )
-        result = evaluate(adapter, test, progress=progress_on)
-        result.save(cell_dir / "test")
+        result = evaluate(adapter, scored_on, progress=progress_on)
+        result.save(cell_dir / ("test" if stage == "runs" else "val"))
         return {"method": method, "size": size, "seed": seed, **result.metrics,
                 "train_seconds": time.time() - t0}
 
-    return grid.cell(("runs", method, f"n{size}", f"s{seed}"), run)
+    return grid.cell((stage, method, f"n{size}", f"s{seed}"), run)
+
+
+def tune_methods(cfg: CompareConfig, grid: CellGrid, pool, val, progress: bool = True,
+                 log: Callable[[str], None] = print) -> tuple[dict[str, str], list[dict]]:
+    """``({method: chosen variant}, tuning rows)``: every ``cfg.tune`` candidate trained at
+    the tuning size on the first ``tune_seeds`` seeds, the best mean validation score wins
+    (ties: the earlier candidate, the preset's own value first). Untuned methods map to
+    themselves."""
+    chosen = {m: m for m in cfg.methods}
+    rows: list[dict] = []
+    size = cfg.tune_size or min(cfg.sizes)
+    metric = main_metric(cfg, val)
+    seeds = cfg.seeds[: cfg.tune_seeds]
+    for m, options in cfg.tune.items():
+        best = None
+        for variant in dict.fromkeys([m, *(with_options(m, o) for o in options)]):
+            log(f"[tune {m}] {variant} size={size} seeds={seeds} on validation")
+            scores = []
+            for s in seeds:
+                row = run_cell(cfg, grid, variant, size, s, pool, val, val, progress, "tune")
+                rows.append({**row, "tuned": m})
+                scores.append(row[metric])
+            mean = sum(scores) / len(scores)
+            if best is None or mean > best[0]:
+                best = (mean, variant)
+        chosen[m] = best[1]
+    return chosen, rows
 
 
 def run_compare(
     cfg: CompareConfig, progress: bool = True, log: Callable[[str], None] = print
 ) -> Path:
-    """Run every missing cell, then (re)write the report. Returns the report path."""
+    """Tune the methods' knobs, run every missing cell, then (re)write the report. Returns
+    the report path."""
     grid = CellGrid(cfg.out_dir, cfg, CONFIG_FILE, RERUNNABLE)
     pool, val, test = _loaders(cfg)
+    chosen, tuning = tune_methods(cfg, grid, pool, val, progress, log)
     rows = []
     cells = [(m, n, s) for n in cfg.sizes for s in cfg.seeds for m in cfg.methods]
     for i, (m, n, s) in enumerate(cells, 1):
-        log(f"[{i}/{len(cells)}] method={m} size={n} seed={s}")
-        rows.append(run_cell(cfg, grid, m, n, s, pool, val, test, progress=progress))
+        log(f"[{i}/{len(cells)}] method={chosen[m]} size={n} seed={s}")
+        row = run_cell(cfg, grid, chosen[m], n, s, pool, val, test, progress=progress)
+        rows.append({**row, "method": m, "variant": chosen[m]})
         grid.write_rows(rows)
-    return write_report(cfg, rows, test, baseline_rows(cfg, pool, test))
+    return write_report(cfg, rows, test, baseline_rows(cfg, pool, test), tuning, chosen)
 
 
 #: the trivial baseline's rows in a report: the mean training box (and the class prior)
@@ -206,17 +271,24 @@ def baseline_rows(cfg: CompareConfig, pool: Sequence[Sample], test: Sequence[Sam
 
 
 def write_report(cfg: CompareConfig, rows: list[dict], test: Sequence[Sample],
-                 baselines: Sequence[dict] = ()) -> Path:
+                 baselines: Sequence[dict] = (), tuning: Sequence[dict] = (),
+                 chosen: dict[str, str] | None = None) -> Path:
     """report.md, results.csv, accuracy_vs_labels.png, learning_curves.png, predictions.png;
-    ``baselines`` rows (the mean box) stand beside the methods in the tables and the plot."""
+    ``baselines`` rows (the mean box) stand beside the methods in the tables and the plot;
+    ``tuning`` rows (validation scores of each candidate) and the ``chosen`` variant of
+    each method say which knob values won."""
     out = Path(cfg.out_dir)
+    chosen = chosen or {m: m for m in cfg.methods}
     metric = main_metric(cfg, test)
     report.write_csv(rows, out / "results.csv")
+    if tuning:
+        report.write_csv(tuning, out / "tuning.csv")
     shown = [*cfg.methods, *dict.fromkeys(r["method"] for r in baselines)]
     rows = [*rows, *baselines]
     report.plot_accuracy_vs_labels(rows, metric, shown, out / "accuracy_vs_labels.png")
-    report.plot_learning_curves(_curves(cfg, "loss"), "training loss", out / "learning_curves.png")
-    _draw_predictions(cfg, test, out / "predictions.png")
+    report.plot_learning_curves(_curves(cfg, chosen, "loss"), "training loss",
+                                out / "learning_curves.png")
+    _draw_predictions(cfg, chosen, test, out / "predictions.png")
     eff = report.data_efficiency(rows, metric, cfg.methods, cfg.baseline)
     t, m = cfg.train, cfg.model
     lines = [
@@ -232,6 +304,8 @@ def write_report(cfg: CompareConfig, rows: list[dict], test: Sequence[Sample],
         report.markdown_table(rows, metric, shown),
         "",
     ]
+    if tuning:
+        lines += _tuning_section(cfg, tuning, chosen, metric)
     if baselines:
         lines += [f"`{MEAN_BOX}`: every test image answered with the mean box of the cell's "
                   "labelled subset (detection: one box, the most frequent training class), "
@@ -248,8 +322,10 @@ def write_report(cfg: CompareConfig, rows: list[dict], test: Sequence[Sample],
             report.paired_table(rows, metric, cfg.methods, cfg.baseline),
             "",
         ]
-    for extra, higher_is_better in (("miou", True), ("ev_acc50", True), ("ap50", True),
-                                    ("unparseable_rate", False), ("loc_entropy", False)):
+    # suppressed_rate: the share of decoded boxes that repeated another (NMS at IoU 0.7)
+    for extra, higher_is_better in (("miou", True), ("ev_acc50", True), ("ap", True),
+                                    ("ap50", True), ("unparseable_rate", False),
+                                    ("suppressed_rate", False), ("loc_entropy", False)):
         if extra != metric and any(extra in r for r in rows):
             table = report.markdown_table(rows, extra, shown, bold=higher_is_better)
             lines += [f"### {extra}", "", table, ""]
@@ -287,12 +363,36 @@ def write_report(cfg: CompareConfig, rows: list[dict], test: Sequence[Sample],
     return path
 
 
-def _curves(cfg: CompareConfig, key: str) -> dict[str, list[tuple[int, float]]]:
+def _tuning_section(cfg: CompareConfig, tuning: Sequence[dict], chosen: dict[str, str],
+                    metric: str) -> list[str]:
+    """The knob search: each candidate's validation score, the winner marked."""
+    size = tuning[0]["size"]
+    lines = [
+        f"### Knobs tuned on validation ({metric}, n={size}, seeds "
+        f"{cfg.seeds[: cfg.tune_seeds]}; the winner, in bold, ran the grid)",
+        "",
+        "| method | candidate | validation " + metric + " |",
+        "|---|---|---:|",
+    ]
+    for m in cfg.tune:
+        for variant in dict.fromkeys(r["method"] for r in tuning if r["tuned"] == m):
+            mean, std = report.mean_std(
+                [r[metric] for r in tuning if r["tuned"] == m and r["method"] == variant]
+            )
+            cell = f"{mean:.3f} ± {std:.3f}"
+            if variant == chosen[m]:
+                variant, cell = f"**{variant}**", f"**{cell}**"
+            lines.append(f"| {m} | {variant} | {cell} |")
+    return [*lines, ""]
+
+
+def _curves(cfg: CompareConfig, chosen: dict[str, str],
+            key: str) -> dict[str, list[tuple[int, float]]]:
     """Training curves of seed 0 at the largest size, one per method, from metrics.jsonl."""
     curves = {}
     size, seed = max(cfg.sizes), cfg.seeds[0]
     for m in cfg.methods:
-        f = Path(cfg.out_dir) / "runs" / m / f"n{size}" / f"s{seed}" / "metrics.jsonl"
+        f = Path(cfg.out_dir) / "runs" / chosen[m] / f"n{size}" / f"s{seed}" / "metrics.jsonl"
         if f.exists():
             curves[f"{m} n={size}"] = [
                 (p["step"], p[key]) for p in report.read_jsonl(f) if key in p
@@ -300,7 +400,8 @@ def _curves(cfg: CompareConfig, key: str) -> dict[str, list[tuple[int, float]]]:
     return curves
 
 
-def _draw_predictions(cfg: CompareConfig, test: Sequence[Sample], path: Path) -> None:
+def _draw_predictions(cfg: CompareConfig, chosen: dict[str, str], test: Sequence[Sample],
+                      path: Path) -> None:
     """A grid: rows are methods (largest size, seed 0), columns the first test images."""
     import matplotlib
 
@@ -314,7 +415,8 @@ def _draw_predictions(cfg: CompareConfig, test: Sequence[Sample], path: Path) ->
         len(cfg.methods), n, figsize=(2 * n, 2.1 * len(cfg.methods)), squeeze=False
     )
     for i, m in enumerate(cfg.methods):
-        f = Path(cfg.out_dir) / "runs" / m / f"n{size}" / f"s{seed}" / "test" / "predictions.jsonl"
+        f = (Path(cfg.out_dir) / "runs" / chosen[m] / f"n{size}" / f"s{seed}" / "test"
+             / "predictions.jsonl")
         preds = [json.loads(line) for line in f.read_text().splitlines()] if f.exists() else []
         for j in range(n):
             ax = axes[i][j]

@@ -66,7 +66,7 @@ def aggregate(
         v = _number(r.get(metric))
         if v is not None:
             groups[(r["method"], int(r[by]))].append(v)
-    return {k: (*_mean_std(v), len(v)) for k, v in groups.items()}
+    return {k: (*mean_std(v), len(v)) for k, v in groups.items()}
 
 
 def _number(value) -> float | None:
@@ -76,7 +76,7 @@ def _number(value) -> float | None:
     return None
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample std (0 for a single value)."""
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
@@ -191,7 +191,7 @@ def paired_table(rows: Sequence[dict], metric: str, methods: Sequence[str], base
                 cells.append("–")
                 continue
             wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
-            mean, std = _mean_std(diffs)
+            mean, std = mean_std(diffs)
             cells.append(
                 f"{mean:+.3f} ± {std:.3f} ({wins}/{len(diffs)}, p={sign_test_p(wins, losses):.2f})"
             )

@@ -116,3 +116,37 @@ def test_demo_fine_tunes_the_shipped_checkpoint_on_an_unseen_real_target():
     assert "ce" in cfg.methods and len(cfg.methods) >= 2 and len(cfg.seeds) >= 2
     assert cfg.train.freeze == ["vision.*"]
     assert len(cfg.methods) * len(cfg.sizes) * len(cfg.seeds) * cfg.train.steps <= 1000
+
+
+def test_knobs_are_tuned_on_validation_and_the_winner_runs_the_grid(tmp_path):
+    cfg = apply_overrides(tiny_config(tmp_path), [
+        "methods=[ce, gaussian]", "sizes=[4, 8]", "seeds=[0, 1]",
+        "tune={gaussian: ['sigma=0.3', 'sigma=3']}", "tune_size=8", "tune_seeds=2",
+    ])
+    text = run_compare(cfg, progress=False, log=lambda _: None).read_text()
+    tuning = report.read_csv(tmp_path / "tuning.csv")
+    # three candidates (the preset's own sigma first) x two seeds, each scored on validation
+    assert [r["method"] for r in tuning[::2]] == ["gaussian", "gaussian:sigma=0.3",
+                                                  "gaussian:sigma=3"]
+    assert all(r["size"] == 8 and r["n_samples"] == cfg.data.n_val for r in tuning)
+    assert (tmp_path / "tune" / "gaussian:sigma=3" / "n8" / "s1" / "val").is_dir()
+    mean = {v: sum(r["acc50"] for r in tuning if r["method"] == v) / 2 for v in
+            dict.fromkeys(r["method"] for r in tuning)}
+    winner = max(mean, key=mean.get)  # the first of equals, as tune_methods picks
+    rows = report.read_csv(tmp_path / "results.csv")
+    assert {r["variant"] for r in rows if r["method"] == "gaussian"} == {winner}
+    assert {r["variant"] for r in rows if r["method"] == "ce"} == {"ce"}
+    assert (tmp_path / "runs" / winner / "n4" / "s0" / "test").is_dir()
+    assert "Knobs tuned on validation" in text and f"| gaussian | **{winner}** |" in text
+    # the methods' tables keep the method's name, not the variant's
+    assert re.search(r"^\| gaussian \| ", text, re.M)
+
+
+def test_tuning_a_method_that_is_not_compared_or_a_bad_candidate_fails_early(tmp_path):
+    cfg = tiny_config(tmp_path)
+    with pytest.raises(ValueError, match="CompareConfig.tune: 'gem' is not one of methods"):
+        replace(cfg, tune={"gem": ["beta=2"]})
+    with pytest.raises(ValueError, match="CompareConfig.tune.ce: 'sigmaa=2': unknown loss option"):
+        replace(cfg, tune={"ce": ["sigmaa=2"]})
+    with pytest.raises(ValueError, match="tune_size 5 is not one of sizes"):
+        replace(cfg, tune={"ce": ["smoothing=0.1"]}, tune_size=5)
