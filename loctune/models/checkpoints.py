@@ -1,10 +1,11 @@
 """Checkpoints shipped inside the package, opened by name like a hub id (``--model NAME``).
 
 A pretrained checkpoint takes longer to build (``loctune pretrain``, about 20 minutes
-on two CPU cores) than a demo may take, so one small one ships with loctune. Each
-entry says the command that rebuilds it; its folder holds that run's
-``pretrain_config.yaml`` and ``metrics.json`` beside the weights, and a test checks
-that the config is today's default, so the shipped file and the command cannot drift.
+on two CPU cores) than a demo may take, so small ones ship with loctune, one per token
+form of the transfer study. Each entry says how it was built (:func:`rebuild_command`);
+its folder holds that run's ``pretrain_config.yaml`` and ``metrics.json`` beside the
+weights, and a test checks that the config is today's default with those overrides, so
+the shipped file and the command cannot drift.
 """
 
 from __future__ import annotations
@@ -14,16 +15,28 @@ from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
-#: name -> (what it is, the command that rebuilds it)
-SHIPPED: dict[str, tuple[str, str]] = {
+#: name -> (what it is, the ``loctune pretrain`` overrides that build it from the defaults)
+SHIPPED: dict[str, tuple[str, tuple[str, ...]]] = {
     "shapes-rowcol32": (
         "ImageNet EfficientNet-Lite0 (frozen) + loctune's 4-block decoder, pretrained on the "
-        "synthetic source corpus (captions, grounding, detection, counting); rowcol codec, 32 bins",
-        "loctune pretrain --out runs/pretrain && cp -r runs/pretrain/model "
-        "loctune/assets/shapes-rowcol32 && cp runs/pretrain/pretrain_config.yaml "
-        "runs/pretrain/metrics.json loctune/assets/shapes-rowcol32/",
+        "synthetic source corpus (captions, grounding, detection, counting); rowcol codec, "
+        "32 bins (form A: four tokens per box)",
+        (),
+    ),
+    "shapes-patch16": (
+        "the same recipe with the patch-index codec on a 16 x 16 grid (form B: two tokens "
+        "per box, distance on the 2-D grid)",
+        ("codec=patch:grid=16",),
     ),
 }
+
+
+def rebuild_command(name: str) -> str:
+    """The commands that rebuild shipped checkpoint ``name`` into ``loctune/assets``."""
+    run = f"runs/pretrain-{name}"
+    overrides = "".join(" " + o for o in SHIPPED[name][1])
+    return (f"loctune pretrain --out {run}{overrides} && cp -r {run}/model loctune/assets/{name}"
+            f" && cp {run}/pretrain_config.yaml {run}/metrics.json loctune/assets/{name}/")
 
 
 #: a file that marks a folder as a checkpoint: loctune's small VLM, a HF model, a PEFT adapter
@@ -49,7 +62,7 @@ def resolve_checkpoint(name_or_path: str) -> str:
         if not (folder / "adapter.json").is_file():
             raise FileNotFoundError(
                 f"shipped checkpoint {name_or_path!r} is missing from {folder}; rebuild it: "
-                f"{SHIPPED[name_or_path][1]}"
+                f"{rebuild_command(name_or_path)}"
             )
         return str(folder)
     path = Path(name_or_path)
