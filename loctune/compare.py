@@ -201,7 +201,10 @@ def run_cell(cfg: CompareConfig, grid: CellGrid, method: str, size: int, seed: i
             adapter,
             training_subset(pool, size, seed),
             tcfg,
-            eval_fn=lambda a: evaluate(a, val, progress=False).metrics,
+            # a tuning cell is scored on validation below: not validated twice
+            eval_fn=None if scored_on is val else (
+                lambda a: evaluate(a, val, progress=False).metrics
+            ),
             resume=True,
         )
         result = evaluate(adapter, scored_on, progress=progress_on)
