@@ -77,7 +77,8 @@ class CompareConfig:
     metric: str = "auto"
     n_draw: int = 6
     model: ModelConfig = field(
-        default_factory=lambda: ModelConfig("small", codec="rowcol:grid=32", image_size=64)
+        # no codec named: a fresh small VLM takes DEFAULT_SMALL_CODEC, a checkpoint its own
+        default_factory=lambda: ModelConfig("small", image_size=64)
     )
     data: CompareData = field(default_factory=CompareData)
     train: TrainConfig = field(default_factory=_cell_training)

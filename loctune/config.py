@@ -1,8 +1,10 @@
 """Dataclass configs from YAML/JSON files and ``key=value`` command-line overrides.
 
 Configs are plain (possibly nested) dataclasses. A file gives any subset of the
-fields; overrides such as ``lr=3e-4`` or ``loss.name=gem`` are applied on top and
-typed by the dataclass field they name, so ``run_dir=123`` stays a string and
+fields, a nested section too: it changes the fields it names of the enclosing config's own
+default for that section (a compare's ``train: {steps: 100}`` keeps the compare's other
+training defaults, not TrainConfig's). Overrides such as ``lr=3e-4`` or ``loss.name=gem``
+are applied on top and typed by the dataclass field they name, so ``run_dir=123`` stays a string and
 ``freeze=[vision.*]`` becomes a list. Every error names the file or override and
 the dotted field it concerns.
 """
@@ -215,6 +217,7 @@ def _build(cls: type, data: Mapping[str, Any], source: str, prefix: str):
             )
             where = value.source if isinstance(value, _Override) else source
             raise ConfigError(f"{where}: unknown field {prefix + key!r} for {cls.__name__}{hint}")
+        value = _onto_default(fields[key], value)
         kwargs[key] = _coerce(value, hints[key], source, prefix + key)
     try:
         return cls(**kwargs)
@@ -223,6 +226,20 @@ def _build(cls: type, data: Mapping[str, Any], source: str, prefix: str):
             f"{source}: invalid {cls.__name__}"
             f"{' at ' + prefix.rstrip('.') if prefix else ''}: {err}"
         ) from None
+
+
+def _onto_default(f: dataclasses.Field, value: Any) -> Any:
+    """A mapping given for a dataclass-valued field, merged onto that field's default (the
+    enclosing config's choice), so a partial section keeps the rest of it."""
+    if not isinstance(value, Mapping):
+        return value
+    if f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    else:
+        default = f.default
+    if not dataclasses.is_dataclass(default) or isinstance(default, type):
+        return value
+    return _merge(config_to_dict(default), value)
 
 
 def _coerce(value: Any, tp: Any, source: str, key: str) -> Any:

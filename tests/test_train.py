@@ -453,6 +453,21 @@ def test_bad_config_file_names_the_file(tmp_path):
     assert parse_overrides(["a.b=1", "a.c=x"])["a"].keys() == {"b", "c"}
 
 
+def test_a_partial_section_keeps_the_enclosing_configs_defaults(tmp_path):
+    # a compare's cells train without best/ (best_metric ""), unlike a bare TrainConfig; a
+    # file's train: section naming steps only must not bring TrainConfig's own defaults back
+    from loctune.compare import CompareConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {steps: 7}\nmodel: {name: shapes-patch16}\n")
+    cfg = load_config(CompareConfig, path)
+    assert (cfg.train.steps, cfg.train.best_metric) == (7, "")
+    assert cfg.train.lr == CompareConfig().train.lr != TrainConfig().lr
+    # the default model names no codec, so a checkpoint keeps its own
+    assert (cfg.model.name, cfg.model.codec) == ("shapes-patch16", None)
+    assert load_config(CompareConfig, None, ["train.steps=7"]).train == cfg.train
+
+
 # --- the script side: the same setup as a separate (killable, launchable) process ---
 
 
