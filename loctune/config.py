@@ -40,6 +40,7 @@ __all__ = [
     "load_config",
     "parse_overrides",
     "parse_spec",
+    "require_choices",
     "save_config",
 ]
 
@@ -108,6 +109,15 @@ def save_config(config: Any, path: str | Path) -> None:
         path.write_text(json.dumps(data, indent=2) + "\n")
     else:
         path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def require_choices(field: str, values: Iterable[str], allowed: Iterable[str]) -> None:
+    """Refuse any of ``values`` not in ``allowed``, naming ``field`` and the choices: the
+    check a config's list-of-names field makes before any work starts."""
+    allowed = list(allowed)
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{field}: unknown {unknown}; choose from {allowed}")
 
 
 def parse_spec(spec: str, what: str = "spec") -> tuple[str, dict[str, Any]]:

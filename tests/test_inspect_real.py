@@ -307,8 +307,10 @@ def test_inspect_real_config_is_checked():
         InspectRealConfig(data="mvtec")
     with pytest.raises(ValueError, match="k >= 1"):
         InspectRealConfig(eval_k=[0, 1])
-    with pytest.raises(ValueError, match="selection_metrics"):
+    with pytest.raises(ValueError, match=r"selection_metrics: unknown \['euclid'\]; choose"):
         InspectRealConfig(selection_metrics=["euclid"])
+    with pytest.raises(ValueError, match=r"selection_features: unknown \['sift'\]"):
+        InspectRealConfig(selection_features="sift")
 
 
 # --- NEU-DET few-shot typing ------------------------------------------------------------------

@@ -36,6 +36,7 @@ from PIL import Image
 
 from loctune import report
 from loctune.cells import CellGrid
+from loctune.config import require_choices
 from loctune.inspect.baseline import FEATURES, PatchCore, patch_extractor
 from loctune.inspect.deeppcb import GOOD_SOURCES, deeppcb_crops, has_colour_marks, load_deeppcb
 from loctune.inspect.evaluation import (
@@ -115,17 +116,11 @@ class InspectRealConfig:
                 raise ValueError(f"InspectRealConfig.{name} must not be empty")
         if min(self.eval_k) < 1:
             raise ValueError("InspectRealConfig.eval_k: PatchCore needs k >= 1 good shots")
-        unknown = sorted(set(self.features) - set(FEATURES))
-        if unknown or self.selection_features not in FEATURES:
-            raise ValueError(
-                f"InspectRealConfig.features / selection_features: choose from {FEATURES}"
-            )
-        unknown = sorted(set(self.selection_metrics) - set(SIMILARITIES))
-        if unknown:
-            raise ValueError(
-                f"InspectRealConfig.selection_metrics: unknown {unknown}; "
-                f"choose from {SIMILARITIES}"
-            )
+        require_choices("InspectRealConfig.features", self.features, FEATURES)
+        require_choices("InspectRealConfig.selection_features", [self.selection_features],
+                        FEATURES)
+        require_choices("InspectRealConfig.selection_metrics", self.selection_metrics,
+                        SIMILARITIES)
         if self.support_boards * self.per_board < max(self.eval_k):
             raise ValueError(
                 f"InspectRealConfig: support_boards x per_board must be >= max(eval_k) = "

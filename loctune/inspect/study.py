@@ -26,6 +26,7 @@ from PIL import Image
 
 from loctune import report
 from loctune.cells import CellGrid
+from loctune.config import require_choices
 from loctune.inspect.answers import answer_text
 from loctune.inspect.baseline import PatchCore, RandomConvFeatures
 from loctune.inspect.episodes import (
@@ -132,11 +133,8 @@ class InspectStudyConfig:
             raise ValueError(
                 f"InspectStudyConfig.n_train ({self.n_train}) must be >= max(train_k) + 1"
             )
-        unknown = sorted(set(self.patchcore_features) - set(FEATURES))
-        if unknown:
-            raise ValueError(
-                f"InspectStudyConfig.patchcore_features: unknown {unknown}; choose from {FEATURES}"
-            )
+        require_choices("InspectStudyConfig.patchcore_features", self.patchcore_features,
+                        FEATURES)
 
     @property
     def image_size(self) -> int:
