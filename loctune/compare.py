@@ -289,7 +289,8 @@ def write_report(cfg: CompareConfig, rows: list[dict], test: Sequence[Sample],
         report.write_csv(tuning, out / "tuning.csv")
     shown = [*cfg.methods, *dict.fromkeys(r["method"] for r in baselines)]
     rows = [*rows, *baselines]
-    report.plot_accuracy_vs_labels(rows, metric, shown, out / "accuracy_vs_labels.png")
+    report.plot_accuracy_vs_labels(rows, metric, shown, out / "accuracy_vs_labels.png",
+                                   ylabel=f"{metric}, {cfg.data.name} test ({len(test)})")
     report.plot_learning_curves(_curves(cfg, chosen, "loss"), "training loss",
                                 out / "learning_curves.png")
     _draw_predictions(cfg, chosen, test, out / "predictions.png")
@@ -453,13 +454,13 @@ def demo_config(out_dir: str = "runs/demo") -> CompareConfig:
     trained on raccoon) on 16 or 64 labelled raccoon images, encoder frozen (its features
     are cached, so a step costs the decoder only), and is scored on raccoon's 40 test
     images beside the mean-box baseline. One-hot CE against distance-inverse targets,
-    two seeds paired by seed.
+    three seeds paired by seed, so the printed paired table can say 3/3 or not.
     """
     return CompareConfig(
         out_dir=out_dir,
         methods=["ce", "distance_inverse"],
         sizes=[16, 64],
-        seeds=[0, 1],
+        seeds=[0, 1, 2],
         model=ModelConfig("shapes-rowcol32", codec="rowcol:grid=32"),
         data=CompareData(name="raccoon", n_val=16),
         train=replace(_cell_training(), steps=100, batch_size=16, lr=5e-4, warmup_steps=10,

@@ -236,28 +236,33 @@ def plot_accuracy_vs_labels(
 ) -> None:
     """Mean ± std of ``metric`` against ``by`` (log axis unless ``log_x`` is False), a line
     per method, named by ``labels`` where given; the y axis is ``ylabel`` (default: the
-    metric's key)."""
+    metric's key). Methods are nudged sideways (on a log axis) so that error bars at one
+    size stay apart; the ticks are the measured sizes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     agg = aggregate(rows, metric, by)
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for m in methods:
+    drawn = [m for m in methods if any(mm == m for mm, _ in agg)]
+    fig, ax = plt.subplots(figsize=(6.5 if len(drawn) > 5 else 5.5, 4))
+    for i, m in enumerate(drawn):
         sizes = sorted(s for mm, s in agg if mm == m)
-        if not sizes:
-            continue
         mean = [agg[(m, s)][0] for s in sizes]
         std = [agg[(m, s)][1] for s in sizes]
+        nudge = 1.0 + 0.025 * (i - (len(drawn) - 1) / 2) if log_x else 1.0
         label = labels.get(m, m) if labels else m
-        ax.errorbar(sizes, mean, yerr=std, marker="o", capsize=3, label=label)
+        ax.errorbar([s * nudge for s in sizes], mean, yerr=std, marker="o", capsize=3,
+                    label=label)
     if log_x:
         ax.set_xscale("log")
+    ticks = sorted({s for _, s in agg})
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel or metric)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=2 if len(drawn) > 5 else 1)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -113,9 +113,9 @@ def test_demo_fine_tunes_the_shipped_checkpoint_on_an_unseen_real_target():
     folder = Path(resolve_checkpoint(cfg.model.name))
     trained_on = json.loads((folder / "config.json").read_text())["trained_on"]
     assert cfg.data.name not in trained_on
-    assert "ce" in cfg.methods and len(cfg.methods) >= 2 and len(cfg.seeds) >= 2
+    assert "ce" in cfg.methods and len(cfg.methods) >= 2 and len(cfg.seeds) >= 3
     assert cfg.train.freeze == ["vision.*"]
-    assert len(cfg.methods) * len(cfg.sizes) * len(cfg.seeds) * cfg.train.steps <= 1000
+    assert len(cfg.methods) * len(cfg.sizes) * len(cfg.seeds) * cfg.train.steps <= 1200
 
 
 def test_knobs_are_tuned_on_validation_and_the_winner_runs_the_grid(tmp_path):

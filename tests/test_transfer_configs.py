@@ -10,6 +10,8 @@ from loctune.compare import CompareConfig
 from loctune.config import load_config
 from loctune.models.checkpoints import SHIPPED, resolve_checkpoint
 
+STUDY_METHODS = ("ce", "distance_inverse", "dist2", "label_smoothing", "two_bin", "gem",
+                 "gem_linear", "gem_distance_inverse", "wasserstein")
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "transfer").glob("*.yaml"))
 
 
@@ -32,4 +34,7 @@ def test_transfer_config_follows_the_protocol(path):
     # paired seeds, one-hot CE as the baseline, knobs tuned on validation
     assert len(cfg.seeds) >= 5 and cfg.baseline == "ce" and "ce" in cfg.methods
     assert cfg.tune and all(len(c) >= 2 for c in cfg.tune.values())
+    # every supervision method of the study, and every one with a knob has it tuned
+    assert set(cfg.methods) == set(STUDY_METHODS)
+    assert set(cfg.methods) - set(cfg.tune) == {"ce", "two_bin"}
     assert Path(cfg.out_dir).parts[:2] == ("runs", "transfer")
