@@ -21,6 +21,7 @@ from typing import Any
 from loctune import report
 from loctune.baselines import mean_box_scores
 from loctune.cells import CellGrid
+from loctune.config import ConfigError
 from loctune.losses import LossConfig, loss_config
 from loctune.models.spec import ModelConfig, open_model
 from loctune.train import TrainConfig
@@ -119,11 +120,12 @@ def with_options(method: str, options: str) -> str:
     return f"{method}{',' if ':' in method else ':'}{options}"
 
 
-#: CompareConfig fields that may change between runs of one comparison (more methods or
-#: seeds add cells; the others only change the report)
-#: (a new tune candidate only adds cells: grid cells are stored under the variant they ran)
-RERUNNABLE = ("out_dir", "methods", "seeds", "baseline", "metric", "n_draw", "train.progress",
-              "tune")
+#: CompareConfig fields that may change between runs of one comparison (more methods,
+#: seeds or sizes add cells; the others only change the report). A new tune candidate only
+#: adds cells too: grid cells are stored under the variant they ran. Sizes are checked
+#: further by :func:`_refuse_another_pool`.
+RERUNNABLE = ("out_dir", "methods", "seeds", "sizes", "baseline", "metric", "n_draw",
+              "train.progress", "tune")
 CONFIG_FILE = "compare_config.json"
 
 
@@ -243,11 +245,28 @@ def tune_methods(cfg: CompareConfig, grid: CellGrid, pool, val, progress: bool =
     return chosen, rows
 
 
+def _refuse_another_pool(cfg: CompareConfig) -> None:
+    """A named set's pool is its own training split, so sizes may be added to a finished
+    comparison; a synthetic pool is ``max(sizes)`` scenes, and a cell's labelled subset is
+    drawn from it by seed, so a new largest size would change every cell's data."""
+    path = Path(cfg.out_dir) / CONFIG_FILE
+    if cfg.data.name != "synthetic" or not path.exists():
+        return
+    saved = json.loads(path.read_text()).get("sizes") or []
+    if saved and max(saved) != max(cfg.sizes):
+        raise ConfigError(
+            f"{path}: this synthetic study's training pool is max(sizes) = {max(saved)} "
+            f"scenes; sizes {cfg.sizes} would draw every cell from {max(cfg.sizes)}. Keep "
+            f"the largest size {max(saved)}, or use another out_dir."
+        )
+
+
 def run_compare(
     cfg: CompareConfig, progress: bool = True, log: Callable[[str], None] = print
 ) -> Path:
     """Tune the methods' knobs, run every missing cell, then (re)write the report. Returns
     the report path."""
+    _refuse_another_pool(cfg)
     grid = CellGrid(cfg.out_dir, cfg, CONFIG_FILE, RERUNNABLE)
     pool, val, test = _loaders(cfg)
     chosen, tuning = tune_methods(cfg, grid, pool, val, progress, log)

@@ -88,6 +88,11 @@ def test_a_rerun_with_other_settings_is_refused_more_seeds_are_not(tmp_path):
     logged = []
     run_compare(apply_overrides(cfg, ["seeds=[0,1]"]), progress=False, log=logged.append)
     assert len(logged) == 2 and (tmp_path / "runs" / "ce" / "n4" / "s1" / "result.json").exists()
+    # a smaller size draws from the same synthetic pool (max(sizes) scenes); a larger one not
+    run_compare(apply_overrides(cfg, ["sizes=[2,4]"]), progress=False, log=lambda _: None)
+    assert (tmp_path / "runs" / "ce" / "n2" / "s0" / "result.json").exists()
+    with pytest.raises(ValueError, match="training pool is max\\(sizes\\) = 4 scenes"):
+        run_compare(apply_overrides(cfg, ["sizes=[4,8]"]), progress=False, log=lambda _: None)
 
 
 def test_every_training_field_reaches_the_cells_and_the_loss_only_through_methods(tmp_path):
