@@ -245,7 +245,8 @@ def plot_accuracy_vs_labels(
 
     agg = aggregate(rows, metric, by)
     drawn = [m for m in methods if any(mm == m for mm, _ in agg)]
-    fig, ax = plt.subplots(figsize=(6.5 if len(drawn) > 5 else 5.5, 4))
+    many = len(drawn) > 5  # then the legend goes beside the axes, off the error bars
+    fig, ax = plt.subplots(figsize=(7.5 if many else 5.5, 4))
     for i, m in enumerate(drawn):
         sizes = sorted(s for mm, s in agg if mm == m)
         mean = [agg[(m, s)][0] for s in sizes]
@@ -262,9 +263,12 @@ def plot_accuracy_vs_labels(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel or metric)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2 if len(drawn) > 5 else 1)
+    if many:
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
