@@ -1,12 +1,12 @@
 """Dataclass configs from YAML/JSON files and ``key=value`` command-line overrides.
 
-Configs are plain (possibly nested) dataclasses. A file gives any subset of the
-fields, a nested section too: it changes the fields it names of the enclosing config's own
-default for that section (a compare's ``train: {steps: 100}`` keeps the compare's other
-training defaults, not TrainConfig's). Overrides such as ``lr=3e-4`` or ``loss.name=gem``
-are applied on top and typed by the dataclass field they name, so ``run_dir=123`` stays a string and
-``freeze=[vision.*]`` becomes a list. Every error names the file or override and
-the dotted field it concerns.
+Configs are plain (possibly nested) dataclasses. A file gives any subset of the fields, of a
+nested section too: that changes the fields it names of the enclosing config's own default
+for the section (a compare's ``train: {steps: 100}`` keeps the compare's other training
+defaults, not TrainConfig's). Overrides such as ``lr=3e-4`` or ``loss.name=gem`` are applied
+on top and typed by the dataclass field they name, so ``run_dir=123`` stays a string and
+``freeze=[vision.*]`` becomes a list. Every error names the file or override and the dotted
+field it concerns.
 """
 
 from __future__ import annotations
