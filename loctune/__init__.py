@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 _EXPORTS: dict[str, tuple[str, ...]] = {
     "loctune.types": ("Sample", "Detection", "DecodeResult", "Box", "Encoding", "ObjectSpan"),
-    "loctune.boxes": ("iou", "iou_matrix", "clip"),
+    "loctune.boxes": ("iou", "iou_matrix", "clip", "raster_order"),
     "loctune.codecs": ("Codec", "LocationSpace", "get_codec", "list_codecs", "register_codec"),
     "loctune.targets": ("TargetSpec", "make_targets"),
     "loctune.losses": (
@@ -35,7 +35,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "split_samples",
     ),
     "loctune.data.synthetic": ("SyntheticConfig", "make_grounding_split", "make_detection_split"),
-    "loctune.train": ("train", "TrainConfig", "TrainResult", "load_weights"),
+    "loctune.train": ("train", "TrainConfig", "TrainResult", "load_weights", "in_raster_order"),
     "loctune.checkpointing": ("ResumeError",),
     "loctune.config": (
         "load_config", "apply_overrides", "save_config", "parse_spec", "ConfigError",

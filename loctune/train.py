@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fnmatch import fnmatch
 from functools import partial
 from pathlib import Path
@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from loctune.boxes import raster_order
 from loctune.checkpointing import (
     STATE_DIR,
     WEIGHTS_FILE,
@@ -122,6 +123,7 @@ class TrainConfig:
     freeze: list[str] = field(default_factory=list)
     progress: bool = True
     cpu: bool = False
+    object_order: Literal["given", "raster"] = "given"
     loss: LossConfig = field(default_factory=LossConfig)
 
     def __post_init__(self):
@@ -160,6 +162,9 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.best_mode must be 'max' or 'min', got {self.best_mode!r}"
             )
+        if self.object_order not in ("given", "raster"):
+            raise ValueError(f"TrainConfig.object_order must be 'given' or 'raster', "
+                             f"got {self.object_order!r}")
 
     def eval_interval(self, n_samples: int, global_batch: int) -> int:
         """Steps between validations (0: at the end only), see the class docstring."""
@@ -304,6 +309,8 @@ def train(
     if not train_samples:
         raise ValueError("train() needs at least one training sample")
     adapter.check_samples(train_samples)
+    if config.object_order == "raster":
+        train_samples = [in_raster_order(s) for s in train_samples]
     run_dir = Path(config.run_dir)
     set_seed(config.seed)
     accelerator = Accelerator(
@@ -330,6 +337,16 @@ def train(
         # ask for other mixed-precision or accumulation settings.
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+
+
+def in_raster_order(sample: Sample) -> Sample:
+    """``sample`` with its objects in :func:`~loctune.boxes.raster_order` (a copy; the
+    caller's sample is left as it was)."""
+    order = raster_order(sample.boxes)
+    if order == list(range(len(order))):
+        return sample
+    return replace(sample, boxes=[sample.boxes[i] for i in order],
+                   labels=[sample.labels[i] for i in order])
 
 
 def load_weights(adapter: VLMAdapter, checkpoint: str | Path) -> None:

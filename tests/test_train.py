@@ -368,6 +368,35 @@ def test_staged_training_updates_only_the_unfrozen_parts(tmp_path):
         )
 
 
+@pytest.mark.parametrize("order", ["given", "raster"])
+def test_object_order_sets_the_order_answers_write_objects_in(order, tmp_path):
+    """Boxes and their labels move together; the caller's samples are left as they were."""
+    seen = []
+
+    class Recording(TinyAdapter):
+        def collate(self, samples, train=True):
+            seen.extend((tuple(s.boxes), tuple(s.labels)) for s in samples)
+            return super().collate(samples, train)
+
+    upper, lower_left, lower_right = (9.0, 2, 14, 8), (1.0, 12, 6, 20), (3.0, 12, 8, 20)
+    sample = Sample(Image.new("RGB", (32, 32)), "red", [lower_right, upper, lower_left],
+                    ["c", "a", "b"])
+    adapter = Recording()
+    train(adapter, [sample], base_config(tmp_path, steps=1, batch_size=1, object_order=order),
+          loss_fn=ce_loss)
+    if order == "raster":
+        expected = ((upper, lower_left, lower_right), ("a", "b", "c"))
+    else:
+        expected = ((lower_right, upper, lower_left), ("c", "a", "b"))
+    assert seen[0] == expected
+    assert sample.boxes == [lower_right, upper, lower_left] and sample.labels == ["c", "a", "b"]
+
+
+def test_an_unknown_object_order_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="object_order must be 'given' or 'raster', got 'area'"):
+        TrainConfig(object_order="area")
+
+
 def test_small_vlm_trains_with_the_default_location_loss_and_resumes(tmp_path):
     """The real pieces together: SmallVLMAdapter, synthetic scenes, LocationLoss from config."""
     small_vlm = pytest.importorskip("loctune.models.small_vlm_adapter")
