@@ -65,7 +65,7 @@ def test_study_writes_a_report_with_the_numbers_of_its_cells(study):
     assert not re.search(r"^\| 0 \| PatchCore", text, re.M)  # no shots at all
     # per seed: 2 VLM cells per k, 4 PatchCore cells per k >= 1
     assert len(rows) == 2 * (3 * 2 + 2 * 4)
-    assert {r["method"] for r in rows} == set(METHODS)
+    assert {r["method"] for r in rows} == {m for m in METHODS if "lite0" not in m}
     for name in ("accuracy_vs_examples.png", "auroc_vs_examples.png", "training_loss.png"):
         assert (study / name).stat().st_size > 1000
 
@@ -109,3 +109,22 @@ def test_config_errors_name_the_field():
         InspectStudyConfig(eval_k=[0, 8], n_test=8)
     with pytest.raises(ValueError, match="patchcore_features"):
         InspectStudyConfig(patchcore_features=["resnet"])
+    with pytest.raises(ValueError, match="vlm=false trains no VLM, so patchcore_features"):
+        InspectStudyConfig(vlm=False, patchcore_features=["vlm", "lite0"])
+
+
+def test_patchcore_alone_on_pretrained_lite0_trains_no_vlm(tmp_path):
+    """vlm=false: PatchCore cells only, on the packaged ImageNet Lite0 at patchcore_size."""
+    out = tmp_path / "patchcore"
+    args = [*TINY, "seeds=[0]", "vlm=false", "patchcore_features=[lite0]", "patchcore_size=64"]
+    assert main(["inspect-study", "--out", str(out), *args]) == 0
+    rows = _rows(out)
+    assert {r["method"] for r in rows} == {"patchcore_lite0", "patchcore_lite0_tiled"}
+    assert sorted({r["k"] for r in rows}) == ["1", "2"]  # no k=0: PatchCore needs good shots
+    assert all(0 <= float(r["auroc"]) <= 1 for r in rows)
+    assert not (out / "s0" / "model").exists() and not (out / "training_loss.png").exists()
+    text = (out / "report.md").read_text()
+    assert text.startswith("# loctune inspect-study: few-shot PatchCore on unseen product types")
+    assert "shown at 64 px" in text and "Small VLM" not in text
+    assert re.search(r"^\| 2 \| PatchCore, pretrained Lite0 \+ tiling \| \d\.\d{3} ", text,
+                     re.M)

@@ -25,6 +25,8 @@ METHODS = {
     "patchcore_vlm_tiled": "PatchCore, VLM encoder + tiling",
     "patchcore_conv": "PatchCore, random conv",
     "patchcore_conv_tiled": "PatchCore, random conv + tiling",
+    "patchcore_lite0": "PatchCore, pretrained Lite0",
+    "patchcore_lite0_tiled": "PatchCore, pretrained Lite0 + tiling",
 }
 METRICS = {
     "accuracy": "accuracy",
@@ -79,7 +81,8 @@ def write_study_report(
             log_x=False,
             labels=methods,
         )
-    report.plot_learning_curves(curves, "training loss", out / "training_loss.png")
+    if cfg.vlm:
+        report.plot_learning_curves(curves, "training loss", out / "training_loss.png")
     per_seed = (
         f"{sum(t['seconds'] for t in times) / len(times) / 60:.1f} min of training per seed"
         if times
@@ -88,13 +91,21 @@ def write_study_report(
     params = f"{times[0]['parameters'] / 1e6:.2f} M parameters, " if times else ""
     crop = cfg.render_size // cfg.tile_rows
     small = cfg.small_config
+    shown = small.image_size if cfg.vlm else (cfg.patchcore_size or small.image_size)
     vlm_methods = {m: n for m, n in methods.items() if m.startswith("vlm")}
-    lines = [
-        "# loctune inspect-study: in-context inspection by the small VLM",
-        "",
+    trained = (
         f"Trained on episodes of {', '.join(TRAIN_PRODUCTS)} ({cfg.n_train} good + {cfg.n_train} "
         f"defective images each); evaluated on the product types it never saw, "
-        f"{', '.join(TEST_PRODUCTS)}: each of their {len(test_set)} images ({cfg.n_test} good + "
+        if cfg.vlm else
+        "PatchCore alone (`vlm=false`: no VLM trained or asked), evaluated on the product "
+        "types of the study's test split, "
+    )
+    lines = [
+        "# loctune inspect-study: in-context inspection by the small VLM"
+        if cfg.vlm else "# loctune inspect-study: few-shot PatchCore on unseen product types",
+        "",
+        f"{trained}{', '.join(TEST_PRODUCTS)}: each of their {len(test_set)} images "
+        f"({cfg.n_test} good + "
         f"{cfg.n_test} defective per type) is a query, shown after k good and k defective "
         "examples drawn from the other images of its type (defect types cycled); every "
         "method sees the same examples at a given seed. Mean ± sample std over "
@@ -105,16 +116,19 @@ def write_study_report(
         "synthetic set draws each defect near-white or near-black at random, per sample).",
         "",
         f"Images are rendered at {cfg.render_size} px (defects 1-4 px wide) and shown at "
-        f"{small.image_size} px; tiling adds {cfg.tile_rows}x{cfg.tile_cols} crops ({crop} px "
-        f"each, also shown at {small.image_size} px) to the global view. Small VLM: "
-        f"`{cfg.model.name}` with a {small.vision_width}-wide, {small.vision_depth}-block vision "
-        f"encoder, {params}{(small.image_size // small.patch_size // small.pixel_shuffle) ** 2} "
-        f"tokens per image, boxes as `{cfg.model.codec}`. Training, each step "
-        f"{cfg.group_images} images in episodes of one k: {cfg.single_image_steps} steps on "
-        f"single images (k=0, untiled), then {cfg.train.steps} steps with k per class drawn "
-        f"from {cfg.train_k}, {cfg.tiled_fraction:.0%} of them tiled, "
-        f"{'every answer' if cfg.supervise_examples else 'the query answer'} supervised; "
-        f"loss `{cfg.method}`, lr {cfg.train.lr}; {per_seed}.",
+        f"{shown} px; tiling adds {cfg.tile_rows}x{cfg.tile_cols} crops ({crop} px "
+        f"each, also shown at {shown} px) to the global view." + (
+            f" Small VLM: `{cfg.model.name}` with a {small.vision_width}-wide, "
+            f"{small.vision_depth}-block vision encoder, {params}"
+            f"{(small.image_size // small.patch_size // small.pixel_shuffle) ** 2} "
+            f"tokens per image, boxes as `{cfg.model.codec}`. Training, each step "
+            f"{cfg.group_images} images in episodes of one k: {cfg.single_image_steps} steps on "
+            f"single images (k=0, untiled), then {cfg.train.steps} steps with k per class drawn "
+            f"from {cfg.train_k}, {cfg.tiled_fraction:.0%} of them tiled, "
+            f"{'every answer' if cfg.supervise_examples else 'the query answer'} supervised; "
+            f"loss `{cfg.method}`, lr {cfg.train.lr}; {per_seed}." if cfg.vlm else ""
+        ) + (f" PatchCore featurises at {cfg.patchcore_size} px."
+             if cfg.patchcore_size and cfg.vlm else ""),
         "",
         "accuracy and F1 of the verdict (defective is the positive class; chance: accuracy "
         "0.5, F1 0.667 for always answering defective); AUROC of the score, averaged over "
@@ -129,24 +143,25 @@ def write_study_report(
         "used), so it has no k=0 row; its threshold is calibrated leave-one-out on those "
         "good shots, which needs two: at k=1 only its threshold-free AUROC is given.",
         "",
-        "### Small VLM answers",
-        "",
-        "type accuracy: the named defect type is the true one (over defective queries); "
-        "malformed: no verdict could be read from the answer.",
-        "",
-        report.summary_table(
-            rows,
-            {"type_accuracy": "type accuracy", "malformed_rate": "malformed"},
-            vlm_methods,
-            by="k",
-        ),
-        "",
+        *([
+            "### Small VLM answers",
+            "",
+            "type accuracy: the named defect type is the true one (over defective queries); "
+            "malformed: no verdict could be read from the answer.",
+            "",
+            report.summary_table(
+                rows,
+                {"type_accuracy": "type accuracy", "malformed_rate": "malformed"},
+                vlm_methods,
+                by="k",
+            ),
+            "",
+        ] if cfg.vlm else []),
         "![accuracy vs examples](accuracy_vs_examples.png)",
         "",
         "![AUROC vs examples](auroc_vs_examples.png)",
         "",
-        "![training loss](training_loss.png)",
-        "",
+        *(["![training loss](training_loss.png)", ""] if cfg.vlm else []),
         f"Config: `{config_file}`; per-cell metrics and predictions: "
         "`s<seed>/<method>/k<k>/`; all rows: `results.csv`.",
     ]

@@ -6,7 +6,8 @@ types (:func:`~loctune.inspect.episodes.training_episodes`, through
 is a query, answered after ``k`` good and ``k`` defective examples of its
 type for each ``k`` of ``eval_k``, without and with tiling. The PatchCore
 baseline is scored on the same good shots, on the trained VLM's vision
-encoder features and on fixed random convolutions, at the same resolution.
+encoder features, on fixed random convolutions and on the ImageNet-pretrained
+EfficientNet-Lite0's mid-level features. ``vlm=false`` runs PatchCore alone.
 
 A seed's model (``s<seed>/model``) and every evaluation cell
 (``s<seed>/<method>/k<k>/metrics.json``) are written when finished and
@@ -28,7 +29,7 @@ from loctune import report
 from loctune.cells import CellGrid
 from loctune.config import require_choices
 from loctune.inspect.answers import answer_text
-from loctune.inspect.baseline import PatchCore, RandomConvFeatures
+from loctune.inspect.baseline import PatchCore, RandomConvFeatures, patch_extractor
 from loctune.inspect.episodes import (
     EncoderFeatures,
     EpisodeAdapter,
@@ -56,7 +57,7 @@ from loctune.types import Sample
 CONFIG_FILE = "inspect_study_config.json"
 #: config fields that may change between runs of one study without invalidating its parts
 RERUNNABLE = ("out_dir", "seeds", "eval_k", "eval_batch_size", "train.progress")
-FEATURES = ("vlm", "conv")
+FEATURES = ("vlm", "conv", "lite0")
 #: run directory of each training phase under s<seed>/
 PHASES = ("train_single", "train_episodes")
 
@@ -77,6 +78,11 @@ class InspectStudyConfig:
     decoder must find the one it answers for before the encoder gets a useful
     signal, which a lone image gives at once. A step is a group of episodes
     sharing ``k`` and tiling that hold ``group_images`` images between them.
+
+    PatchCore featurises each image (or crop, tiled) at ``patchcore_size`` px (0: the VLM's
+    ``image_size``, like for like; the pretrained ``lite0`` features need more, e.g.
+    ``render_size``). ``vlm=false`` trains and asks no VLM: PatchCore alone, on features
+    other than ``vlm``.
     """
 
     out_dir: str = "runs/inspect_study"
@@ -107,7 +113,9 @@ class InspectStudyConfig:
     # evaluation
     eval_batch_size: int = 16
     max_new_tokens: int = 48
-    patchcore_features: list[str] = field(default_factory=lambda: list(FEATURES))
+    patchcore_features: list[str] = field(default_factory=lambda: ["vlm", "conv"])
+    patchcore_size: int = 0
+    vlm: bool = True
 
     def __post_init__(self):
         if self.train.batch_size != 1 or self.train.steps < 1 or self.train.loss != LossConfig():
@@ -135,6 +143,13 @@ class InspectStudyConfig:
             )
         require_choices("InspectStudyConfig.patchcore_features", self.patchcore_features,
                         FEATURES)
+        if not self.vlm and (not self.patchcore_features or "vlm" in self.patchcore_features):
+            raise ValueError("InspectStudyConfig: vlm=false trains no VLM, so patchcore_features "
+                             f"must name others of {FEATURES} than 'vlm', got "
+                             f"{self.patchcore_features}")
+        if self.patchcore_size < 0:
+            raise ValueError(f"InspectStudyConfig.patchcore_size must be >= 0 (0: image_size), "
+                             f"got {self.patchcore_size}")
 
     @property
     def image_size(self) -> int:
@@ -164,8 +179,10 @@ def run_inspect_study(
     )
     rows: list[dict[str, Any]] = []
     for seed in cfg.seeds:
-        log(f"seed {seed}: model")
-        adapter = trained_model(cfg, seed, train_set, progress)
+        adapter = None
+        if cfg.vlm:
+            log(f"seed {seed}: model")
+            adapter = trained_model(cfg, seed, train_set, progress)
         log(f"seed {seed}: evaluation on {len(test_set)} queries of {', '.join(TEST_PRODUCTS)}")
         rows += evaluate_seed(cfg, grid, seed, adapter, test_set, progress)
         grid.write_rows(rows)
@@ -257,29 +274,36 @@ def evaluate_seed(
     cfg: InspectStudyConfig,
     grid: CellGrid,
     seed: int,
-    adapter: SmallVLMAdapter,
+    adapter: SmallVLMAdapter | None,
     test_set: Sequence[Sample],
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Rows ``{method, k, seed, metrics...}`` of every method at every k for one seed."""
+    """Rows ``{method, k, seed, metrics...}`` of every method at every k for one seed
+    (``adapter`` None: PatchCore's only)."""
     from tqdm.auto import tqdm
 
     tiles = (cfg.tile_rows, cfg.tile_cols)
-    encoder = EncoderFeatures(adapter.model).eval()
-    extractors = {"vlm": lambda: encoder, "conv": lambda: RandomConvFeatures(seed=seed)}
+    extractors = {
+        "vlm": lambda: EncoderFeatures(adapter.model).eval(),
+        "conv": lambda: RandomConvFeatures(seed=seed),
+        "lite0": lambda: patch_extractor("lite0"),
+    }
+    nets = {f: extractors[f]() for f in cfg.patchcore_features}  # each built once per seed
     cells: list[tuple[str, int, Callable[[], ICLEvaluation]]] = []
     for k in cfg.eval_k:
         for tiled in (False, True):
             suffix = "_tiled" if tiled else ""
-            cells.append((f"vlm{suffix}", k, _vlm_run(cfg, adapter, test_set, k, tiled, seed)))
+            if adapter is not None:
+                run = _vlm_run(cfg, adapter, test_set, k, tiled, seed)
+                cells.append((f"vlm{suffix}", k, run))
             if k == 0:
                 continue  # PatchCore needs good shots
             for features in cfg.patchcore_features:
 
                 def make_detector(features=features, tiled=tiled) -> PatchCore:
                     return PatchCore(
-                        extractors[features](),
-                        input_size=cfg.image_size,
+                        nets[features],
+                        input_size=cfg.patchcore_size or cfg.image_size,
                         tiles=tiles if tiled else None,
                     )
 
