@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -342,6 +343,43 @@ def test_nearest_example_typing_names_the_type_of_the_most_similar_example():
     assert m["balanced_accuracy"] == pytest.approx((1 / 2 + 1) / 2) and m["n_queries"] == 3
 
 
+def test_patch_mask_marks_the_patches_whose_centre_lies_in_a_box():
+    from loctune.inspect.neu import patch_mask
+
+    mask = patch_mask([(0, 0, 50, 25)], (100, 100), (4, 4))  # 25 px patches, centres 12.5...
+    assert mask.tolist() == [[True, True, False, False]] + [[False] * 4] * 3
+
+
+def test_prototype_localisation_boxes_the_patches_that_look_like_the_examples_defects():
+    """Features: channel 0 on defect patches, channel 1 on the surface; the query's defect
+    sits elsewhere than the examples'. Its box is found; the mean example box misses it."""
+    from loctune.inspect.neu import prototype_localisation
+
+    def image(box):  # 8x8 grid of patches on an 80 px image, 10 px per patch
+        f = torch.zeros(2, 8, 8)
+        f[1] = 1.0
+        x1, y1, x2, y2 = (int(v) // 10 for v in box)
+        f[:, y1:y2, x1:x2] = torch.tensor([1.0, 0.1])[:, None, None]
+        return f
+
+    boxes = [[(0, 0, 30, 30)], [(10, 0, 40, 30)], [(50, 50, 80, 80)]]
+    maps = torch.stack([image(b[0]) for b in boxes])
+    m = prototype_localisation(maps, boxes, ["x", "x", "x"], [(80, 80)] * 3, support=[0, 1],
+                               queries=[2])
+    assert m["loc_acc50"] == 1.0 and m["loc_pointing"] == 1.0 and m["n_queries"] == 1
+    assert m["mean_box_acc50"] == 0.0 and m["mean_box_pointing"] == 0.0
+
+
+def test_score_map_box_scales_the_largest_positive_region_to_pixels():
+    from loctune.inspect.neu import score_map_box
+
+    score = -torch.ones(4, 4)
+    score[1:3, 2:4] = 1.0  # 4 patches
+    score[0, 0] = 1.0  # a smaller region
+    assert score_map_box(score, (200, 100)) == (100.0, 25.0, 200.0, 75.0)
+    assert score_map_box(-torch.ones(4, 4), (200, 100)) is None
+
+
 @pytest.mark.skipif(not (NEU / "ANNOTATIONS").is_dir(), reason="shared/data/neu-det not present")
 def test_inspect_real_neu_typing_writes_its_report(tmp_path):
     out = tmp_path / "neu"
@@ -353,6 +391,10 @@ def test_inspect_real_neu_typing_writes_its_report(tmp_path):
     assert (out / "typing_accuracy_vs_k.png").stat().st_size > 1000
     metrics = json.loads((out / "s0" / "type_random_dot" / "k1" / "metrics.json").read_text())
     assert metrics["n_queries"] == 12 and 0 <= metrics["accuracy"] <= 1
+    boxes = json.loads((out / "s0" / "box_random" / "k2" / "metrics.json").read_text())
+    assert boxes["n_queries"] == 12 and 0 <= boxes["loc_acc50"] <= 1
+    assert "### Boxes, given the type" in text
+    assert re.search(r"^\| 2 \| mean box of the type's examples \| \d\.\d{3} ", text, re.M)
 
 
 def test_ignore_border_leaves_the_crop_edge_out_of_score_peak_and_calibration():

@@ -28,6 +28,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -428,42 +429,47 @@ def run_neu_typing(
     cfg: InspectRealConfig, grid: CellGrid, progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """The ``data="neu-det"`` study: typing accuracy by k, features and metric, per seed."""
+    """The ``data="neu-det"`` study, per seed: typing accuracy by k, features and metric, and
+    localisation given the type (:func:`~loctune.inspect.neu.prototype_localisation`) by k
+    and features."""
     from loctune.data import neu_det
-    from loctune.inspect.neu import nearest_example_typing, typing_split
+    from loctune.inspect.neu import nearest_example_typing, prototype_localisation, typing_split
 
     samples = neu_det("train", root=cfg.root or None).samples
     types = [s.labels[0] for s in samples]
+    boxes = [s.boxes for s in samples]
+    sizes = [s.image_size for s in samples]
     log(f"NEU-DET: {len(samples)} images of {len(set(types))} types")
     splits = {(seed, k): typing_split(types, k, cfg.neu_queries_per_type, seed)
               for seed in cfg.seeds for k in cfg.eval_k}
-    # only the images some split uses are loaded and embedded
+    # only the images some split uses are loaded and featurised
     used = sorted({i for support, queries in splits.values() for i in (*support, *queries)})
     images = [samples[i].load_image().convert("RGB") for i in used]
     rows: list[dict[str, Any]] = []
-    lite0_rows = None
+    lite0_maps = None
     for seed in cfg.seeds:
         for features in cfg.features:
-            if features == "lite0" and lite0_rows is not None:
-                embeddings = lite0_rows  # pretrained: the same for every seed
+            if features == "lite0" and lite0_maps is not None:
+                maps = lite0_maps  # pretrained: the same for every seed
             else:
                 embed = PooledFeatures(cfg.input_size, patch_extractor(features, seed=seed))
-                rows_used = torch.cat([embed(images[i : i + 64])
+                maps_used = torch.cat([embed.maps(images[i : i + 64])
                                        for i in range(0, len(images), 64)])
-                embeddings = torch.zeros(len(samples), rows_used.shape[1])
-                embeddings[used] = rows_used
+                maps = torch.zeros(len(samples), *maps_used.shape[1:])
+                maps[used] = maps_used
                 if features == "lite0":
-                    lite0_rows = embeddings
+                    lite0_maps = maps
+            embeddings = maps.mean(dim=(2, 3))
             for k in cfg.eval_k:
                 support, queries = splits[(seed, k)]
-                for metric in cfg.selection_metrics or ["cosine"]:
-                    method = f"type_{features}_{metric}"
-
-                    def run(_dir, embeddings=embeddings, support=support, queries=queries,
-                            metric=metric):
-                        return nearest_example_typing(embeddings, types, support, queries, metric)
-
-                    metrics = grid.cell((f"s{seed}", method, f"k{k}"), run, done="metrics.json")
+                cells = {f"type_{features}_{metric}": partial(
+                    nearest_example_typing, embeddings, types, support, queries, metric)
+                    for metric in cfg.selection_metrics or ["cosine"]}
+                cells[f"box_{features}"] = partial(
+                    prototype_localisation, maps, boxes, types, sizes, support, queries)
+                for method, run in cells.items():
+                    metrics = grid.cell((f"s{seed}", method, f"k{k}"), lambda _dir, run=run: run(),
+                                        done="metrics.json")
                     rows.append({"method": method, "k": k, "seed": seed, **metrics})
         grid.write_rows(rows)
     return write_neu_report(cfg, rows)
@@ -480,7 +486,7 @@ def write_neu_report(cfg: InspectRealConfig, rows: list[dict[str, Any]]) -> Path
         xlabel="examples per defect type (k)", log_x=False, labels=methods,
         ylabel="typing accuracy (6 types, chance 1/6)")
     lines = [
-        "# loctune inspect-real data=neu-det: few-shot defect typing on NEU-DET",
+        "# loctune inspect-real data=neu-det: few-shot defect typing and boxes on NEU-DET",
         "",
         f"Six steel defect types; per seed, k example images of each type and "
         f"{cfg.neu_queries_per_type} query images of each type are drawn (disjoint) from "
@@ -497,9 +503,38 @@ def write_neu_report(cfg: InspectRealConfig, rows: list[dict[str, Any]]) -> Path
         "",
         "![typing accuracy vs k](typing_accuracy_vs_k.png)",
         "",
+        *_neu_localisation_section(cfg, rows),
         f"Config: `{CONFIG_FILE}`; per-cell metrics: `s<seed>/<method>/k<k>/`; rows: "
         "`results.csv`.",
     ]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _neu_localisation_section(cfg: InspectRealConfig, rows: list[dict[str, Any]]) -> list[str]:
+    """The localisation table, with the mean example box as its trivial baseline (one row per
+    (k, seed): it depends on the examples only, not on the features)."""
+    box_rows = [r for r in rows if r["method"].startswith("box_")]
+    if not box_rows:
+        return []
+    baseline = {(r["k"], r["seed"]): {"method": "box_mean", "k": r["k"], "seed": r["seed"],
+                                      "loc_acc50": r["mean_box_acc50"],
+                                      "loc_pointing": r["mean_box_pointing"]} for r in box_rows}
+    names = {f"box_{f}": FEATURE_NAMES[f] for f in FEATURES if f"box_{f}" in
+             {r["method"] for r in box_rows}} | {"box_mean": "mean box of the type's examples"}
+    return [
+        "### Boxes, given the type",
+        "",
+        "Each query's defect type is given (\"where is the scratch?\"); its k examples of "
+        "that type supply a defect bank (the patches whose centre lies in their boxes) and all "
+        f"6k examples a background bank (the patches outside their boxes), at {cfg.input_size} "
+        "px. A query patch scores its cosine to the nearest defect patch minus that to the "
+        "nearest background patch; the box is the largest connected region scoring above 0. "
+        "Acc@0.5: that box has IoU >= 0.5 with one of the image's true boxes; pointing: the "
+        "highest-scoring patch lies in one (the baseline: its box's centre).",
+        "",
+        report.summary_table([*box_rows, *baseline.values()],
+                             {"loc_acc50": "Acc@0.5", "loc_pointing": "pointing"}, names, by="k"),
+        "",
+    ]

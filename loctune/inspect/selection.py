@@ -39,12 +39,16 @@ class PooledFeatures:
         self.extractor = extractor if extractor is not None else RandomConvFeatures()
 
     @torch.no_grad()
-    def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
+    def maps(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """``[N, C, h, w]`` patch features of the images resized to ``input_size``."""
         size = (self.input_size, self.input_size)
         batch = torch.stack(
             [image_to_tensor(im.convert("RGB").resize(size, Image.BILINEAR)) for im in images]
         )
-        return self.extractor(batch).mean(dim=(2, 3))
+        return self.extractor(batch)
+
+    def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return self.maps(images).mean(dim=(2, 3))
 
 
 def similarity(queries: torch.Tensor, keys: torch.Tensor, metric: str = "cosine") -> torch.Tensor:
